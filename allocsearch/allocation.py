@@ -1,0 +1,238 @@
+"""The allocation config: which method, and how many experts, which top-k and which rank every layer gets.
+
+This is the canonical, versioned description of an adapter. Trials are built from it, the search samples
+it, and the export file of the best trial is it (plus training settings). Per-layer lists are always
+complete (``experts[j]``, ``top_k[j]``, ``rank[j]`` for j = 0..num_layers-1); shapes and presets are only
+ways to generate them. It imports no torch, so the controller and the dashboard can read it cheaply.
+
+Fields
+    method        a registered method: mola, loracoe, graphlora, omoe (our layers) or lora, dora (peft)
+    num_layers    depth of the model the allocation is for (the number of transformer blocks)
+    experts       experts per layer (LoRACoE: its composite experts E; LoRA/DoRA: 1)
+    top_k         active experts per token per layer (== experts for dense / soft routing)
+    rank          LoRA rank per expert per layer
+    targets       which Linears of each block are adapted, by short name (q,k,v,o,gate,up,down for
+                  Llama-style decoders; query,key,value,dense,intermediate,output for BERT) or by a
+                  dotted path inside the block (e.g. "mlp.fc1")
+    moe_targets   the targets that get experts; the others get one plain LoRA expert of the same rank
+                  (MixLoRA: experts on the FFN, LoRA on attention). None: every target gets experts
+    alpha         LoRA alpha; every expert's scaling is s = alpha / rank[j], applied on the r-sized side
+    dropout       LoRA dropout on the expert input
+    options       the method's options (see ``allocsearch.methods``): aux-loss coefficients, GraphLoRA's
+                  edge density, OMoE's placement, ...
+    preset        the preset it came from, if any (provenance only)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from allocsearch.errors import AllocsearchError
+
+SCHEMA_VERSION = 1
+
+LLAMA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+BERT_TARGETS = ("query", "key", "value", "dense", "intermediate", "output")
+KNOWN_TARGETS = LLAMA_TARGETS + BERT_TARGETS
+
+
+class AllocationError(AllocsearchError, ValueError):
+    """An allocation config that cannot be built; the message names the field and the fix."""
+
+
+@dataclass
+class AllocationConfig:
+    method: str
+    num_layers: int
+    experts: list[int]
+    top_k: list[int]
+    rank: list[int]
+    targets: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    moe_targets: list[str] | None = None
+    alpha: float = 16.0
+    dropout: float = 0.05
+    options: Any = None
+    preset: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        from allocsearch.methods import get_method  # light module; avoids an import cycle
+
+        spec = get_method(self.method)  # raises on an unknown method
+        self.experts = _int_list("experts", self.experts)
+        self.top_k = _int_list("top_k", self.top_k)
+        self.rank = _int_list("rank", self.rank)
+        self.targets = list(self.targets)
+        if self.moe_targets is not None:
+            self.moe_targets = list(self.moe_targets)
+        if self.options is None or isinstance(self.options, dict):
+            self.options = spec.make_options(self.options or {})
+        elif not isinstance(self.options, spec.options_cls):
+            raise AllocationError(
+                f"options for method {self.method!r} must be {spec.options_cls.__name__} or a dict, "
+                f"got {type(self.options).__name__}"
+            )
+        self.validate()
+        spec.options_cls.check(self.options, self)
+
+    # ----------------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise AllocationError(_version_message(self.schema_version))
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise AllocationError(f"num_layers must be a positive integer, got {self.num_layers!r}")
+        for name in ("experts", "top_k", "rank"):
+            values = getattr(self, name)
+            if len(values) != self.num_layers:
+                raise AllocationError(
+                    f"{name} has {len(values)} entries but num_layers is {self.num_layers}: "
+                    f"give one value per layer"
+                )
+        for j, (n, k, r) in enumerate(zip(self.experts, self.top_k, self.rank)):
+            if n < 1:
+                raise AllocationError(f"experts[{j}] = {n}: every layer needs at least 1 expert")
+            if r < 1:
+                raise AllocationError(f"rank[{j}] = {r}: rank must be >= 1")
+            if not 1 <= k <= n:
+                raise AllocationError(
+                    f"top_k[{j}] = {k} but layer {j} has {n} experts: top_k must be in 1..experts"
+                )
+        if not self.targets:
+            raise AllocationError("targets is empty: name at least one module, e.g. q,v")
+        if len(set(self.targets)) != len(self.targets):
+            raise AllocationError(f"targets {self.targets} has duplicates")
+        for t in self.targets:
+            if t not in KNOWN_TARGETS and "." not in t:
+                raise AllocationError(
+                    f"unknown target {t!r}: use {','.join(LLAMA_TARGETS)} (Llama-style), "
+                    f"{','.join(BERT_TARGETS)} (BERT) or a dotted path inside the block such as 'mlp.fc1'"
+                )
+        if self.moe_targets is not None:
+            missing = [t for t in self.moe_targets if t not in self.targets]
+            if missing:
+                raise AllocationError(f"moe_targets {missing} are not in targets {self.targets}")
+        if not self.alpha > 0:
+            raise AllocationError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AllocationError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    # ----------------------------------------------------------------------------------- queries
+    def layer(self, j: int) -> dict[str, int]:
+        return {"experts": self.experts[j], "top_k": self.top_k[j], "rank": self.rank[j]}
+
+    def is_moe_target(self, target: str) -> bool:
+        return self.moe_targets is None or target in self.moe_targets
+
+    @property
+    def total_experts(self) -> int:
+        return sum(self.experts)
+
+    def replace(self, **changes) -> "AllocationConfig":
+        """A validated copy with some fields changed."""
+        data = self.to_dict()
+        data.update(changes)
+        return AllocationConfig.from_dict(data)
+
+    # ----------------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["options"] = dataclasses.asdict(self.options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AllocationConfig":
+        if not isinstance(data, dict):
+            raise AllocationError(f"an allocation config must be a mapping, got {type(data).__name__}")
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise AllocationError(_version_message(version))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise AllocationError(f"unknown allocation field(s) {unknown}: known fields are {sorted(names)}")
+        missing = [n for n in ("method", "num_layers", "experts", "top_k", "rank") if n not in data]
+        if missing:
+            raise AllocationError(f"allocation config is missing {missing}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as YAML (or JSON for a .json path) atomically: a crash never leaves half a file."""
+        path = Path(path)
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AllocationConfig":
+        """Read a YAML or JSON allocation file (``yaml.safe_load`` only)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise AllocationError(f"allocation file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise AllocationError(f"{path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from exc
+        if isinstance(data, dict) and "allocation" in data and "method" not in data:
+            data = data["allocation"]  # a trial or export file that embeds the allocation
+        try:
+            return cls.from_dict(data)
+        except AllocationError as exc:
+            raise AllocationError(f"{path}: {exc}") from exc
+
+    # ----------------------------------------------------------------------------------- builders
+    @classmethod
+    def uniform(cls, method: str, num_layers: int, *, experts: int = 1, top_k: int | None = None,
+                rank: int = 8, **kwargs) -> "AllocationConfig":
+        """The same experts / top-k / rank in every layer (``top_k`` defaults to min(2, experts))."""
+        k = min(2, experts) if top_k is None else top_k
+        return cls(method=method, num_layers=num_layers, experts=[experts] * num_layers,
+                   top_k=[k] * num_layers, rank=[rank] * num_layers, **kwargs)
+
+    @classmethod
+    def from_shape(cls, method: str, num_layers: int, shape="inverted_triangle", *,
+                   total_experts: int | None = None, top_k: int = 2, rank: int = 8,
+                   **kwargs) -> "AllocationConfig":
+        """A MoLA shape (see ``allocsearch.shapes``); top_k is capped at each layer's experts."""
+        from allocsearch.shapes import shape_experts
+
+        experts = shape_experts(shape, num_layers, total_experts)
+        return cls(method=method, num_layers=num_layers, experts=experts,
+                   top_k=[min(top_k, n) for n in experts], rank=[rank] * num_layers, **kwargs)
+
+
+def _int_list(name: str, values) -> list[int]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise AllocationError(f"{name} must be a list with one integer per layer, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, float) and v.is_integer()):
+            raise AllocationError(f"{name} must hold integers, got {v!r}")
+        out.append(int(v))
+    return out
+
+
+def _version_message(version) -> str:
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        return (f"allocation schema version {version} is newer than this allocsearch understands "
+                f"({SCHEMA_VERSION}): upgrade allocsearch")
+    return (f"allocation schema version {version!r} is not supported (this allocsearch reads version "
+            f"{SCHEMA_VERSION}): re-export it with a matching allocsearch")

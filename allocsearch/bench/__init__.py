@@ -1,0 +1,1 @@
+"""Benchmarks behind ``allocsearch bench``: speed and memory targets live here, measured side by side."""

@@ -1,0 +1,130 @@
+"""``allocsearch bench layers``: forward+backward time of one wrapped Linear, every method side by side.
+
+Each case wraps the same frozen ``d_in -> d_out`` Linear (SmolLM2's shapes by default) and runs
+forward + backward on ``tokens`` tokens (the input requires grad, as inside a model whose earlier layers
+are adapted). Cases run round-robin, one timing each per round, so machine noise hits all of them alike;
+the table reports medians and ratios of medians against the named reference measured in the same run.
+Dropout is 0 everywhere: the benchmark times the math, not the RNG.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from allocsearch.allocation import AllocationConfig
+from allocsearch.methods import get_method
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[nn.Linear], Callable[[torch.Tensor], torch.Tensor]]
+    reference: str | None = None  # ratio against this case
+    note: str = ""
+
+
+def _ours(method: str, experts: int, top_k: int, rank: int, *, unfused: bool = False, **options):
+    def build(base: nn.Linear):
+        alloc = AllocationConfig.uniform(method, 1, experts=experts, top_k=top_k, rank=rank,
+                                         dropout=0.0, targets=["q"], options=options or None)
+        layer = get_method(method).layer_class()(
+            base, experts=experts, top_k=top_k, rank=rank, alpha=2.0 * rank, dropout=0.0,
+            options=alloc.options, layer_index=0, num_layers=1, target="q")
+        return _Unfused(layer) if unfused else layer
+    return build
+
+
+class _Unfused(nn.Module):
+    """Runs a LoRACoE layer through its reference (unfused) form."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer.base(x) + self.layer.delta_unfused(x)
+
+
+def _peft_lora(rank: int, dora: bool = False):
+    def build(base: nn.Linear):
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Module()
+        holder.lin = base
+        model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                  target_modules=["lin"], use_dora=dora))
+        return model.base_model.model.lin
+    return build
+
+
+def _frozen(base: nn.Linear):
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def default_cases() -> list[Case]:
+    return [
+        Case("frozen Linear only", _frozen, None, "the floor: W0 forward + input grad"),
+        Case("LoRA r16 (peft)", _peft_lora(16), None, "reference for top-2 of 8 r8"),
+        Case("LoRA r32 (peft)", _peft_lora(32), None, "reference for 2 soft r16"),
+        Case("LoRA r64 (peft)", _peft_lora(64), None, "reference for dense 8 r8"),
+        Case("MoLA top-2 of 8, r8", _ours("mola", 8, 2, 8), "LoRA r16 (peft)", "target <= 1.2x"),
+        Case("dense 8 experts r8 (LoRAMoE)", _ours("mola", 8, 8, 8), "LoRA r64 (peft)"),
+        Case("LoRACoE r16 E2 fused", _ours("loracoe", 2, 2, 16), "LoRA r16 (peft)", "target <= 1.1x"),
+        Case("LoRACoE r16 E2 unfused", _ours("loracoe", 2, 2, 16, unfused=True), "LoRACoE r16 E2 fused",
+             "fused should be >= 20% faster"),
+        Case("GraphLoRA top-2 of 8, r8", _ours("graphlora", 8, 2, 8), "MoLA top-2 of 8, r8", "target <= 1.5x"),
+        Case("OMoE 2 soft r16 (orthogonal)", _ours("omoe", 2, 2, 16, placement="all"), "LoRA r32 (peft)"),
+    ]
+
+
+def run(shapes=((576, 576), (576, 1536)), tokens: int = 2048, repeats: int = 20, warmup: int = 3,
+        device: str = "cpu", dtype: str = "fp32", cases: list[Case] | None = None, progress=None) -> list[dict]:
+    """Time every case at every shape; returns one row per (shape, case) with median ms and ratio."""
+    dev = torch.device(device)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cases = cases or default_cases()
+    rows = []
+    for d_in, d_out in shapes:
+        torch.manual_seed(0)
+        fns = {}
+        for case in cases:
+            base = nn.Linear(d_in, d_out, bias=False).to(dev, dt)
+            fns[case.name] = case.build(base).to(dev, dt).train()
+        x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
+        grad = torch.randn(tokens, d_out, device=dev, dtype=dt)
+        times: dict[str, list[float]] = {c.name: [] for c in cases}
+        for rnd in range(warmup + repeats):
+            for case in cases:
+                ms = _time_once(fns[case.name], x, grad, dev)
+                if rnd >= warmup:
+                    times[case.name].append(ms)
+            if progress:
+                progress(rnd + 1, warmup + repeats, f"{d_in}->{d_out}")
+        med = {name: statistics.median(v) for name, v in times.items()}
+        for case in cases:
+            ref = med.get(case.reference) if case.reference else None
+            rows.append({"shape": f"{d_in}->{d_out}", "case": case.name, "median_ms": med[case.name],
+                         "reference": case.reference, "ratio": med[case.name] / ref if ref else None,
+                         "note": case.note, "tokens": tokens, "device": device, "dtype": dtype,
+                         "repeats": repeats})
+    return rows
+
+
+def _time_once(fn: nn.Module, x: torch.Tensor, grad: torch.Tensor, dev: torch.device) -> float:
+    x.grad = None
+    for p in fn.parameters():
+        p.grad = None  # as after optimizer.zero_grad(): backward writes fresh gradients
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    fn(x).backward(grad)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - start) * 1000.0

@@ -1,0 +1,57 @@
+"""The ``allocsearch`` command. Each command group lives in its own module and loads lazily, so
+``allocsearch --help`` stays fast and heavy libraries load only for the command that needs them."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from allocsearch.errors import AllocsearchError
+
+# command name -> "module:attribute" (a click command or group)
+_COMMANDS = {
+    "alloc": "allocsearch.cli.alloc:alloc",
+    "bench": "allocsearch.cli.bench:bench",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = _COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="allocsearch")
+def cli():
+    """Search the best mixture-of-LoRA-experts allocation for a compute budget.
+
+    \b
+    Quick start:
+      allocsearch alloc --method mola --shape hourglass --layers 30   # print an allocation config
+      allocsearch bench layers                                       # time the MoE-LoRA layers
+    """
+
+
+def main(argv=None):
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="allocsearch")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except AllocsearchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,8 @@
+"""The shared MoE-LoRA layer library: one module per method, each wrapping a frozen ``nn.Linear``.
+
+Importing this subpackage imports torch. Use :func:`allocsearch.moe.inject.inject` to wrap a model.
+"""
+from allocsearch.moe.base import MoELoRALayer
+from allocsearch.moe.inject import Adapter, inject, load_adapter
+
+__all__ = ["Adapter", "MoELoRALayer", "inject", "load_adapter"]

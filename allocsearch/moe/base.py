@@ -1,0 +1,89 @@
+"""The wrapped-Linear base every MoE-LoRA method shares.
+
+``h = W0 x + delta(x)``: ``W0`` (the original ``nn.Linear``) stays frozen; a method implements ``delta``.
+The base also keeps what the trainer and the analysis read after a forward: the layer's weighted
+auxiliary loss (training only) and, when tracking is on, how many tokens each expert received.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from allocsearch.moe.losses import switch_load_balance
+from allocsearch.moe.routers import Route
+
+
+class MoELoRALayer(nn.Module):
+    """Base class; subclasses build their parameters in ``__init__`` and implement ``delta``."""
+
+    def __init__(self, base: nn.Linear, *, experts: int, top_k: int, rank: int, alpha: float,
+                 dropout: float, options, layer_index: int, num_layers: int, target: str):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.num_experts, self.top_k, self.rank = experts, top_k, rank
+        self.scaling = alpha / rank  # s = alpha / r, applied on the r-sized side
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.options = options
+        self.layer_index, self.num_layers, self.target = layer_index, num_layers, target
+        self.aux_loss: torch.Tensor | None = None  # weighted auxiliary loss of the last training forward
+        self.track_load = False
+        self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64), persistent=False)
+
+    # factory kwargs for new parameters: same device and dtype as W0
+    @property
+    def _factory(self) -> dict:
+        w = self.base.weight
+        return {"device": w.device, "dtype": w.dtype}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        return self.base(x) + self.delta(flat).view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:  # (T, d_in) -> (T, d_out)
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ routing bookkeeping
+    def _after_routing(self, route: Route, coef: float = 0.0) -> None:
+        """Record expert load and, while training, the Switch load-balance loss (weighted by ``coef``)."""
+        if self.track_load:
+            with torch.no_grad():
+                self.load_counts += torch.bincount(route.index.reshape(-1), minlength=self.num_experts).double()
+        if self.training and coef > 0:
+            self.aux_loss = coef * switch_load_balance(route.probs, route.index)
+
+    def expert_load(self) -> list[float]:
+        """Fraction of routed token slots each expert received since the last reset."""
+        total = float(self.load_counts.sum())
+        return [float(c) / total if total else 0.0 for c in self.load_counts]
+
+    def reset_load(self) -> None:
+        self.load_counts.zero_()
+
+    def redundancy(self) -> float:
+        """MoLA §5.1 redundancy of this layer's experts (see ``LoRAExperts.redundancy``)."""
+        experts = getattr(self, "experts", None)
+        return experts.redundancy() if experts is not None else 0.0
+
+    def set_phase(self, phase: str) -> None:
+        """Training phase hook (LoRACoE's warm-up / joint); other methods ignore it."""
+
+    # ------------------------------------------------------------------ adapter parameters
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of this layer except the frozen base Linear's (found by identity)."""
+        base_ids = {id(p) for p in self.base.parameters()}
+        return [p for p in self.parameters() if id(p) not in base_ids]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter parameters and persistent buffers (e.g. GraphLoRA's fixed graph), base excluded."""
+        base_ids = {id(t) for t in list(self.base.parameters()) + list(self.base.buffers())}
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) not in base_ids}
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_index}, target={self.target}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}")

@@ -1,0 +1,104 @@
+"""GraphLoRA (GMoE): a graph router over one token node and N expert nodes (seeds/graphlora.txt §3).
+
+Graph: node 0 is the token, nodes 1..N the experts. The token links to every expert; expert-expert edges
+are random with edge density ``beta`` (edges / N(N-1)/2), drawn once from a seed and fixed; self-loops
+are added and the adjacency normalised as in GCN, ``Â = D^-1/2 (A + I) D^-1/2``.
+Node features: learned expert embeddings (Glorot init); the token node gets ``relu(W_in x)``.
+    H1 = relu(Â H0 W1),  H2 = Â H1 W2                       (2-layer GCN, eq. 2-3)
+    logits_i = F(H2[expert i]),  R = softmax(logits)        (projection F: hidden -> 1, eq. 4)
+    h = W0 x + sum_{i in topK} R_i / sum_topK R * E_i(x)    (eq. 5; E_i the scaled LoRA expert)
+Computed for all tokens at once without building per-token graphs:
+  * layer 1: ``Â H0 W1 = Â[:, 0] ⊗ (tok W1) + Â[:, 1:] (Emb W1)``, the second term shared by all tokens;
+  * layer 2 + projection: the last GCN layer is linear, so ``(Â H1 W2) F = Â (H1 (W2 F))``: the
+    ``hidden x hidden`` product collapses to a ``hidden``-vector; exact, gradients included.
+Aux losses (training): ``poisson_coef * L_poisson + normal_coef * L_normal`` (eqs. 6-9, paper 0.005 and 8),
+with lambda and sigma learned and kept positive through softplus.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allocsearch.moe.base import MoELoRALayer
+from allocsearch.moe.experts import LoRAExperts
+from allocsearch.moe.losses import normal_balance, poisson_distinction, softplus_inverse
+from allocsearch.moe.routers import topk_route
+
+
+def expert_edges(num_experts: int, density: float, seed: int) -> torch.Tensor:
+    """Random undirected expert-expert edges, ``round(beta * N(N-1)/2)`` of them, as (E, 2) index pairs."""
+    pairs = torch.triu_indices(num_experts, num_experts, offset=1).t()
+    count = round(density * len(pairs))
+    gen = torch.Generator().manual_seed(seed)
+    return pairs[torch.randperm(len(pairs), generator=gen)[:count]]
+
+
+def normalized_adjacency(num_experts: int, edges: torch.Tensor) -> torch.Tensor:
+    """``D^-1/2 (A + I) D^-1/2`` over node 0 (token) and nodes 1..N (experts)."""
+    n = num_experts + 1
+    adj = torch.eye(n)
+    adj[0, 1:] = adj[1:, 0] = 1.0  # token <-> every expert
+    if len(edges):
+        adj[edges[:, 0] + 1, edges[:, 1] + 1] = adj[edges[:, 1] + 1, edges[:, 0] + 1] = 1.0
+    d = adj.sum(1).rsqrt()
+    return d[:, None] * adj * d[None, :]
+
+
+class GraphLoRALinear(MoELoRALayer):
+    def __init__(self, base: nn.Linear, **kwargs):
+        super().__init__(base, **kwargs)
+        o, fac, n = self.options, self._factory, self.num_experts
+        self.experts = LoRAExperts(n, self.rank, self.in_features, self.out_features, **fac)
+        seed = o.graph_seed + 1000 * self.layer_index  # fixed per layer, reproducible from the config
+        self.register_buffer("edges", expert_edges(n, o.edge_density, seed))
+        self.register_buffer("adjacency", normalized_adjacency(n, self.edges).to(fac["dtype"]).to(fac["device"]))
+        self.token_in = nn.Parameter(torch.empty(o.node_dim, self.in_features, **fac))  # W_in
+        self.expert_emb = nn.Parameter(torch.empty(n, o.node_dim, **fac))
+        self.gcn1 = nn.Parameter(torch.empty(o.node_dim, o.gcn_hidden, **fac))
+        self.gcn2 = nn.Parameter(torch.empty(o.gcn_hidden, o.gcn_hidden, **fac))
+        self.proj = nn.Parameter(torch.empty(o.gcn_hidden, 1, **fac))  # F
+        nn.init.kaiming_uniform_(self.token_in, a=math.sqrt(5))
+        for w in (self.expert_emb, self.gcn1, self.gcn2, self.proj):
+            nn.init.xavier_uniform_(w)  # Glorot
+        self.lambda_raw = nn.Parameter(torch.tensor(softplus_inverse(o.lambda_init), **fac))
+        self.sigma_raw = nn.Parameter(torch.tensor(softplus_inverse(o.sigma_init), **fac))
+
+    @property
+    def poisson_lambda(self) -> torch.Tensor:
+        return F.softplus(self.lambda_raw)
+
+    @property
+    def normal_sigma(self) -> torch.Tensor:
+        return F.softplus(self.sigma_raw)
+
+    def router_logits(self, tok: torch.Tensor) -> torch.Tensor:
+        """Expert logits from the token features ``tok = W_in x`` (pre-activation), shape (T, N)."""
+        adj = self.adjacency.to(tok.dtype)
+        h0w1_token = F.relu(tok) @ self.gcn1  # (T, hidden): the token node's H0 W1
+        shared = adj[:, 1:] @ (self.expert_emb @ self.gcn1)  # (N+1, hidden): expert part of Â H0 W1
+        # (T, N+1, hidden) is the one big tensor: one fused multiply-add, ReLU in place
+        h1 = torch.addcmul(shared, adj[:, :1].unsqueeze(0), h0w1_token.unsqueeze(1)).relu_()
+        node_score = h1 @ (self.gcn2 @ self.proj).squeeze(-1)  # (T, N+1): H1 (W2 F)
+        return node_score @ adj[1:].t()  # (T, N): rows of Â at the expert nodes
+
+    def router_logits_reference(self, tok: torch.Tensor) -> torch.Tensor:
+        """The same logits by the textbook per-token GCN (full H0, H1, H2); for tests only."""
+        adj = self.adjacency.to(tok.dtype)
+        emb = self.expert_emb.unsqueeze(0).expand(tok.shape[0], -1, -1)
+        h0 = torch.cat([F.relu(tok).unsqueeze(1), emb], dim=1)  # (T, N+1, node_dim)
+        h1 = F.relu(adj @ h0 @ self.gcn1)
+        h2 = adj @ h1 @ self.gcn2
+        return (h2[:, 1:] @ self.proj).squeeze(-1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        z, tok = self.experts.project(x, self.lora_dropout, self.token_in)  # [A; W_in] x, one matmul
+        route = topk_route(self.router_logits(tok), self.top_k)
+        self._after_routing(route)
+        if self.training:
+            o = self.options
+            self.aux_loss = (o.poisson_coef * poisson_distinction(route.probs, self.poisson_lambda)
+                             + o.normal_coef * normal_balance(route.gates, self.normal_sigma))
+        return self.experts.combine(z, route.gates * self.scaling)

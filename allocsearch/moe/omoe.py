@@ -1,0 +1,105 @@
+"""OMoE: orthogonal mixture of LoRA experts (seeds/omoe.txt §3; reconstruction after MOORE).
+
+Router ``g = softmax(W_g x)`` (soft routing by default, top-k supported). The k active experts' outputs
+``e_j = B_j A_j x`` are orthogonalised per token by Gram-Schmidt in router order (highest weight first):
+    u_1 = e_1,  u_j = e_j - sum_{i<j} <e_j, q_i> q_i,  q_j = u_j / ||u_j||          (eq. 5, Gram-Schmidt)
+    "unit":      h = W0 x + s * sum_j g_j q_j           (the paper's form: orthonormal, Stiefel, eq. 4)
+    "magnitude": h = W0 x + s * sum_j g_j ||e_j|| q_j   (default: keeps each expert's size)
+Zero-init hazard: with B = 0 every e_j is 0 and q_j = 0/0. Norms are computed as sqrt(||u||^2 + eps^2),
+so q_j = 0 and all gradients stay finite at step 0. "magnitude" then leaves a fresh adapter's output
+unchanged; "unit" needs B initialised small and non-zero (``b_init_std``) to have any direction at all.
+Layers outside ``placement`` (paper Tables 4-5: low / middle / high third) get vanilla MoE experts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from allocsearch.moe.base import MoELoRALayer
+from allocsearch.moe.experts import LoRAExperts
+from allocsearch.moe.mola import make_router
+from allocsearch.moe.routers import topk_route
+
+
+def _norm(v: torch.Tensor, eps: float) -> torch.Tensor:
+    return (v.pow(2).sum(-1, keepdim=True) + eps * eps).sqrt()
+
+
+def gram_schmidt(e: torch.Tensor, eps: float) -> torch.Tensor:
+    """Orthonormalise ``e`` (T, k, d) along k, in order (modified Gram-Schmidt). The reference form:
+    the layer itself uses :func:`gram_schmidt_weights`, which gives the same result without forming e."""
+    qs = []
+    for j in range(e.shape[1]):
+        u = e[:, j]
+        for q in qs:
+            u = u - (u * q).sum(-1, keepdim=True) * q
+        qs.append(u / _norm(u, eps))
+    return torch.stack(qs, dim=1)
+
+
+def gram_schmidt_weights(gram: torch.Tensor, coef: torch.Tensor, eps: float, magnitude: bool) -> torch.Tensor:
+    """Weights ``w`` (T, k) with ``sum_j coef_j m_j q_j = sum_m w_m e_m``, from the Gram matrix alone.
+
+    Gram-Schmidt is linear in the e's: ``q_j = sum_m W[j, m] e_m`` with W lower-triangular, and every
+    inner product it needs is ``c^T G c'`` with ``G[t] = E E^T`` (k x k per token). So the orthogonalised
+    mixture is just another gating of the experts, and the (T, k, d_out) outputs are never formed.
+    ``m_j = ||e_j||`` ("magnitude") or 1 ("unit"); norms are sqrt(. + eps^2) as in :func:`gram_schmidt`.
+    """
+    t, k, _ = gram.shape
+    eye = torch.eye(k, device=gram.device, dtype=gram.dtype).expand(t, k, k)
+    rows = []
+    for j in range(k):
+        c = eye[:, j]  # u_j = e_j
+        for w in rows:  # u_j -= <u_j, q_i> q_i  (modified Gram-Schmidt)
+            c = c - (torch.bmm(c.unsqueeze(1), gram).squeeze(1) * w).sum(-1, keepdim=True) * w
+        norm2 = (torch.bmm(c.unsqueeze(1), gram).squeeze(1) * c).sum(-1, keepdim=True).clamp_min(0)
+        rows.append(c / (norm2 + eps * eps).sqrt())  # q_j = u_j / ||u_j||
+    weights = torch.stack(rows, dim=1)  # (T, k, k): q_j = sum_m W[j, m] e_m
+    if magnitude:
+        coef = coef * (gram.diagonal(dim1=1, dim2=2) + eps * eps).sqrt()  # ||e_j||
+    return torch.bmm(coef.unsqueeze(1), weights).squeeze(1)
+
+
+class OMoELinear(MoELoRALayer):
+    def __init__(self, base: nn.Linear, **kwargs):
+        super().__init__(base, **kwargs)
+        o = self.options
+        self.orthogonal = self.layer_index in o.layers(self.num_layers)
+        b_std = o.b_init_std if self.orthogonal else 0.0
+        self.experts = LoRAExperts(self.num_experts, self.rank, self.in_features, self.out_features,
+                                   b_init_std=b_std, **self._factory)
+        self.router = make_router(self.num_experts, self.in_features, self._factory)
+
+    def _route(self, x: torch.Tensor):
+        z, logits = self.experts.project(x, self.lora_dropout, self.router)
+        if self.router is None:
+            ones = torch.ones(x.shape[0], 1, device=x.device)
+            return z, ones, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        route = topk_route(logits, self.top_k)
+        self._after_routing(route, self.options.load_balance_coef)
+        return z, route.gates, route.index
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        z, gates, index = self._route(x)
+        if not self.orthogonal:
+            return self.experts.combine(z, gates * self.scaling)  # vanilla MoE layer
+        gram = self.experts.gram(z)  # (T, N, N): <e_i, e_j> in fp32
+        gram = gram.gather(1, index.unsqueeze(-1).expand(-1, -1, gram.shape[-1]))
+        gram = gram.gather(2, index.unsqueeze(1).expand(-1, index.shape[1], -1))  # active, router order
+        o = self.options
+        w = gram_schmidt_weights(gram, gates.gather(1, index), o.eps, o.orthogonalization == "magnitude")
+        dense = torch.zeros_like(gates).scatter(1, index, w)  # back to expert order
+        return self.experts.combine(z, dense * self.scaling)
+
+    def delta_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The textbook computation (every e_j formed, explicit Gram-Schmidt); for tests."""
+        z, gates, index = self._route(x)
+        e = self.experts.outputs(z).float()
+        e = e.gather(1, index.unsqueeze(-1).expand(-1, -1, e.shape[-1]))
+        q = gram_schmidt(e, self.options.eps)
+        if self.options.orthogonalization == "magnitude":
+            q = q * _norm(e, self.options.eps)
+        return (self.scaling * (gates.gather(1, index).unsqueeze(-1) * q).sum(1)).to(z.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", orthogonal={self.orthogonal}"

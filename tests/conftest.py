@@ -1,0 +1,47 @@
+"""Shared fixtures. HOME-level side effects (HF, torch, allocsearch caches) go to a per-session temp dir."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="allocsearch-tests-"))
+for var, sub in (("HF_HOME", "hf"), ("ALLOCSEARCH_CACHE", "allocsearch-cache"), ("TORCH_HOME", "torch"),
+                 ("XDG_CACHE_HOME", "xdg-cache"), ("MPLCONFIGDIR", "mpl")):
+    os.environ.setdefault(var, str(_SESSION_HOME / sub))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def tiny_llama(layers: int = 3, seed: int = 0, hidden: int = 32):
+    """A random-init tiny Llama (CPU, fp32, eval mode) for layer tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(layers: int = 2, seed: int = 0, num_labels: int = 3):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def token_ids():
+    import torch
+
+    return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
