@@ -159,6 +159,7 @@ class MethodSpec:
     options_cls: type
     layer: str | None  # "module:Class" of the wrapped-Linear layer; None for peft methods
     peft: bool = False
+    phases: tuple[str, ...] = ()  # training phases the trainer steps through (LoRACoE: warmup, joint)
 
     def make_options(self, values: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(self.options_cls)}
@@ -190,7 +191,7 @@ register(MethodSpec("dora", "DoRA through peft (use_dora=True)", PeftOptions, No
 register(MethodSpec("mola", "MoLA: per-layer LoRA experts, top-k softmax router",
                     MoLAOptions, "allocsearch.moe.mola:MoLALinear"))
 register(MethodSpec("loracoe", "LoRACoE: rank-level composition experts", LoRACoEOptions,
-                    "allocsearch.moe.loracoe:LoRACoELinear"))
+                    "allocsearch.moe.loracoe:LoRACoELinear", phases=("warmup", "joint")))
 register(MethodSpec("graphlora", "GraphLoRA: GCN graph router over token and expert nodes",
                     GraphLoRAOptions, "allocsearch.moe.graphlora:GraphLoRALinear"))
 register(MethodSpec("omoe", "OMoE: Gram-Schmidt orthogonal experts in placed layers",

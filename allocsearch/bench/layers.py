@@ -79,7 +79,10 @@ def default_cases() -> list[Case]:
         Case("LoRACoE r16 E2 fused", _ours("loracoe", 2, 2, 16), "LoRA r16 (peft)", "target <= 1.1x"),
         Case("LoRACoE r16 E2 unfused", _ours("loracoe", 2, 2, 16, unfused=True), "LoRACoE r16 E2 fused",
              "fused should be >= 20% faster"),
-        Case("GraphLoRA top-2 of 8, r8", _ours("graphlora", 8, 2, 8), "MoLA top-2 of 8, r8", "target <= 1.5x"),
+        Case("GraphLoRA top-2 of 8, r8", _ours("graphlora", 8, 2, 8), "MoLA top-2 of 8, r8",
+             "GCN 256 (paper); target <= 1.5x"),
+        Case("GraphLoRA top-2 of 8, r8, GCN 64", _ours("graphlora", 8, 2, 8, gcn_hidden=64),
+             "MoLA top-2 of 8, r8", "target <= 1.5x"),
         Case("OMoE 2 soft r16 (orthogonal)", _ours("omoe", 2, 2, 16, placement="all"), "LoRA r32 (peft)"),
     ]
 

@@ -13,6 +13,7 @@ from allocsearch.errors import AllocsearchError
 _COMMANDS = {
     "alloc": "allocsearch.cli.alloc:alloc",
     "bench": "allocsearch.cli.bench:bench",
+    "train": "allocsearch.cli.train:train",
 }
 
 
@@ -36,6 +37,7 @@ def cli():
     \b
     Quick start:
       allocsearch alloc --method mola --shape hourglass --layers 30   # print an allocation config
+      allocsearch train --steps 60 --zero-shot                       # one real fine-tuning trial (demo)
       allocsearch bench layers                                       # time the MoE-LoRA layers
     """
 
@@ -46,8 +48,12 @@ def main(argv=None):
         cli.main(args=argv, standalone_mode=False, prog_name="allocsearch")
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line naming the problem and where the help is
+        where = exc.ctx.command_path if exc.ctx else "allocsearch"
+        click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -66,7 +66,8 @@ def _print_table(rows, caption):
 
     table = Table(title="allocsearch bench layers: forward+backward of one wrapped Linear", caption=caption)
     for col in ("shape", "case", "median ms", "ratio", "vs", "note"):
-        table.add_column(col, justify="right" if col in ("median ms", "ratio") else "left")
+        table.add_column(col, justify="right" if col in ("median ms", "ratio") else "left",
+                         no_wrap=col in ("shape", "case", "median ms", "ratio"))
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
         table.add_row(r["shape"], r["case"], f"{r['median_ms']:.2f}", ratio, r["reference"] or "", r["note"])

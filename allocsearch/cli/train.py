@@ -1,0 +1,120 @@
+"""``allocsearch train``: run one real fine-tuning trial from a trial config."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from allocsearch.errors import AllocsearchError
+
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Trial YAML (model, allocation, data, train). Default: the demo trial below.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of full data sets (same layout as the bundled demo); default: the demo subset.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder for adapter/ and results.json (default allocsearch-runs/train/NAME-TIME).")
+@click.option("--model", default=None, help="Override the config's model.")
+@click.option("--preset", default=None, help="Override the allocation with a preset (see `allocsearch alloc --list-presets`).")
+@click.option("--steps", type=int, default=None, help="Override train.steps.")
+@click.option("--zero-shot", is_flag=True, help="Also evaluate the untrained model first.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (overrides train.device).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (overrides train.threads).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the results object (JSON) on stdout.")
+def train(config_path, data_dir, out, model, preset, steps, zero_shot, device, threads, as_json):
+    """Fine-tune one allocation for real and report accuracy and cost.
+
+    Writes the adapter and results.json (metrics per task, loss curve, checkpoints, parameters, tokens,
+    wall and device seconds, peak memory, expert load per layer) to --out.
+
+    \b
+    A trial config (YAML):
+      name: demo-mola
+      model: smollm2-135m          # or minilm-l6, tiny-llama, a local path / cached HF id
+      allocation: {preset: mola}   # or {method: mola, shape: inverted_triangle, top_k: 2, rank: 8}
+      data: demo                   # or {tasks: [{name: sst2, train: 400, validation: 100, test: 200}]}
+      train: {steps: 60, batch_size: 8, lr: 3.0e-4, eval_every: 20}
+    """
+    from allocsearch.trial import TrialSpec, run_trial
+
+    spec = TrialSpec.from_yaml(config_path) if config_path else TrialSpec(name="demo")
+    if model:
+        spec.model = model
+    if preset:
+        spec.allocation = {"preset": preset}
+    overrides = {k: v for k, v in (("steps", steps), ("device", device), ("threads", threads)) if v is not None}
+    if zero_shot:
+        overrides["zero_shot"] = True
+    if overrides:
+        from allocsearch.train import TrainConfig
+
+        spec.train = TrainConfig.from_dict({**spec.train.to_dict(), **overrides})
+    if data_dir and not Path(data_dir).is_dir():
+        raise AllocsearchError(f"--data-dir {data_dir} is not a folder: pass the folder holding the data sets")
+    out_dir = Path(out) if out else Path("allocsearch-runs") / "train" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise AllocsearchError(f"--out {out_dir} exists and is not empty: choose a new folder")
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=spec.train.steps, info="")
+
+        def on_step(step, loss):
+            bar.update(task, completed=step, description="training", info=f"loss {loss:.4f}")
+
+        def on_checkpoint(step, metrics):
+            bar.update(task, info=f"val acc {metrics['macro_accuracy']:.3f}")
+            return False
+
+        result = run_trial(spec, data_dir=data_dir, out_dir=out_dir, on_step=on_step, on_checkpoint=on_checkpoint,
+                           on_stage=lambda s: bar.update(task, description=s))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_summary(result, out_dir)
+    if result.status == "failed":
+        raise SystemExit(1)
+
+
+def print_summary(result, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    status = {"completed": "[green]completed[/]", "stopped": "[yellow]stopped early[/]"}.get(
+        result.status, f"[red]failed: {result.failure}[/]")
+    console.print(f"trial [bold]{result.name}[/]: {status}  ({result.allocation['method']}, "
+                  f"{result.trainable_params:,} trainable of {result.total_params:,} parameters)")
+    if result.validation:
+        table = Table(title="accuracy (balanced accuracy)")
+        table.add_column("task")
+        splits = [("zero-shot test", (result.zero_shot or {}).get("test")), ("validation", result.validation),
+                  ("test", result.test)]
+        splits = [(n, m) for n, m in splits if m]
+        for name, _ in splits:
+            table.add_column(name, justify="right")
+        for task in result.validation["tasks"]:
+            table.add_row(task, *[_cell(m["tasks"].get(task, {})) for _, m in splits])
+        table.add_row("[bold]macro[/]", *[f"{m['macro_accuracy']:.3f} ({m['macro_balanced_accuracy']:.3f})"
+                                           for _, m in splits])
+        console.print(table)
+    peak = f"{result.peak_memory_mb:.0f} MB {result.memory_kind}" if result.peak_memory_mb else "n/a"
+    console.print(f"{result.steps} steps, {result.tokens:,} tokens, {result.seconds_per_step:.2f} s/step, "
+                  f"{result.tokens_per_second:.0f} tokens/s, wall {result.wall_seconds:.1f} s, "
+                  f"device-seconds {result.device_seconds:.1f} ({result.device}), peak memory {peak}")
+    console.print(f"wrote {out_dir / 'results.json'}" + (f" and {result.adapter_dir}" if result.adapter_dir else ""))
+
+
+def _cell(metrics: dict) -> str:
+    if not metrics:
+        return ""
+    return f"{metrics['accuracy']:.3f} ({metrics['balanced_accuracy']:.3f})"

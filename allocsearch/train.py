@@ -1,0 +1,176 @@
+"""The one training loop every method uses.
+
+AdamW over the adapter's trainable parameters, linear warm-up then cosine (or linear / constant) decay,
+gradient accumulation, gradient clipping, the layers' auxiliary losses added (each already weighted by its
+coefficient), and LoRACoE's two phases (plain LoRA warm-up, then joint training at a lower learning rate).
+Every ``eval_every`` steps the validation metrics go to ``on_checkpoint``, which may stop the trial: that
+is where a scheduler (ASHA, Hyperband) acts. A NaN or infinite loss ends the run with a failure reason.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+
+from allocsearch.errors import AllocsearchError
+
+
+class TrainConfigError(AllocsearchError, ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60  # optimizer steps
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    eval_every: int = 0  # fidelity checkpoints on validation every N steps (0: only at the end)
+    eval_examples: int | None = None  # cap on validation examples at checkpoints (the final eval uses all)
+    eval_batch_size: int = 16
+    phase_fraction: float = 0.5  # two-phase methods (LoRACoE): share of steps in the LoRA warm-up
+    joint_lr_scale: float = 0.25  # ... and the joint phase's lr factor (paper: 5e-5 after 2e-4)
+    max_new_tokens: int = 16  # generation tasks (GSM8K)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
+    threads: int | None = None  # torch CPU threads (from the trial's resources)
+    evaluate_test: bool = True  # final evaluation on the test split (reports only, never for choices)
+    zero_shot: bool = False  # also evaluate the untrained model (validation and test)
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainConfigError(f"train.{name} must be a whole number >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise TrainConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise TrainConfigError(f"train.schedule {self.schedule!r}: use cosine, linear or constant")
+        for name in ("warmup_ratio", "phase_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eval_every < 0 or (self.eval_examples is not None and self.eval_examples < 1):
+            raise TrainConfigError("train.eval_every must be >= 0 and train.eval_examples >= 1 or null")
+        if self.threads is not None and self.threads < 1:
+            raise TrainConfigError(f"train.threads must be >= 1 or null, got {self.threads}")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "TrainConfig":
+        data = dict(data or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainConfigError(f"unknown train setting(s) {unknown}: known settings are {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrialFailed(AllocsearchError):
+    """Training cannot go on (NaN loss, out of memory); the message is the recorded failure reason."""
+
+
+@dataclass
+class TrainLog:
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the step)
+    checkpoints: list[dict] = field(default_factory=list)  # {"step", "metrics"}
+    steps: int = 0
+    tokens: int = 0  # non-padding tokens seen in training
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = int(round(cfg.warmup_ratio * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return f
+
+
+def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, device: torch.device,
+          autocast_dtype: torch.dtype | None = None, phases: tuple[str, ...] = (),
+          on_checkpoint: Callable[[int, dict], bool] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainLog:
+    """Train ``adapter`` for ``cfg.steps`` optimizer steps; returns the log. Raises :class:`TrialFailed`."""
+    import time
+
+    from allocsearch.evaluate import autocast_context, evaluate
+
+    model = adapter.model
+    log = TrainLog()
+    feats = [encoder.train_features(e) for e in train_examples]
+    if not feats:
+        raise TrialFailed("the training split is empty")
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    params = adapter.trainable_parameters()
+    if len(phases) == 2:  # e.g. LoRACoE: phase 0 freezes some parameters; optimise them all from the start
+        adapter.set_phase(phases[1])
+        params = adapter.trainable_parameters()
+        adapter.set_phase(phases[0])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    switch_at = int(round(cfg.phase_fraction * cfg.steps)) if len(phases) == 2 else None
+    val_subset = val_examples[: cfg.eval_examples] if cfg.eval_examples else val_examples
+    model.train()
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        if switch_at is not None and step == switch_at:
+            adapter.set_phase(phases[1])
+            sched.base_lrs = [b * cfg.joint_lr_scale for b in sched.base_lrs]
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            if len(order) < cfg.batch_size:
+                fresh = list(range(len(feats)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            batch_feats = [feats[i] for i in order[: cfg.batch_size]]
+            del order[: cfg.batch_size]
+            batch = {k: v.to(device) for k, v in encoder.collate(batch_feats).items()}
+            with autocast_context(device, autocast_dtype):
+                task_loss = model(**batch).loss
+                loss = (task_loss + adapter.aux_loss()) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise TrialFailed(f"loss became {loss.item()} at step {step + 1}: lower the learning rate "
+                                  f"(train.lr={cfg.lr}) or check the data")
+            loss.backward()
+            step_loss += task_loss.item() / cfg.grad_accum
+            log.tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        log.steps = step + 1
+        log.losses.append((step + 1, step_loss))
+        if on_step:
+            on_step(step + 1, step_loss)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and val_subset:
+            t0 = time.perf_counter()
+            metrics = evaluate(model, encoder, val_subset, batch_size=cfg.eval_batch_size, device=device,
+                               autocast_dtype=autocast_dtype, max_new_tokens=cfg.max_new_tokens)
+            log.eval_seconds += time.perf_counter() - t0
+            log.checkpoints.append({"step": step + 1, "metrics": metrics})
+            if on_checkpoint and on_checkpoint(step + 1, metrics):
+                log.stopped_early = True
+                break
+    log.train_seconds = time.perf_counter() - start - log.eval_seconds
+    return log

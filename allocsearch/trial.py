@@ -1,0 +1,303 @@
+"""One trial: a real fine-tuning run of one allocation, returning honest metrics and its cost.
+
+``TrialSpec`` (model + allocation + data + training settings, a YAML file) -> :func:`run_trial` -> load
+data (bad data fails here, before any model work), load the model, inject the allocation, train with
+fidelity checkpoints, evaluate on validation (the search's objective) and test (reports only), measure
+cost -> ``TrialResult`` (also written as ``results.json`` beside the saved adapter).
+
+Cost: ``device_seconds`` = devices x wall seconds of the whole trial (load, train, evaluate): the unit
+budgets are spent in. On CPU a trial is one device whatever its threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from allocsearch.allocation import BERT_TARGETS, AllocationConfig, AllocationError
+from allocsearch.data import DataSpec, load_splits
+from allocsearch.errors import AllocsearchError
+from allocsearch.methods import get_method, preset
+from allocsearch.train import TrainConfig
+
+SPEC_KEYS = ("name", "model", "allocation", "data", "train")
+
+
+class TrialSpecError(AllocsearchError, ValueError):
+    pass
+
+
+@dataclass
+class TrialSpec:
+    allocation: dict | AllocationConfig = field(default_factory=lambda: {"preset": "mola"})
+    model: str = "smollm2-135m"
+    data: DataSpec = field(default_factory=DataSpec.demo)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "trial"
+
+    def __post_init__(self):
+        if isinstance(self.data, str) and self.data == "demo":
+            self.data = DataSpec.demo()
+        elif isinstance(self.data, dict):
+            self.data = DataSpec.from_dict(self.data)
+        elif not isinstance(self.data, DataSpec):
+            raise TrialSpecError(f"data must be 'demo' or a data spec mapping, got {self.data!r:.60}")
+        if isinstance(self.train, dict) or self.train is None:
+            self.train = TrainConfig.from_dict(self.train)
+        if not isinstance(self.allocation, (dict, AllocationConfig)):
+            raise TrialSpecError("allocation must be a mapping: {preset: mola}, {method: mola, shape: hourglass, "
+                                 "...} or a full allocation config")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrialSpec":
+        if not isinstance(data, dict):
+            raise TrialSpecError(f"a trial config must be a mapping with keys {', '.join(SPEC_KEYS)}")
+        unknown = sorted(set(data) - set(SPEC_KEYS))
+        if unknown:
+            raise TrialSpecError(f"unknown trial key(s) {unknown}: use {', '.join(SPEC_KEYS)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrialSpec":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise TrialSpecError(f"trial config {path} does not exist: pass an existing YAML file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise TrialSpecError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        try:
+            spec = cls.from_dict(data)
+        except AllocsearchError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
+        if spec.data.data_dir and not Path(spec.data.data_dir).is_absolute():
+            spec.data.data_dir = str((path.parent / spec.data.data_dir).resolve())
+        return spec
+
+    def to_dict(self) -> dict:
+        alloc = self.allocation.to_dict() if isinstance(self.allocation, AllocationConfig) else self.allocation
+        return {"name": self.name, "model": self.model, "allocation": alloc, "data": self.data.to_dict(),
+                "train": self.train.to_dict()}
+
+
+def resolve_allocation(spec: dict | AllocationConfig, num_layers: int,
+                       default_targets: list[str] | None = None) -> AllocationConfig:
+    """A complete allocation for a model of ``num_layers`` from a full config, ``{preset: NAME, ...}``,
+    ``{method, shape, total_experts, top_k, rank, ...}`` or ``{method, experts: N, top_k: K, rank: R}``."""
+    if isinstance(spec, AllocationConfig):
+        spec = spec.to_dict()
+    d = dict(spec)
+    if d.get("num_layers", num_layers) != num_layers:
+        raise AllocationError(f"the allocation is for {d['num_layers']} layers but the model has {num_layers}")
+    d.pop("num_layers", None)
+    if default_targets and "targets" not in d:
+        d["targets"] = list(default_targets)
+    if isinstance(d.get("experts"), list):
+        return AllocationConfig.from_dict({**d, "num_layers": num_layers})
+    if "preset" in d and "method" not in d:
+        return preset(d.pop("preset"), num_layers, **d)
+    if "method" not in d:
+        raise AllocationError("the allocation needs a method (or a preset): e.g. {method: mola, experts: 4}")
+    if "shape" in d:
+        return AllocationConfig.from_shape(d.pop("method"), num_layers, d.pop("shape"), **d)
+    experts = d.pop("experts", 1)
+    return AllocationConfig.uniform(d.pop("method"), num_layers, experts=experts, **d)
+
+
+@dataclass
+class TrialResult:
+    name: str
+    status: str  # completed | stopped (early, by the scheduler) | failed
+    failure: str | None = None
+    validation: dict | None = None  # final metrics on the full validation split
+    test: dict | None = None
+    zero_shot: dict | None = None  # {"validation": ..., "test": ...} of the untrained model
+    checkpoints: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+    steps: int = 0
+    tokens: int = 0
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    device_seconds: float = 0.0
+    devices: int = 1
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int = 1
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""
+    tokens_per_second: float = 0.0
+    seconds_per_step: float = 0.0
+    expert_load: dict = field(default_factory=dict)  # layer -> target -> fraction of tokens per expert
+    redundancy: dict = field(default_factory=dict)  # layer -> mean ||B_i A_i - B_j A_j||_F
+    allocation: dict | None = None
+    spec: dict | None = None
+    adapter_dir: str | None = None
+
+    @property
+    def objective(self) -> float | None:
+        """What the search maximises: macro balanced accuracy on validation."""
+        return self.validation["macro_balanced_accuracy"] if self.validation else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        os.replace(tmp, path)
+        return path
+
+
+def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os.PathLike | None = None,
+              on_checkpoint: Callable[[int, dict], bool] | None = None,
+              on_step: Callable[[int, float], None] | None = None,
+              on_stage: Callable[[str], None] | None = None) -> TrialResult:
+    """Run one trial end to end. Data problems raise before any training; a NaN loss or running out of
+    memory ends in a ``failed`` result with the reason (written like any other result)."""
+    import torch
+
+    from allocsearch import models
+    from allocsearch.encode import Encoder
+    from allocsearch.evaluate import evaluate
+    from allocsearch.moe.inject import inject
+    from allocsearch.train import TrialFailed, train
+
+    stage = on_stage or (lambda s: None)
+    cfg = spec.train
+    start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    stage("data")
+    splits = load_splits(spec.data, data_dir)
+    stage("model")
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    num_labels = max((len(e.choices) for s in splits.values() for e in s), default=2)
+    loaded = models.load_model(spec.model, num_labels=num_labels, device=str(device), dtype=_dtype_name(dtype),
+                               seed=cfg.seed)
+    bert = loaded.family == "bert"
+    allocation = resolve_allocation(spec.allocation, loaded.num_layers, list(BERT_TARGETS[:4]) if bert else None)
+    head = _head_name(loaded.model) if loaded.task == "sequence-classification" else None
+    adapter = inject(loaded.model, allocation, train_modules=(head,) if head else ())
+    for p in adapter.trainable_parameters():
+        p.data = p.data.float()  # fp32 master weights; the frozen model may be bf16 under autocast
+    autocast = dtype if dtype != torch.float32 else None
+    encoder = Encoder(loaded.tokenizer, loaded.task, cfg.max_length)
+    result = TrialResult(name=spec.name, status="completed", allocation=allocation.to_dict(), spec=spec.to_dict(),
+                         trainable_params=adapter.num_trainable(), total_params=adapter.num_total(),
+                         device=str(device), dtype=_dtype_name(dtype), threads=torch.get_num_threads())
+
+    def run_eval(examples):
+        return evaluate(adapter.model, encoder, examples, batch_size=cfg.eval_batch_size, device=device,
+                        autocast_dtype=autocast, max_new_tokens=cfg.max_new_tokens)
+
+    if cfg.zero_shot:
+        stage("zero-shot evaluation")
+        result.zero_shot = {"validation": run_eval(splits["validation"]),
+                            "test": run_eval(splits["test"]) if cfg.evaluate_test else None}
+    _reset_peak_memory(device)
+    stage("training")
+    try:
+        log = train(adapter, encoder, splits["train"], splits["validation"], cfg, device=device,
+                    autocast_dtype=autocast, phases=get_method(allocation.method).phases,
+                    on_checkpoint=on_checkpoint, on_step=on_step)
+        result.status = "stopped" if log.stopped_early else "completed"
+        result.losses, result.checkpoints = log.losses, log.checkpoints
+        result.steps, result.tokens = log.steps, log.tokens
+        result.train_seconds, result.eval_seconds = log.train_seconds, log.eval_seconds
+        stage("evaluation")
+        t0 = time.perf_counter()
+        adapter.track_load(True)
+        result.validation = run_eval(splits["validation"])
+        result.expert_load = _per_layer(adapter, adapter.expert_load())
+        adapter.track_load(False)
+        if cfg.evaluate_test:
+            result.test = run_eval(splits["test"])
+        result.eval_seconds += time.perf_counter() - t0
+        result.redundancy = {j: sum(v.values()) / len(v) for j, v in _per_layer(adapter, adapter.redundancy()).items()}
+    except (TrialFailed, torch.OutOfMemoryError) as exc:
+        result.status, result.failure = "failed", str(exc).splitlines()[0]
+    result.peak_memory_mb, result.memory_kind = _peak_memory_mb(device)
+    result.wall_seconds = time.perf_counter() - start
+    result.devices = 1
+    result.device_seconds = result.devices * result.wall_seconds
+    if result.steps:
+        result.seconds_per_step = result.train_seconds / result.steps
+        result.tokens_per_second = result.tokens / max(result.train_seconds, 1e-9)
+    if out_dir is not None:
+        out = Path(out_dir)
+        if result.status != "failed":
+            result.adapter_dir = str(adapter.save(out / "adapter"))
+        result.save(out / "results.json")
+    return result
+
+
+def _per_layer(adapter, values: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for path, value in values.items():
+        layer = adapter.layers[path]
+        out.setdefault(layer.layer_index, {})[layer.target] = value
+    return out
+
+
+def _head_name(model) -> str | None:
+    for name in ("classifier", "score"):
+        if hasattr(model, name):
+            return name
+    return None
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device) -> tuple[float | None, str]:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS"
+    except OSError:
+        pass
+    return None, ""
