@@ -86,6 +86,10 @@ class GraphLoRAOptions:
     normal_coef: float = 8.0  # paper
     lambda_init: float = 1.0
     sigma_init: float = 1.0
+    # Each GCN layer also gets a root (self) weight, H' = act(Â H W + H W_self) (GraphConv-style): with the
+    # plain GCN, experts with the same closed neighbourhood (all of them at beta = 1, both ends of an
+    # isolated edge) get identical logits for every token and can never be told apart.
+    self_weight: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.edge_density <= 1.0:

@@ -43,13 +43,14 @@ def _round_to_total(weights: list[float], total: int, minimum: int = 1) -> list[
     wsum = sum(weights)
     raw = [total * w / wsum for w in weights]
     counts = [int(r) for r in raw]
-    order = sorted(range(n), key=lambda i: raw[i] - counts[i], reverse=True)
+    # largest remainder; on ties the heavier layer first, so a heavier layer never ends below a lighter one
+    order = sorted(range(n), key=lambda i: (raw[i] - counts[i], weights[i]), reverse=True)
     for i in order[: total - sum(counts)]:
         counts[i] += 1
     for i in range(n):
         while counts[i] < minimum:
             # take from the layer rounded furthest above its exact share
-            donor = max((j for j in range(n) if counts[j] > minimum), key=lambda j: counts[j] - raw[j])
+            donor = max((j for j in range(n) if counts[j] > minimum), key=lambda j: (counts[j] - raw[j], -weights[j]))
             counts[donor] -= 1
             counts[i] += 1
     return counts
@@ -79,7 +80,17 @@ def shape_experts(
     total = DEFAULT_EXPERTS_PER_LAYER * num_layers if total_experts is None else int(total_experts)
     sizes = group_sizes(num_layers, len(weights))
     per_layer = [float(w) for w, n in zip(weights, sizes) for _ in range(n)]
-    return _round_to_total(per_layer, total)
+    counts = _round_to_total(per_layer, total)
+    # Inside a group the counts differ by at most one: put the larger ones on the side of the heavier
+    # neighbouring group, so the shape stays monotone where the group weights are (triangle, hourglass).
+    out, start = [], 0
+    for g, size in enumerate(sizes):
+        before = weights[g - 1] if g > 0 else weights[g]
+        after = weights[g + 1] if g + 1 < len(weights) else weights[g]
+        group = counts[start:start + size]
+        out += sorted(group, reverse=before > after) if before != after else group
+        start += size
+    return out
 
 
 def thirds(num_layers: int) -> dict[str, list[int]]:

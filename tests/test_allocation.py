@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -193,6 +194,25 @@ def test_shapes_sum_exactly_with_at_least_one_expert_per_layer():
             assert len(experts) == depth, (shape, depth, total)
             assert sum(experts) == total, (shape, depth, total, experts)
             assert min(experts) >= 1, (shape, depth, total, experts)
+
+
+def test_shapes_round_by_largest_remainder():
+    """Where every layer's exact share is >= 1, each count is its share rounded down or up, and no layer
+    rounded down has a larger remainder than a layer rounded up."""
+    for depth, total in _all_depth_total_pairs():
+        if depth < 4:
+            continue
+        for shape in SHAPES:
+            weights = [w for w, size in zip(SHAPES[shape], [depth // 4 + (g < depth % 4) for g in range(4)])
+                       for _ in range(size)]
+            raw = [total * w / sum(weights) for w in weights]
+            if min(raw) < 1:
+                continue
+            e = shape_experts(shape, depth, total)
+            assert all(math.floor(r) <= c <= math.ceil(r) for c, r in zip(e, raw)), (shape, depth, total, e)
+            up = [r - math.floor(r) for c, r in zip(e, raw) if c > r]
+            down = [r - math.floor(r) for c, r in zip(e, raw) if c <= r]
+            assert not up or not down or min(up) >= max(down) - 1e-9, (shape, depth, total, e)
 
 
 @pytest.mark.parametrize("shape,direction", [("triangle", -1), ("inverted_triangle", 1)])

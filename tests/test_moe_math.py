@@ -1,5 +1,6 @@
 """The math under the MoE-LoRA layers, checked against hand computations (numpy / plain loops):
-routers, auxiliary losses, Gram-Schmidt, the stacked LoRA experts and GraphLoRA's graph."""
+routers, auxiliary losses, Gram-Schmidt, the stacked LoRA experts and GraphLoRA's graph; plus BERT with a
+trained head and injection errors. The layers themselves: test_moe_layers.py."""
 from __future__ import annotations
 
 import math
@@ -7,13 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from allocsearch import AllocationConfig, AllocationError, preset
+from allocsearch.methods import get_method
+from allocsearch.moe import inject, load_adapter
 from allocsearch.moe.experts import LoRAExperts
-from allocsearch.moe.graphlora import expert_edges, normalized_adjacency
+from allocsearch.moe.graphlora import GraphLoRALinear, expert_edges, normalized_adjacency
 from allocsearch.moe.losses import (normal_balance, normal_target, poisson_distinction, poisson_target,
                                     switch_load_balance)
-from allocsearch.moe.omoe import gram_schmidt, gram_schmidt_weights
+from allocsearch.moe.mola import MoLALinear
+from allocsearch.moe.omoe import OMoELinear, gram_schmidt, gram_schmidt_weights
 from allocsearch.moe.routers import topk_route
+from conftest import tiny_bert, tiny_llama
 
 
 def _softmax(v: np.ndarray) -> np.ndarray:
@@ -269,3 +276,60 @@ def test_normalized_adjacency_by_hand(n, beta, seed):
     assert (adj[0, 1:] > 0).all()  # the token node links to every expert
     expert_links = int((adj[1:, 1:] > 0).sum() - n) // 2
     assert expert_links == len(edges)
+
+
+# ----------------------------------------------------------------------------------- BERT
+def test_bert_with_trained_classifier(tmp_path):
+    ids = torch.randint(0, 80, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = tiny_bert()
+    ref = model(ids).logits
+    alloc = AllocationConfig.uniform("mola", 2, experts=3, top_k=2, rank=4,
+                                     targets=["query", "key", "value", "dense"])
+    adapter = inject(model, alloc, train_modules=("classifier",))
+    assert len(adapter.layers) == 8
+    assert all(isinstance(l, MoLALinear) for l in adapter.layers.values())
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-6, rtol=0)
+    adapter_ids = {id(p) for l in adapter.layers.values() for p in l.adapter_parameters()}
+    for name, p in model.named_parameters():
+        expected = name.startswith("classifier.") or id(p) in adapter_ids
+        assert p.requires_grad == expected, name
+    assert {id(p) for p in model.classifier.parameters()} <= {id(p) for p in adapter.trainable_parameters()}
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    expected_logits = model(ids).logits
+    assert not torch.allclose(expected_logits, ref)
+    adapter.save(tmp_path / "bert")
+    loaded = load_adapter(tiny_bert(), tmp_path / "bert")
+    assert loaded.train_modules == ("classifier",)
+    torch.testing.assert_close(loaded.model.classifier.weight, model.classifier.weight, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.model(ids).logits, expected_logits, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_injection_errors():
+    with pytest.raises(AllocationError, match="allocation is for 4 layers.*has 3.*num_layers=3"):
+        inject(tiny_llama(), preset("mola", 4))
+    with pytest.raises(AllocationError, match=r"target 'mlp\.fc9'.*not a Linear"):
+        inject(tiny_llama(), AllocationConfig.uniform("mola", 3, experts=2, targets=["q", "mlp.fc9"]))
+    with pytest.raises(AllocationError, match="target 'q'"):
+        inject(tiny_bert(), AllocationConfig.uniform("mola", 2, experts=2, targets=["q"]))
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        MoLALinear(nn.Conv1d(2, 2, 1), experts=2, top_k=1, rank=2, alpha=4.0, dropout=0.0,
+                   options=preset("mola", 1).options, layer_index=0, num_layers=1, target="q")
+
+
+def test_injection_error_leaves_model_untouched():
+    model = tiny_llama()
+    with pytest.raises(AllocationError):
+        inject(model, AllocationConfig.uniform("mola", 3, experts=2, targets=["q", "mlp.fc9"]))
+    assert all(p.requires_grad for p in model.parameters())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_graphlora_and_omoe_layer_classes_are_registered():
+    assert get_method("graphlora").layer_class() is GraphLoRALinear
+    assert get_method("omoe").layer_class() is OMoELinear
+    layer = MoLALinear(nn.Linear(4, 3), experts=2, top_k=1, rank=4, alpha=6.0, dropout=0.0,
+                       options=preset("mola", 1).options, layer_index=0, num_layers=1, target="q")
+    assert layer.scaling == 1.5 and (layer.experts.lora_B == 0).all() and layer.router.shape == (2, 4)

@@ -42,8 +42,21 @@ def cli():
     """
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and summaries replace the libraries' load bars and deprecation chatter."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit code 2."""
+    _quiet_libraries()
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="allocsearch")
     except click.exceptions.Exit as exc:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from allocsearch.errors import AllocsearchError
+
 import click
 
 
@@ -31,7 +33,6 @@ def layers(tokens, repeats, warmup, shapes, device, dtype, threads, as_json):
     import torch
 
     from allocsearch.bench import layers as layer_bench
-    from allocsearch.errors import AllocsearchError
 
     parsed = []
     for s in shapes:
@@ -71,4 +72,60 @@ def _print_table(rows, caption):
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
         table.add_row(r["shape"], r["case"], f"{r['median_ms']:.2f}", ratio, r["reference"] or "", r["note"])
+    Console().print(table)
+
+
+@bench.command("trial")
+@click.option("--methods", default="mola,loracoe,graphlora,omoe", show_default=True,
+              help="Comma-separated presets to compare, each against LoRA of matched trainable parameters.")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Model name or path.")
+@click.option("--steps", default=5, show_default=True, help="Timed training steps per round.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed steps first in every round.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds; each runs every configuration once.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-length", default=256, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads per worker.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, threads, device, dtype, as_json):
+    """Seconds per training step and peak memory of MoE-LoRA trials vs plain peft LoRA.
+
+    Each configuration trains in a fresh subprocess (so peak memory is its own), rounds alternate the
+    configurations, and ratios compare medians measured in this one run. Targets (issue 3): <= 1.3x
+    step time and <= 1.2x peak memory of LoRA at equal trainable parameters.
+    """
+    from allocsearch.bench import trial as trial_bench_mod
+    from allocsearch.methods import PRESETS
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in PRESETS]
+    if unknown:
+        raise AllocsearchError(f"--methods {unknown}: use presets from {', '.join(PRESETS)}")
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("matching LoRA ranks", total=None)
+        rows = trial_bench_mod.run(names, model=model, steps=steps, warmup=warmup, rounds=rounds,
+                                   batch_size=batch_size, max_length=max_length, threads=threads,
+                                   device=device, dtype=dtype, progress=lambda i, n, what: bar.update(
+                                       task, completed=i, total=n, description=f"training {what}"))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"allocsearch bench trial: {model}, batch {batch_size}, {device} {dtype}",
+                  caption=f"median of {rounds} rounds x {steps} steps; memory: peak (growth over the loaded model)")
+    for col in ("method", "params", "s/step", "vs", "params", "s/step", "time ratio", "peak ratio",
+                "train-memory ratio"):
+        table.add_column(col, justify="left" if col in ("method", "vs") else "right")
+    for r in rows:
+        m, l = r["moe"], r["lora"]
+        table.add_row(r["method"], f"{m['trainable']:,}", f"{m['step_s']:.3f}", r["reference"],
+                      f"{l['trainable']:,}", f"{l['step_s']:.3f}", f"{r['time_ratio']:.2f}x",
+                      f"{r['peak_ratio']:.2f}x ({m['peak_mb']:.0f}/{l['peak_mb']:.0f} MB)",
+                      f"{r['train_memory_ratio']:.2f}x ({m['train_mb']:.0f}/{l['train_mb']:.0f} MB)")
     Console().print(table)
