@@ -39,6 +39,11 @@ SCHEMA_VERSION = 1
 LLAMA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 BERT_TARGETS = ("query", "key", "value", "dense", "intermediate", "output")
 KNOWN_TARGETS = LLAMA_TARGETS + BERT_TARGETS
+# config.model_type -> family whose short target names apply ("llama": q/k/v/o_proj + gate/up/down_proj
+# decoders; "bert": BERT-style encoders)
+MODEL_FAMILIES = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma": "llama",
+                  "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama", "smollm3": "llama",
+                  "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
 
 
 class AllocationError(AllocsearchError, ValueError):

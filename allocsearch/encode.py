@@ -58,7 +58,7 @@ class Encoder:
     def train_features(self, ex: Example) -> Features:
         if not self.causal:
             return Features(self._pair(ex), labels=ex.label)
-        target = self._ids(ex.target, False) + [self.tokenizer.eos_token_id]
+        target = (self._ids(ex.target, False) + [self.tokenizer.eos_token_id])[: self.max_length - 1]
         prompt = self._fit(self._ids(ex.prompt, True), len(target))
         return Features(tuple(prompt + target), labels=tuple([IGNORE] * len(prompt) + target))
 

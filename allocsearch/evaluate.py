@@ -38,7 +38,16 @@ def first_number(text: str) -> str | None:
     if not m:
         return None
     value = m.group(0).replace(",", "")
-    return value[:-2] if value.endswith(".0") else value
+    if "." in value:  # 8.00 -> 8, 2.50 -> 2.5
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    try:
+        return a is not None and b is not None and abs(float(a) - float(b)) < 1e-6
+    except ValueError:
+        return False
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -71,7 +80,7 @@ def evaluate(model, encoder: Encoder, examples: list[Example], *, batch_size: in
                 chunk = gen[i:i + batch_size]
                 for ex, text in zip(chunk, _generate(model, encoder, chunk, device, max_new_tokens)):
                     gold[ex.task].append(1)
-                    pred[ex.task].append(int(first_number(text) == ex.target))
+                    pred[ex.task].append(int(same_number(first_number(text), ex.target)))
     finally:
         model.train(was_training)
     tasks = {}

@@ -44,6 +44,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from allocsearch.allocation import MODEL_FAMILIES as FAMILIES
 from allocsearch.errors import AllocsearchError
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 TASKS = ("causal-lm", "sequence-classification")
 PADDING_SIDE = "right"
 DEFAULT_MODEL = "smollm2-135m"
-# config.model_type -> family. "llama": q/k/v/o_proj + gate/up/down_proj decoders; "bert": BERT encoders.
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-            "bert": "bert", "roberta": "bert"}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 _STALE_TMP_SECONDS = 3600

@@ -136,6 +136,8 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
         if switch_at is not None and step == switch_at:
             adapter.set_phase(phases[1])
             sched.base_lrs = [b * cfg.joint_lr_scale for b in sched.base_lrs]
+            for group in opt.param_groups:  # this step already runs at the joint rate
+                group["lr"] *= cfg.joint_lr_scale
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
@@ -150,8 +152,11 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
                 task_loss = model(**batch).loss
                 loss = (task_loss + adapter.aux_loss()) / cfg.grad_accum
             if not torch.isfinite(loss):
-                raise TrialFailed(f"loss became {loss.item()} at step {step + 1}: lower the learning rate "
-                                  f"(train.lr={cfg.lr}) or check the data")
+                log.train_seconds = time.perf_counter() - start - log.eval_seconds
+                failure = TrialFailed(f"loss became {loss.item()} at step {step + 1}: lower the learning rate "
+                                      f"(train.lr={cfg.lr}) or check the data")
+                failure.log = log  # what ran before the failure is still recorded
+                raise failure
             loss.backward()
             step_loss += task_loss.item() / cfg.grad_accum
             log.tokens += int(batch["attention_mask"].sum())

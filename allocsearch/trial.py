@@ -231,6 +231,11 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
         result.redundancy = {j: sum(v.values()) / len(v) for j, v in _per_layer(adapter, adapter.redundancy()).items()}
     except (TrialFailed, torch.OutOfMemoryError) as exc:
         result.status, result.failure = "failed", str(exc).splitlines()[0]
+        partial = getattr(exc, "log", None)
+        if partial is not None:
+            result.losses, result.checkpoints = partial.losses, partial.checkpoints
+            result.steps, result.tokens = partial.steps, partial.tokens
+            result.train_seconds, result.eval_seconds = partial.train_seconds, partial.eval_seconds
     result.peak_memory_mb, result.memory_kind = _peak_memory_mb(device)
     result.wall_seconds = time.perf_counter() - start
     result.devices = 1

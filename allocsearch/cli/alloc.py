@@ -124,7 +124,7 @@ def _per_layer(fields, layers, shape, total_experts, experts, top_k, rank) -> di
         return values
 
     if shape:
-        weights = shape if not shape[0].isdigit() else [int(v) for v in shape.split(",")]
+        weights = shape if not shape[0].isdigit() else _int_csv("shape", shape)
         n = shape_experts(weights, layers, total_experts)
     else:
         n = expand("experts", experts, 1)

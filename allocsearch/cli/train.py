@@ -68,15 +68,30 @@ def train(config_path, data_dir, out, model, preset, steps, zero_shot, device, t
                   console=console, transient=True) as bar:
         task = bar.add_task("starting", total=spec.train.steps, info="")
 
+        plain = not console.is_terminal  # logs and CI: plain lines instead of a live bar
+        started = time.perf_counter()
+
+        def line(text):
+            if plain:
+                console.print(f"[{time.perf_counter() - started:7.1f}s] {text}", highlight=False)
+
         def on_step(step, loss):
             bar.update(task, completed=step, description="training", info=f"loss {loss:.4f}")
+            if step == 1 or step % max(1, spec.train.steps // 10) == 0:
+                line(f"step {step}/{spec.train.steps} loss {loss:.4f}")
 
         def on_checkpoint(step, metrics):
             bar.update(task, info=f"val acc {metrics['macro_accuracy']:.3f}")
+            line(f"checkpoint at step {step}: validation accuracy {metrics['macro_accuracy']:.3f} "
+                 f"(balanced {metrics['macro_balanced_accuracy']:.3f})")
             return False
 
+        def on_stage(stage):
+            bar.update(task, description=stage)
+            line(stage)
+
         result = run_trial(spec, data_dir=data_dir, out_dir=out_dir, on_step=on_step, on_checkpoint=on_checkpoint,
-                           on_stage=lambda s: bar.update(task, description=s))
+                           on_stage=on_stage)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

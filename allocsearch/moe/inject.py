@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from allocsearch.allocation import AllocationConfig, AllocationError
+from allocsearch.allocation import MODEL_FAMILIES, AllocationConfig, AllocationError
 from allocsearch.methods import get_method
 from allocsearch.moe.base import MoELoRALayer
 
@@ -30,14 +30,11 @@ FAMILY_TARGETS: dict[str, dict[str, str]] = {
     "bert": {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
              "dense": "attention.output.dense", "intermediate": "intermediate.dense", "output": "output.dense"},
 }
-_FAMILY_OF = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma": "llama",
-              "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama", "smollm3": "llama",
-              "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
 ADAPTER_FILE, CONFIG_FILE, META_FILE, PEFT_DIR = "adapter.safetensors", "allocation.yaml", "adapter.json", "peft"
 
 
 def model_family(model: nn.Module) -> str | None:
-    return _FAMILY_OF.get(getattr(getattr(model, "config", None), "model_type", None))
+    return MODEL_FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -1,0 +1,430 @@
+"""Encoder features (causal and encoder), collate, and evaluation metrics on hand-made cases.
+
+The scoring tests use fake models whose logits are built by hand so the expected prediction of every
+example is known; decoy logits everywhere except the right position catch an off-by-one in the position
+that is read.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from allocsearch.data import Example
+from allocsearch.encode import IGNORE, Encoder
+from allocsearch.evaluate import accuracy, balanced_accuracy, evaluate, first_number
+from allocsearch.models import load_model
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes 2 threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny-llama (random init, byte-level tokenizer): one byte -> one token."""
+    return load_model("tiny-llama", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tiny):
+    return tiny.tokenizer
+
+
+WORDS = ["Answer:", "yes", "no", "A", "B", "C", "the", "cat", "dog", "please", "thanks"] + [f"w{i}" for i in range(40)]
+PAD, BOS, EOS, UNK = 5, 1, 2, 3
+
+
+def word_tokenizer(pad: bool = True):
+    """A hand-built word-level PreTrainedTokenizerFast: whitespace split, bos prepended, pad id 5 (not 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<x0>": 0, "<s>": BOS, "</s>": EOS, "<unk>": UNK, "<x4>": 4, "<pad>": PAD}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A </s> $B:1", special_tokens=[("<s>", BOS), ("</s>", EOS)])
+    kw = dict(pad_token="<pad>") if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512, **kw)
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    return word_tokenizer()
+
+
+def wid(tok, word: str) -> int:
+    return tok.convert_tokens_to_ids(word)
+
+
+def ex(prompt, choices=(" yes", " no"), label=0, task="t", uid=None, text_a="", text_b="", target=None):
+    return Example(task=task, uid=uid or f"{task}/{prompt}", prompt=prompt, choices=tuple(choices), label=label,
+                   target=target if target is not None else (choices[label] if label is not None else ""),
+                   text_a=text_a or prompt, text_b=text_b)
+
+
+# ----------------------------------------------------------------------------------------------- Encoder
+
+
+def test_unknown_task_is_rejected(word_tok):
+    with pytest.raises(ValueError, match="unknown task"):
+        Encoder(word_tok, task="token-classification")
+
+
+def test_pad_id_falls_back_to_eos():
+    assert Encoder(word_tokenizer(pad=True)).pad_id == PAD
+    assert Encoder(word_tokenizer(pad=False)).pad_id == EOS
+
+
+def test_word_level_train_features_mask_the_prompt(word_tok):
+    enc = Encoder(word_tok, "causal-lm", max_length=64)
+    f = enc.train_features(ex("w1 w2 Answer:", label=0))
+    ids = [BOS, wid(word_tok, "w1"), wid(word_tok, "w2"), wid(word_tok, "Answer:")]
+    target = [wid(word_tok, "yes"), EOS]
+    assert f.input_ids == tuple(ids + target)
+    assert f.labels == tuple([IGNORE] * len(ids) + target)
+    assert f.candidates == ()
+
+
+def test_word_level_truncation_keeps_the_prompt_end_and_the_whole_target(word_tok):
+    enc = Encoder(word_tok, "causal-lm", max_length=8)
+    prompt = " ".join(f"w{i}" for i in range(1, 21)) + " Answer:"  # bos + 21 words
+    f = enc.train_features(ex(prompt, label=1))
+    target = [wid(word_tok, "no"), EOS]
+    kept = [wid(word_tok, w) for w in ("w16", "w17", "w18", "w19", "w20", "Answer:")]
+    assert len(f.input_ids) == 8
+    assert f.input_ids == tuple(kept + target)
+    assert f.labels == tuple([IGNORE] * 6 + target)
+
+
+def test_word_level_score_features(word_tok):
+    enc = Encoder(word_tok, "causal-lm", max_length=64)
+    f = enc.score_features(ex("w3 Answer:", choices=(" yes please", " no thanks"), label=1))
+    assert f.input_ids == (BOS, wid(word_tok, "w3"), wid(word_tok, "Answer:"))  # no shared prefix: prompt only
+    assert f.candidates == (wid(word_tok, "yes"), wid(word_tok, "no"))
+    assert f.labels == 1
+    f3 = enc.score_features(ex("w3 Answer:", choices=(" A", " B", " C"), label=2))
+    assert f3.candidates == tuple(wid(word_tok, c) for c in "ABC")
+
+
+def test_score_truncation_keeps_the_prompt_end(word_tok):
+    enc = Encoder(word_tok, "causal-lm", max_length=4)
+    f = enc.score_features(ex("w1 w2 w3 w4 w5 w6 Answer:", label=0))
+    assert f.input_ids == tuple(wid(word_tok, w) for w in ("w4", "w5", "w6", "Answer:"))
+
+
+def test_byte_level_train_features(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm", max_length=256)
+    prompt = "Question: is it?\nAnswer:"
+    f = enc.train_features(ex(prompt, label=0))
+    p_ids = byte_tok(prompt, add_special_tokens=True)["input_ids"]
+    t_ids = byte_tok(" yes", add_special_tokens=False)["input_ids"]
+    assert len(p_ids) == len(prompt) and len(t_ids) == 4  # one token per byte
+    assert f.input_ids == tuple(p_ids + t_ids + [byte_tok.eos_token_id])
+    assert f.labels[: len(p_ids)] == (IGNORE,) * len(p_ids)
+    assert f.labels[len(p_ids):] == tuple(t_ids + [byte_tok.eos_token_id])
+    assert byte_tok.decode(list(f.labels[len(p_ids):]), skip_special_tokens=True) == " yes"
+
+
+def test_byte_level_truncation(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm", max_length=32)
+    prompt = "".join(chr(ord("a") + i % 26) for i in range(100)) + "\nAnswer:"
+    f = enc.train_features(ex(prompt, choices=(" negative", " positive"), label=1))
+    n_target = len(" positive") + 1
+    assert len(f.input_ids) == 32
+    kept = 32 - n_target
+    assert byte_tok.decode(list(f.input_ids[:kept])) == prompt[-kept:]
+    assert f.labels[:kept] == (IGNORE,) * kept
+    assert byte_tok.decode(list(f.labels[kept:]), skip_special_tokens=True) == " positive"
+    assert f.labels[-1] == byte_tok.eos_token_id
+
+
+def test_byte_level_score_features_append_the_shared_leading_space(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm", max_length=256)
+    prompt = "Pick one.\nAnswer:"
+    f = enc.score_features(ex(prompt, choices=(" A", " B", " C"), label=2))
+    space = byte_tok(" ", add_special_tokens=False)["input_ids"]
+    assert len(space) == 1
+    assert f.input_ids == tuple(byte_tok(prompt)["input_ids"] + space)
+    assert byte_tok.decode(list(f.input_ids)) == prompt + " "
+    assert f.candidates == tuple(byte_tok(c, add_special_tokens=False)["input_ids"][0] for c in "ABC")
+    assert len(set(f.candidates)) == 3 and f.labels == 2
+    # " yes" / " no": the space is shared, then 'y' vs 'n'
+    f2 = enc.score_features(ex(prompt, choices=(" yes", " no"), label=0))
+    assert f2.input_ids[-1] == space[0]
+    assert [byte_tok.decode([c]) for c in f2.candidates] == ["y", "n"]
+
+
+def test_byte_level_score_truncation_keeps_prefix(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm", max_length=10)
+    f = enc.score_features(ex("x" * 50 + "Answer:", choices=(" A", " B"), label=0))
+    assert len(f.input_ids) == 10
+    assert byte_tok.decode(list(f.input_ids)) == "xx" + "Answer:" + " "
+
+
+def test_choices_without_a_distinct_token_are_rejected(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm")
+    with pytest.raises(ValueError, match="do not differ in one token"):
+        enc.score_features(ex("Q", choices=(" yes", " yesterday"), label=0))
+
+
+def test_generation_example_scores_the_prompt_alone(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm", max_length=16)
+    math_ex = Example("gsm8k", "g/0", "A long question about apples?\nAnswer:", (), None, "72", "q")
+    f = enc.score_features(math_ex)
+    assert f.labels is None and f.candidates == ()
+    assert byte_tok.decode(list(f.input_ids)) == math_ex.prompt[-16:]
+
+
+def test_collate_right_and_left_padding(word_tok):
+    enc = Encoder(word_tok, "causal-lm", max_length=64)
+    a = enc.train_features(ex("w1 Answer:", label=0))  # 3 + 2 tokens
+    b = enc.train_features(ex("w1 w2 w3 w4 Answer:", label=1))  # 6 + 2 tokens
+    out = enc.collate([a, b])
+    assert set(out) == {"input_ids", "attention_mask", "labels"}
+    assert out["input_ids"].shape == (2, 8) and out["input_ids"].dtype == torch.long
+    assert out["input_ids"][0].tolist() == list(a.input_ids) + [PAD] * 3
+    assert out["input_ids"][1].tolist() == list(b.input_ids)
+    assert out["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8]
+    assert out["labels"][0].tolist() == list(a.labels) + [IGNORE] * 3
+    assert out["labels"][1].tolist() == list(b.labels)
+
+    left = enc.collate([a, b], left_pad=True)
+    assert left["input_ids"][0].tolist() == [PAD] * 3 + list(a.input_ids)
+    assert left["attention_mask"][0].tolist() == [0] * 3 + [1] * 5
+    assert left["labels"][0].tolist() == [IGNORE] * 3 + list(a.labels)
+
+
+def test_collate_score_features_have_no_labels(word_tok):
+    enc = Encoder(word_tok, "causal-lm")
+    out = enc.collate([enc.score_features(ex("w1 Answer:")), enc.score_features(ex("w1 w2 Answer:"))])
+    assert set(out) == {"input_ids", "attention_mask"}
+    assert out["attention_mask"].sum(1).tolist() == [3, 4]
+
+
+def test_sequence_classification_features_and_collate(word_tok):
+    enc = Encoder(word_tok, "sequence-classification", max_length=6)
+    assert not enc.causal
+    e1 = ex("ignored", label=1, text_a="w1 w2", text_b="w3")
+    f1 = enc.train_features(e1)
+    assert f1.input_ids == (BOS, wid(word_tok, "w1"), wid(word_tok, "w2"), EOS, wid(word_tok, "w3"))
+    assert f1.labels == 1
+    assert enc.score_features(e1) == f1
+    long = enc.train_features(ex("x", label=0, text_a=" ".join(f"w{i}" for i in range(20))))
+    assert len(long.input_ids) == 6
+    out = enc.collate([f1, long])
+    assert out["labels"].tolist() == [1, 0]
+    assert out["input_ids"][0].tolist() == list(f1.input_ids) + [PAD]
+    assert out["attention_mask"][0].tolist() == [1] * 5 + [0]
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def test_accuracy_and_balanced_accuracy_by_hand():
+    assert accuracy([0, 1, 1, 2], [0, 1, 0, 0]) == 0.5
+    assert math.isnan(accuracy([], []))
+    # per class recall: 0 -> 1/1, 1 -> 1/2, 2 -> 0/1
+    assert balanced_accuracy([0, 1, 1, 2], [0, 1, 0, 0]) == pytest.approx((1 + 0.5 + 0) / 3)
+    # a constant predictor: accuracy = majority share, balanced accuracy = 1/C
+    gold = [1] * 9 + [0]
+    assert accuracy(gold, [1] * 10) == 0.9
+    assert balanced_accuracy(gold, [1] * 10) == 0.5
+    assert balanced_accuracy([0, 1, 2, 2, 2], [2] * 5) == pytest.approx(1 / 3)
+    assert math.isnan(balanced_accuracy([], []))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is 1,234.", "1234"),
+    ("-3.5", "-3.5"),
+    ("8.0", "8"),
+    ("so x = 42 and then 7", "42"),
+    ("It costs $1,000,000.50 total", "1000000.5"),
+    ("no number here", None),
+    ("", None),
+])
+def test_first_number(text, expected):
+    assert first_number(text) == expected
+
+
+# ----------------------------------------------------------------------------------------------- evaluate (fakes)
+
+
+class FakeCausalLM(nn.Module):
+    """Logits put the wanted candidate first at the last real position only; a decoy candidate wins at
+    every other position (including padding), so reading any other position gives a wrong prediction."""
+
+    def __init__(self, vocab: int, wanted: dict[tuple[int, ...], tuple[int, int]]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.vocab, self.wanted, self.calls = vocab, wanted, []
+
+    def forward(self, input_ids, attention_mask):
+        self.calls.append({"shape": tuple(input_ids.shape), "lengths": attention_mask.sum(1).tolist(),
+                           "training": self.training})
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, self.vocab)
+        for i in range(b):
+            n = int(attention_mask[i].sum())
+            assert attention_mask[i, :n].all() and not attention_mask[i, n:].any(), "expected right padding"
+            good, decoy = self.wanted[tuple(input_ids[i, :n].tolist())]
+            logits[i, :, decoy] = 9.0
+            logits[i, n - 1, decoy] = 0.0
+            logits[i, n - 1, good] = 3.0
+        return SimpleNamespace(logits=logits)
+
+
+def _mc_examples():
+    """Task yn: gold [0,0,0,1]; task mc: gold [0,1,2,2,1]; prompts of different lengths, interleaved."""
+    yn = [ex("w1 " * (i + 1) + f"yn{i} Answer:", (" yes", " no"), g, task="yn") for i, g in enumerate([0, 0, 0, 1])]
+    mc = [ex("w2 " * (2 * i + 1) + f"mc{i} Answer:", (" A", " B", " C"), g, task="mc")
+          for i, g in enumerate([0, 1, 2, 2, 1])]
+    return [e for pair in zip(mc, yn) for e in pair] + mc[4:], {"yn": [0, 0, 0, 0], "mc": [0, 1, 1, 2, 0]}
+
+
+def test_evaluate_causal_predicts_the_expected_choices(byte_tok):
+    examples, planned = _mc_examples()
+    enc = Encoder(byte_tok, "causal-lm", max_length=256)
+    wanted, seen = {}, {"yn": 0, "mc": 0}
+    for e in examples:
+        f = enc.score_features(e)
+        p = planned[e.task][seen[e.task]]
+        seen[e.task] += 1
+        decoy = f.candidates[(p + 1) % len(f.candidates)]
+        wanted[f.input_ids] = (f.candidates[p], decoy)
+    model = FakeCausalLM(len(byte_tok), wanted).train()
+    out = evaluate(model, enc, examples, batch_size=4)
+    assert model.training, "evaluate must restore the training mode"
+    assert all(not c["training"] for c in model.calls), "evaluate must run the model in eval mode"
+    assert [c["shape"][0] for c in model.calls] == [4, 4, 1]
+    assert any(len(set(c["lengths"])) > 1 for c in model.calls), "batches should mix lengths (right padding)"
+
+    assert out["n"] == 9 and set(out["tasks"]) == {"yn", "mc"}
+    yn, mc = out["tasks"]["yn"], out["tasks"]["mc"]
+    # yn: always 'yes' on gold [0,0,0,1] -> majority share, 1/C balanced
+    assert yn == {"n": 4, "accuracy": 0.75, "balanced_accuracy": 0.5, "predicted": {"0": 4}}
+    # mc: gold [0,1,2,2,1], predicted [0,1,1,2,0] -> 3/5; recalls 1, 1/2, 1/2
+    assert mc["n"] == 5 and mc["accuracy"] == pytest.approx(0.6)
+    assert mc["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert mc["predicted"] == {"0": 2, "1": 2, "2": 1}
+    assert out["macro_accuracy"] == pytest.approx((0.75 + 0.6) / 2)
+    assert out["macro_balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_evaluate_causal_constant_predictor_three_classes(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm")
+    examples = [ex(f"q{i} " * (i + 1) + "Answer:", (" A", " B", " C"), g, task="mc")
+                for i, g in enumerate([0, 1, 2, 2, 2, 2])]
+    wanted = {}
+    for e in examples:
+        f = enc.score_features(e)
+        wanted[f.input_ids] = (f.candidates[2], f.candidates[0])  # always "C"
+    out = evaluate(FakeCausalLM(len(byte_tok), wanted), enc, examples, batch_size=16)
+    t = out["tasks"]["mc"]
+    assert t["accuracy"] == pytest.approx(4 / 6)
+    assert t["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert t["predicted"] == {"2": 6}
+
+
+class FakeClassifier(nn.Module):
+    """Class logits: the wanted class gets 2, an out-of-range class (index 3) gets 50."""
+
+    def __init__(self, wanted: dict[tuple[int, ...], int], num_labels: int = 4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.wanted, self.num_labels = wanted, num_labels
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(input_ids.shape[0], self.num_labels)
+        for i in range(input_ids.shape[0]):
+            n = int(attention_mask[i].sum())
+            logits[i, self.wanted[tuple(input_ids[i, :n].tolist())]] = 2.0
+            logits[i, 3] = 50.0  # beyond every example's choices: must be ignored
+        return SimpleNamespace(logits=logits)
+
+
+def test_evaluate_sequence_classification_considers_only_the_choices(word_tok):
+    enc = Encoder(word_tok, "sequence-classification", max_length=32)
+    yn = [ex("p", (" yes", " no"), g, task="yn", uid=f"yn{i}", text_a="w1 " * (i + 1), text_b="w9")
+          for i, g in enumerate([1, 1, 0])]
+    mc = [ex("p", (" A", " B", " C"), g, task="mc", uid=f"mc{i}", text_a="w2 " * (i + 1), text_b="w8")
+          for i, g in enumerate([0, 1, 2])]
+    plan = {**{e.uid: p for e, p in zip(yn, [1, 0, 0])}, **{e.uid: p for e, p in zip(mc, [0, 2, 2])}}
+    examples = yn + mc
+    wanted = {enc.score_features(e).input_ids: plan[e.uid] for e in examples}
+    out = evaluate(FakeClassifier(wanted), enc, examples, batch_size=4)
+    assert out["tasks"]["yn"]["predicted"] == {"0": 2, "1": 1}
+    assert out["tasks"]["yn"]["accuracy"] == pytest.approx(2 / 3)  # gold [1,1,0], pred [1,0,0]
+    assert out["tasks"]["yn"]["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)
+    assert out["tasks"]["mc"]["predicted"] == {"0": 1, "2": 2}
+    assert out["tasks"]["mc"]["accuracy"] == pytest.approx(2 / 3)  # gold [0,1,2], pred [0,2,2]
+    assert out["tasks"]["mc"]["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert out["macro_accuracy"] == pytest.approx(2 / 3)
+    assert out["macro_balanced_accuracy"] == pytest.approx((0.75 + 2 / 3) / 2)
+
+
+class FakeGenerator(nn.Module):
+    """``generate`` appends a fixed answer text per prompt; records what it was called with."""
+
+    def __init__(self, tokenizer, answers: dict[tuple[int, ...], str]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.tok, self.answers, self.calls = tokenizer, answers, []
+
+    def generate(self, input_ids, attention_mask, **kw):
+        self.calls.append({"mask": attention_mask.clone(), **kw})
+        rows = []
+        for i in range(input_ids.shape[0]):
+            real = tuple(input_ids[i][attention_mask[i].bool()].tolist())
+            rows.append(self.tok(self.answers[real], add_special_tokens=False)["input_ids"])
+        width = max(map(len, rows))
+        new = torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_evaluate_generation_with_a_fake_generator(byte_tok):
+    enc = Encoder(byte_tok, "causal-lm", max_length=64)
+    cases = [("How many? " * 3, "1234", "The answer is 1,234."),
+             ("Apples?", "8", " 8.0 apples"),
+             ("Pears, in total?", "5", "no idea"),
+             ("x?", "-3.5", "x = -3.5, so")]
+    examples = [Example("gsm8k", f"g/{i}", p + "\nAnswer:", (), None, t, p) for i, (p, t, _) in enumerate(cases)]
+    answers = {enc.score_features(e).input_ids: a for e, (_, _, a) in zip(examples, cases)}
+    model = FakeGenerator(byte_tok, answers)
+    out = evaluate(model, enc, examples, batch_size=16, max_new_tokens=7)
+    (call,) = model.calls
+    assert call["max_new_tokens"] == 7 and call["do_sample"] is False
+    assert call["pad_token_id"] == enc.pad_id and call["eos_token_id"] == byte_tok.eos_token_id
+    mask = call["mask"]
+    assert mask[:, -1].all() and not mask[1, 0], "generation batches must be padded on the left"
+    t = out["tasks"]["gsm8k"]
+    assert t["n"] == 4 and t["accuracy"] == 0.75 and t["balanced_accuracy"] == 0.75
+    assert t["predicted"] == {"0": 1, "1": 3}
+    assert out["macro_accuracy"] == 0.75
+
+
+def test_evaluate_generation_with_tiny_llama(tiny):
+    enc = Encoder(tiny.tokenizer, "causal-lm", max_length=64)
+    examples = [Example("gsm8k", "g/0", "Question: 2 + 2?\nAnswer:", (), None, "4", "2 + 2?"),
+                Example("gsm8k", "g/1", "Question: what is 10 times 3?\nAnswer:", (), None, "30", "10 times 3?"),
+                ex("Is it? Answer:", (" yes", " no"), 0, task="yn")]
+    out = evaluate(tiny.model, enc, examples, batch_size=8, max_new_tokens=3)
+    assert set(out["tasks"]) == {"gsm8k", "yn"} and out["n"] == 3
+    g = out["tasks"]["gsm8k"]
+    assert g["n"] == 2 and 0.0 <= g["accuracy"] <= 1.0 and g["balanced_accuracy"] == g["accuracy"]
+    assert sum(g["predicted"].values()) == 2
+    assert not tiny.model.training
