@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,27 +174,17 @@ class AllocationConfig:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as YAML (or JSON for a .json path) atomically: a crash never leaves half a file."""
-        path = Path(path)
-        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-        return path
+        from allocsearch.fileio import write_text_atomic
+
+        return write_text_atomic(path, self.to_json() if Path(path).suffix == ".json" else self.to_yaml())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AllocationConfig":
         """Read a YAML or JSON allocation file (``yaml.safe_load`` only)."""
-        import yaml
+        from allocsearch.fileio import read_yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise AllocationError(f"allocation file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise AllocationError(f"{path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from exc
+        data = read_yaml(path, "allocation file", AllocationError)
         if isinstance(data, dict) and "allocation" in data and "method" not in data:
             data = data["allocation"]  # a trial or export file that embeds the allocation
         try:

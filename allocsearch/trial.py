@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,15 +63,10 @@ class TrialSpec:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrialSpec":
-        import yaml
+        from allocsearch.fileio import read_yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise TrialSpecError(f"trial config {path} does not exist: pass an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise TrialSpecError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = read_yaml(path, "trial config", TrialSpecError)
         try:
             spec = cls.from_dict(data)
         except AllocsearchError as exc:
@@ -152,13 +146,9 @@ class TrialResult:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
-        return path
+        from allocsearch.fileio import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
 
 
 def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os.PathLike | None = None,

@@ -119,7 +119,7 @@ def test_bad_yaml(tmp_path, text, match):
 
 
 def test_missing_yaml_and_duplicate_task(tmp_path):
-    with pytest.raises(DataError, match="data spec file not found") as exc:
+    with pytest.raises(DataError, match="data spec file .* does not exist") as exc:
         DataSpec.from_yaml(tmp_path / "absent.yaml")
     one_line(exc)
     with pytest.raises(DataError, match="listed twice"):

@@ -32,13 +32,7 @@ TINY_LAYERS = 4
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine makes 2 threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

@@ -24,7 +24,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from allocsearch.data.formats import DataError, Example
 from allocsearch.data.tasks import default_data_dir, get_task, read_task
@@ -110,15 +109,10 @@ class DataSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DataSpec:
+        from allocsearch.fileio import read_yaml
+
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: data spec file not found; fix: check the path")
-        try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise DataError(f"{path}: not valid YAML{at}; fix: correct the YAML syntax") from None
+        d = read_yaml(path, "data spec file", DataError)
         spec = cls.from_dict(d, where=str(path))
         if spec.data_dir is not None and not Path(spec.data_dir).is_absolute():
             spec.data_dir = str((path.parent / spec.data_dir).resolve())
