@@ -96,14 +96,27 @@ def evaluate(model, encoder: Encoder, examples: list[Example], *, batch_size: in
             "macro_balanced_accuracy": sum(t["balanced_accuracy"] for t in tasks.values()) / n_tasks}
 
 
+def supports_logits_to_keep(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward takes ``logits_to_keep``: then the vocabulary
+    projection runs only where a prediction is needed (a large saving: SmolLM2's head is ~49k x 576)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _predict_choices(model, encoder: Encoder, chunk: list[Example], device) -> list[int]:
     feats = [encoder.score_features(e) for e in chunk]
     batch = {k: v.to(device) for k, v in encoder.collate(feats).items() if k != "labels"}
-    logits = model(**batch).logits
     if not encoder.causal:
-        return [int(row[: len(e.choices)].argmax()) for row, e in zip(logits.float(), chunk)]
+        logits = model(**batch).logits.float()
+        return [int(row[: len(e.choices)].argmax()) for row, e in zip(logits, chunk)]
     last = batch["attention_mask"].sum(1) - 1  # right padding: the prompt's last position
-    next_logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), last].float(), dim=-1)
+    if supports_logits_to_keep(model):
+        logits = model(**batch, logits_to_keep=last.unsqueeze(1)).logits[:, 0]
+    else:
+        logits = model(**batch).logits[torch.arange(len(chunk), device=device), last]
+    next_logp = torch.log_softmax(logits.float(), dim=-1)
     return [int(next_logp[i, list(f.candidates)].argmax()) for i, f in enumerate(feats)]
 
 

@@ -112,9 +112,10 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
     """Train ``adapter`` for ``cfg.steps`` optimizer steps; returns the log. Raises :class:`TrialFailed`."""
     import time
 
-    from allocsearch.evaluate import autocast_context, evaluate
+    from allocsearch.evaluate import autocast_context, evaluate, supports_logits_to_keep
 
     model = adapter.model
+    keep_logits = encoder.causal and supports_logits_to_keep(model)
     log = TrainLog()
     feats = [encoder.train_features(e) for e in train_examples]
     if not feats:
@@ -149,7 +150,7 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
             del order[: cfg.batch_size]
             batch = {k: v.to(device) for k, v in encoder.collate(batch_feats).items()}
             with autocast_context(device, autocast_dtype):
-                task_loss = model(**batch).loss
+                task_loss = _task_loss(model, batch, keep_logits)
                 loss = (task_loss + adapter.aux_loss()) / cfg.grad_accum
             if not torch.isfinite(loss):
                 log.train_seconds = time.perf_counter() - start - log.eval_seconds
@@ -179,3 +180,15 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
                 break
     log.train_seconds = time.perf_counter() - start - log.eval_seconds
     return log
+
+
+def _task_loss(model, batch: dict, keep_logits: bool) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens. With ``keep_logits`` the vocabulary projection runs
+    only at the positions that predict a target token, not over the whole (mostly prompt) sequence."""
+    if not keep_logits:
+        return model(**batch).loss
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position p predicts token p + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]])

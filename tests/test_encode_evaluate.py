@@ -422,3 +422,17 @@ def test_evaluate_generation_with_tiny_llama(tiny):
     assert g["n"] == 2 and 0.0 <= g["accuracy"] <= 1.0 and g["balanced_accuracy"] == g["accuracy"]
     assert sum(g["predicted"].values()) == 2
     assert not tiny.model.training
+
+
+def test_scoring_with_logits_to_keep_matches_full_logits(tiny, monkeypatch):
+    """Projecting only the last prompt position gives the same predictions as full-sequence logits."""
+    from allocsearch import evaluate as ev
+    from allocsearch.data import DataSpec, TaskSpec, load_splits
+
+    examples = load_splits(DataSpec([TaskSpec("sst2", 1, 1, 12), TaskSpec("arc_easy", 1, 1, 12)]))["test"]
+    enc = Encoder(tiny.tokenizer, "causal-lm", 128)
+    assert ev.supports_logits_to_keep(tiny.model)
+    fast = [ev._predict_choices(tiny.model, enc, examples[i:i + 5], torch.device("cpu")) for i in range(0, len(examples), 5)]
+    monkeypatch.setattr(ev, "supports_logits_to_keep", lambda model: False)
+    full = [ev._predict_choices(tiny.model, enc, examples[i:i + 5], torch.device("cpu")) for i in range(0, len(examples), 5)]
+    assert fast == full

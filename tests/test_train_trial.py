@@ -524,3 +524,18 @@ def test_trial_result_save_is_json(tmp_path):
     path = r.save(tmp_path / "sub" / "results.json")
     assert json.loads(path.read_text())["expert_load"] == {"0": {"q": [0.5, 0.5]}}
     assert r.objective is None
+
+
+@pytest.mark.parametrize("preset_name", ["mola", "lora"])
+def test_target_only_logits_loss_equals_the_models_own_loss(preset_name):
+    """The loss from logits kept only at target positions equals HF's full-sequence loss (and through peft)."""
+    from allocsearch.models import load_model
+    from allocsearch.train import _task_loss
+
+    loaded = load_model("tiny-llama", device="cpu", dtype="fp32")
+    adapter = inject(loaded.model, preset(preset_name, loaded.num_layers))
+    enc = Encoder(loaded.tokenizer, "causal-lm", 128)
+    examples = load_splits(DataSpec([TaskSpec("sst2", 6, 1, 1), TaskSpec("arc_easy", 6, 1, 1)]))["train"]
+    batch = enc.collate([enc.train_features(e) for e in examples])
+    fast, full = _task_loss(adapter.model, batch, True), _task_loss(adapter.model, batch, False)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
