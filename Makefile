@@ -19,7 +19,7 @@ install-dev: install
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m allocsearch bench layers
+	$(PYTHON) -m allocsearch train --zero-shot
 
 test: install-dev
 	bash scripts/run_tests.sh

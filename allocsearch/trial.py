@@ -53,6 +53,15 @@ class TrialSpec:
                                  "...} or a full allocation config")
 
     @classmethod
+    def demo(cls) -> "TrialSpec":
+        """The README demo: MoLA on SmolLM2 and the bundled 4-task mix, a few CPU minutes."""
+        from allocsearch.data import DEMO_TASKS, TaskSpec
+
+        data = DataSpec([TaskSpec(name, 400, 50, 100) for name in DEMO_TASKS], seed=0)
+        return cls(name="demo", allocation={"preset": "mola"}, data=data,
+                   train=TrainConfig(steps=60, batch_size=8, lr=1e-3, eval_every=20, eval_examples=100))
+
+    @classmethod
     def from_dict(cls, data: Any) -> "TrialSpec":
         if not isinstance(data, dict):
             raise TrialSpecError(f"a trial config must be a mapping with keys {', '.join(SPEC_KEYS)}")

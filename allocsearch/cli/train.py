@@ -13,7 +13,7 @@ from allocsearch.errors import AllocsearchError
 
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Trial YAML (model, allocation, data, train). Default: the demo trial below.")
+              help="Trial YAML (model, allocation, data, train). Default: the demo (MoLA, SmolLM2, bundled 4-task mix, 60 steps).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder of full data sets (same layout as the bundled demo); default: the demo subset.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -41,7 +41,7 @@ def train(config_path, data_dir, out, model, preset, steps, zero_shot, device, t
     """
     from allocsearch.trial import TrialSpec, run_trial
 
-    spec = TrialSpec.from_yaml(config_path) if config_path else TrialSpec(name="demo")
+    spec = TrialSpec.from_yaml(config_path) if config_path else TrialSpec.demo()
     if model:
         spec.model = model
     if preset:
