@@ -90,6 +90,10 @@ class GraphLoRAOptions:
     # plain GCN, experts with the same closed neighbourhood (all of them at beta = 1, both ends of an
     # isolated edge) get identical logits for every token and can never be told apart.
     self_weight: bool = True
+    # Recompute the router's (tokens x (N+1) x gcn_hidden) activations in backward instead of keeping
+    # them: that tensor is the largest a GraphLoRA layer saves (1600 tokens, 8 experts, width 256:
+    # ~15 MB per wrapped Linear), at the cost of running the router forward twice.
+    recompute_router: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.edge_density <= 1.0:

@@ -6,6 +6,10 @@ are added and the adjacency normalised as in GCN, ``Â = D^-1/2 (A + I) D^-1/2``
 Node features: learned expert embeddings (Glorot init); the token node gets ``relu(W_in x)``.
     H1 = relu(Â H0 W1 + H0 S1),  H2 = Â H1 W2 + H1 S2       (2-layer GCN, eq. 2-3; S = root weights)
     logits_i = F(H2[expert i]),  R = softmax(logits)        (projection F: hidden -> 1, eq. 4)
+The second GCN layer is linear and F maps to one number, so only the products ``W2 F`` and ``S2 F``
+(``hidden``-vectors) affect the router: we parametrise those products directly (``readout``,
+``readout_self``) instead of two ``hidden x hidden`` matrices that would add ~2 hidden^2 trainable
+parameters per wrapped Linear without changing what the router can express.
     h = W0 x + sum_{i in topK} R_i / sum_topK R * E_i(x)    (eq. 5; E_i the scaled LoRA expert)
 The root weights S are our addition (option ``self_weight``, default on): with Â alone, experts whose
 closed neighbourhoods are equal (every expert at beta = 1, twin leaves) get identical rows of Â and so
@@ -13,8 +17,7 @@ identical logits for every token. With S they stay distinguishable.
 Computed for all tokens at once without building per-token graphs:
   * layer 1: ``Â H0 W1 = Â[:, 0] ⊗ (tok W1) + Â[:, 1:] (Emb W1)``, the second term (and the experts'
     ``H0 S1 = Emb S1``) shared by all tokens: one fused multiply-add per token;
-  * layer 2 + projection: the last GCN layer is linear, so ``(Â H1 W2 + H1 S2) F = Â (H1 W2F) + H1 S2F``:
-    the ``hidden x hidden`` products collapse to two ``hidden``-vectors; exact, gradients included.
+  * layer 2 + projection: ``(Â H1 W2 + H1 S2) F = Â (H1 W2F) + H1 S2F``: two matrix-vector products.
 Aux losses (training): ``poisson_coef * L_poisson + normal_coef * L_normal`` (eqs. 6-9, paper 0.005 and 8),
 with lambda and sigma learned and kept positive through softplus.
 """
@@ -25,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from allocsearch.moe.base import MoELoRALayer
 from allocsearch.moe.experts import LoRAExperts
@@ -62,17 +66,19 @@ class GraphLoRALinear(MoELoRALayer):
         self.token_in = nn.Parameter(torch.empty(o.node_dim, self.in_features, **fac))  # W_in
         self.expert_emb = nn.Parameter(torch.empty(n, o.node_dim, **fac))
         self.gcn1 = nn.Parameter(torch.empty(o.node_dim, o.gcn_hidden, **fac))
-        self.gcn2 = nn.Parameter(torch.empty(o.gcn_hidden, o.gcn_hidden, **fac))
-        self.proj = nn.Parameter(torch.empty(o.gcn_hidden, 1, **fac))  # F
+        self.readout = nn.Parameter(torch.empty(o.gcn_hidden, 1, **fac))  # W2 F
         if o.self_weight:
-            self.gcn1_self = nn.Parameter(torch.empty(o.node_dim, o.gcn_hidden, **fac))
-            self.gcn2_self = nn.Parameter(torch.empty(o.gcn_hidden, o.gcn_hidden, **fac))
+            self.gcn1_self = nn.Parameter(torch.empty(o.node_dim, o.gcn_hidden, **fac))  # S1
+            self.readout_self = nn.Parameter(torch.empty(o.gcn_hidden, 1, **fac))  # S2 F
         else:
-            self.gcn1_self = self.gcn2_self = None
+            self.gcn1_self = self.readout_self = None
         nn.init.kaiming_uniform_(self.token_in, a=math.sqrt(5))
-        for w in (self.expert_emb, self.gcn1, self.gcn2, self.proj, self.gcn1_self, self.gcn2_self):
+        for w in (self.expert_emb, self.gcn1, self.gcn1_self):
             if w is not None:
                 nn.init.xavier_uniform_(w)  # Glorot
+        for w in (self.readout, self.readout_self):  # as the product of two Glorot matrices would be
+            if w is not None:
+                nn.init.normal_(w, std=math.sqrt(2.0 / (o.gcn_hidden + 1)))
         self.lambda_raw = nn.Parameter(torch.tensor(softplus_inverse(o.lambda_init), **fac))
         self.sigma_raw = nn.Parameter(torch.tensor(softplus_inverse(o.sigma_init), **fac))
 
@@ -92,33 +98,36 @@ class GraphLoRALinear(MoELoRALayer):
         shared = adj[:, 1:] @ (self.expert_emb @ self.gcn1)  # (N+1, hidden): expert part of Â H0 W1
         if self.gcn1_self is None:
             h1 = torch.addcmul(shared, adj[:, :1].unsqueeze(0), h0w1_token.unsqueeze(1)).relu_()
-            return (h1 @ (self.gcn2 @ self.proj).squeeze(-1)) @ adj[1:].t()
+            return (h1 @ self.readout.squeeze(-1)) @ adj[1:].t()
         # + H0 S1: the experts' rows are constant (Emb S1), the token's row is h0 S1
         shared = shared + F.pad(self.expert_emb @ self.gcn1_self, (0, 0, 1, 0))
         first = torch.addcmul(shared, adj[:, :1].unsqueeze(0), h0w1_token.unsqueeze(1))
         first[:, 0] += h0 @ self.gcn1_self
         # (T, N+1, hidden) is the one big tensor: one fused multiply-add, ReLU in place
         h1 = first.relu_()
-        w2f_s2f = torch.cat([self.gcn2 @ self.proj, self.gcn2_self @ self.proj], dim=1)  # (hidden, 2)
-        scores = h1 @ w2f_s2f  # (T, N+1, 2): H1 W2F and H1 S2F
+        scores = h1 @ torch.cat([self.readout, self.readout_self], dim=1)  # (T, N+1, 2): H1 W2F, H1 S2F
         return scores[..., 0] @ adj[1:].t() + scores[:, 1:, 1]  # Â rows at the experts + root term
 
     def router_logits_reference(self, tok: torch.Tensor) -> torch.Tensor:
-        """The same logits by the textbook per-token GCN (full H0, H1, H2); for tests only."""
+        """The same logits by the textbook per-token GCN (every node of every token's graph); for tests."""
         adj = self.adjacency.to(tok.dtype)
         emb = self.expert_emb.unsqueeze(0).expand(tok.shape[0], -1, -1)
         h0 = torch.cat([F.relu(tok).unsqueeze(1), emb], dim=1)  # (T, N+1, node_dim)
         if self.gcn1_self is None:
             h1 = F.relu(adj @ h0 @ self.gcn1)
-            h2 = adj @ h1 @ self.gcn2
+            out = adj @ h1 @ self.readout
         else:
             h1 = F.relu(adj @ h0 @ self.gcn1 + h0 @ self.gcn1_self)
-            h2 = adj @ h1 @ self.gcn2 + h1 @ self.gcn2_self
-        return (h2[:, 1:] @ self.proj).squeeze(-1)
+            out = adj @ h1 @ self.readout + h1 @ self.readout_self
+        return out[:, 1:].squeeze(-1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         z, tok = self.experts.project(x, self.lora_dropout, self.token_in)  # [A; W_in] x, one matmul
-        route = topk_route(self.router_logits(tok), self.top_k)
+        if self.options.recompute_router and self.training and torch.is_grad_enabled():
+            logits = checkpoint(self.router_logits, tok, use_reentrant=False)
+        else:
+            logits = self.router_logits(tok)
+        route = topk_route(logits, self.top_k)
         self._after_routing(route)
         if self.training:
             o = self.options
