@@ -58,3 +58,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def one_line(exc) -> str:
+    """The message of a raised user error (a ``pytest.ExceptionInfo``), checked to be one line."""
+    from allocsearch.errors import AllocsearchError
+
+    msg = str(exc.value)
+    assert isinstance(exc.value, AllocsearchError) and msg and "\n" not in msg, msg
+    return msg

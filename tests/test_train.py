@@ -21,7 +21,7 @@ from allocsearch.moe.inject import inject
 from allocsearch.shapes import shape_experts
 from allocsearch.train import TrainConfig, TrainConfigError, lr_lambda, train
 from allocsearch.trial import TrialResult, TrialSpec, TrialSpecError, resolve_allocation, run_trial
-from conftest import SHARED_DATASETS
+from conftest import SHARED_DATASETS, one_line
 
 CPU = torch.device("cpu")
 TINY_LAYERS = 4
@@ -29,12 +29,6 @@ TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert isinstance(exc.value, AllocsearchError) and msg and "\n" not in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------------------------- TrainConfig
