@@ -186,8 +186,7 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     num_labels = max((len(e.choices) for s in splits.values() for e in s), default=2)
-    loaded = models.load_model(spec.model, num_labels=num_labels, device=str(device), dtype=_dtype_name(dtype),
-                               seed=cfg.seed)
+    loaded = models.load_model(spec.model, num_labels=num_labels, device=device, dtype=dtype, seed=cfg.seed)
     bert = loaded.family == "bert"
     allocation = resolve_allocation(spec.allocation, loaded.num_layers, list(BERT_TARGETS[:4]) if bert else None)
     head = _head_name(loaded.model) if loaded.task == "sequence-classification" else None

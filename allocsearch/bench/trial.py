@@ -46,8 +46,7 @@ def worker(config: dict) -> dict:
     torch.manual_seed(0)
     device = models.resolve_device(config["device"])
     dtype = models.resolve_dtype(config["dtype"], device)
-    loaded = models.load_model(config["model"], task="causal-lm", device=str(device),
-                               dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+    loaded = models.load_model(config["model"], task="causal-lm", device=device, dtype=dtype)
     alloc = resolve_allocation(config["allocation"], loaded.num_layers)
     adapter = inject(loaded.model, alloc)
     for p in adapter.trainable_parameters():
