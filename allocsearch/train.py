@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
@@ -110,8 +111,6 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
           on_checkpoint: Callable[[int, dict], bool] | None = None,
           on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Train ``adapter`` for ``cfg.steps`` optimizer steps; returns the log. Raises :class:`TrialFailed`."""
-    import time
-
     from allocsearch.evaluate import autocast_context, evaluate, supports_logits_to_keep
 
     model = adapter.model

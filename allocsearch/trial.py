@@ -168,10 +168,9 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
     memory ends in a ``failed`` result with the reason (written like any other result)."""
     import torch
 
-    from allocsearch import models
+    from allocsearch import memory, models
     from allocsearch.encode import Encoder
     from allocsearch.evaluate import evaluate
-    from allocsearch.moe.inject import inject
     from allocsearch.train import TrialFailed, train
 
     stage = on_stage or (lambda s: None)
@@ -187,12 +186,8 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
     dtype = models.resolve_dtype(cfg.dtype, device)
     num_labels = max((len(e.choices) for s in splits.values() for e in s), default=2)
     loaded = models.load_model(spec.model, num_labels=num_labels, device=device, dtype=dtype, seed=cfg.seed)
-    bert = loaded.family == "bert"
-    allocation = resolve_allocation(spec.allocation, loaded.num_layers, list(BERT_TARGETS[:4]) if bert else None)
-    head = _head_name(loaded.model) if loaded.task == "sequence-classification" else None
-    adapter = inject(loaded.model, allocation, train_modules=(head,) if head else ())
-    for p in adapter.trainable_parameters():
-        p.data = p.data.float()  # fp32 master weights; the frozen model may be bf16 under autocast
+    adapter = build_adapter(loaded, spec.allocation)
+    allocation = adapter.allocation
     autocast = dtype if dtype != torch.float32 else None
     encoder = Encoder(loaded.tokenizer, loaded.task, cfg.max_length)
     result = TrialResult(name=spec.name, status="completed", allocation=allocation.to_dict(), spec=spec.to_dict(),
@@ -207,16 +202,14 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
         stage("zero-shot evaluation")
         result.zero_shot = {"validation": run_eval(splits["validation"]),
                             "test": run_eval(splits["test"]) if cfg.evaluate_test else None}
-    _reset_peak_memory(device)
+    memory.reset_peak(device)
     stage("training")
     try:
         log = train(adapter, encoder, splits["train"], splits["validation"], cfg, device=device,
                     autocast_dtype=autocast, phases=get_method(allocation.method).phases,
                     on_checkpoint=on_checkpoint, on_step=on_step)
         result.status = "stopped" if log.stopped_early else "completed"
-        result.losses, result.checkpoints = log.losses, log.checkpoints
-        result.steps, result.tokens = log.steps, log.tokens
-        result.train_seconds, result.eval_seconds = log.train_seconds, log.eval_seconds
+        _record_log(result, log)
         stage("evaluation")
         t0 = time.perf_counter()
         adapter.track_load(True)
@@ -229,12 +222,9 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
         result.redundancy = {j: sum(v.values()) / len(v) for j, v in _per_layer(adapter, adapter.redundancy()).items()}
     except (TrialFailed, torch.OutOfMemoryError) as exc:
         result.status, result.failure = "failed", str(exc).splitlines()[0]
-        partial = getattr(exc, "log", None)
-        if partial is not None:
-            result.losses, result.checkpoints = partial.losses, partial.checkpoints
-            result.steps, result.tokens = partial.steps, partial.tokens
-            result.train_seconds, result.eval_seconds = partial.train_seconds, partial.eval_seconds
-    result.peak_memory_mb, result.memory_kind = _peak_memory_mb(device)
+        if getattr(exc, "log", None) is not None:  # what ran before the failure
+            _record_log(result, exc.log)
+    result.peak_memory_mb, result.memory_kind = memory.peak_mb(device)
     result.wall_seconds = time.perf_counter() - start
     result.devices = 1
     result.device_seconds = result.devices * result.wall_seconds
@@ -247,6 +237,27 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
             result.adapter_dir = str(adapter.save(out / "adapter"))
         result.save(out / "results.json")
     return result
+
+
+def build_adapter(loaded, allocation_spec):
+    """Inject ``allocation_spec`` into a loaded model as every trial does: BERT encoders default to
+    query,key,value,dense and keep their classification head trainable; adapter weights are fp32 masters
+    (the frozen model may be bf16 under autocast)."""
+    from allocsearch.moe.inject import inject
+
+    bert = loaded.family == "bert"
+    allocation = resolve_allocation(allocation_spec, loaded.num_layers, list(BERT_TARGETS[:4]) if bert else None)
+    head = _head_name(loaded.model) if loaded.task == "sequence-classification" else None
+    adapter = inject(loaded.model, allocation, train_modules=(head,) if head else ())
+    for p in adapter.trainable_parameters():
+        p.data = p.data.float()
+    return adapter
+
+
+def _record_log(result: TrialResult, log) -> None:
+    result.losses, result.checkpoints = log.losses, log.checkpoints
+    result.steps, result.tokens = log.steps, log.tokens
+    result.train_seconds, result.eval_seconds = log.train_seconds, log.eval_seconds
 
 
 def _per_layer(adapter, values: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -277,30 +288,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _reset_peak_memory(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def _peak_memory_mb(device) -> tuple[float | None, str]:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024, "process peak RSS"
-    except OSError:
-        pass
-    return None, ""

@@ -20,63 +20,37 @@ from allocsearch.errors import AllocsearchError
 DEFAULT_METHODS = ("mola", "loracoe", "graphlora", "omoe")
 
 
-def _rss_mb(field: str) -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def worker(config: dict) -> dict:
     """Run ``warmup + steps`` training steps of one allocation; called in a fresh process."""
     import torch
 
-    from allocsearch import models
+    from allocsearch import memory, models
     from allocsearch.data import DataSpec, TaskSpec, load_splits
     from allocsearch.encode import Encoder
     from allocsearch.methods import get_method
-    from allocsearch.moe.inject import inject
     from allocsearch.train import TrainConfig, train
-    from allocsearch.trial import resolve_allocation
+    from allocsearch.trial import build_adapter
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     device = models.resolve_device(config["device"])
     dtype = models.resolve_dtype(config["dtype"], device)
     loaded = models.load_model(config["model"], task="causal-lm", device=device, dtype=dtype)
-    alloc = resolve_allocation(config["allocation"], loaded.num_layers)
-    adapter = inject(loaded.model, alloc)
-    for p in adapter.trainable_parameters():
-        p.data = p.data.float()
+    adapter = build_adapter(loaded, config["allocation"])
     splits = load_splits(DataSpec([TaskSpec("sst2", 64, 8, 8), TaskSpec("arc_easy", 64, 8, 8)], seed=0))
     encoder = Encoder(loaded.tokenizer, "causal-lm", config["max_length"])
     cfg = TrainConfig(steps=config["warmup"] + config["steps"], batch_size=config["batch_size"],
                       max_length=config["max_length"], eval_every=0, evaluate_test=False)
-    base_mb = _rss_mb("VmRSS")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base_mb = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            pass
+    base_mb = memory.reset_peak(device)
     stamps = [time.perf_counter()]
     train(adapter, encoder, splits["train"], [], cfg, device=device,
-          autocast_dtype=None if dtype == torch.float32 else dtype, phases=get_method(alloc.method).phases,
+          autocast_dtype=None if dtype == torch.float32 else dtype,
+          phases=get_method(adapter.allocation.method).phases,
           on_step=lambda step, loss: stamps.append(time.perf_counter()))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = _rss_mb("VmHWM")
+    peak, _ = memory.peak_mb(device)
     times = [b - a for a, b in zip(stamps, stamps[1:])][config["warmup"]:]
     return {"step_seconds": times, "peak_mb": peak, "base_mb": base_mb, "trainable": adapter.num_trainable(),
-            "method": alloc.method}
+            "method": adapter.allocation.method}
 
 
 def _run_worker(config: dict) -> dict:
@@ -88,25 +62,22 @@ def _run_worker(config: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def matched_lora_rank(model_name: str, allocation: dict) -> tuple[int, int, int]:
-    """The LoRA rank whose trainable parameters come closest to ``allocation``'s on ``model_name``
-    (same targets): returns (rank, MoE parameters, LoRA parameters at that rank)."""
-    import torch
+def matched_lora_rank(loaded, allocation: dict) -> tuple[int, int, int]:
+    """The LoRA rank whose trainable parameters come closest to ``allocation``'s on the loaded model
+    (same targets): returns (rank, MoE parameters, LoRA parameters at that rank). The model is not
+    changed: the allocation is injected into a copy."""
+    import copy
 
-    from allocsearch import models
     from allocsearch.moe.inject import inject, resolve_targets
     from allocsearch.trial import resolve_allocation
 
-    loaded = models.load_model(model_name, task="causal-lm", device="cpu", dtype="fp32")
     alloc = resolve_allocation(allocation, loaded.num_layers)
     per_rank = 0  # LoRA parameters per unit of rank: sum over wrapped Linears of (d_in + d_out)
     for _, _, path in resolve_targets(loaded.model, alloc):
         lin = loaded.model.get_submodule(path)
         per_rank += lin.in_features + lin.out_features
-    moe_params = inject(loaded.model, alloc).num_trainable()
+    moe_params = inject(copy.deepcopy(loaded.model), alloc).num_trainable()
     rank = max(1, round(moe_params / per_rank))
-    del loaded
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rank, moe_params, rank * per_rank
 
 
@@ -114,15 +85,19 @@ def run(methods=DEFAULT_METHODS, *, model: str = "smollm2-135m", steps: int = 5,
         rounds: int = 3, batch_size: int = 8, max_length: int = 256, threads: int = 2, device: str = "cpu",
         dtype: str = "fp32", progress=None) -> list[dict]:
     """Benchmark each method's preset against LoRA of matched trainable parameters."""
+    from allocsearch import models
+
+    loaded = models.load_model(model, task="causal-lm", device="cpu", dtype="fp32")  # for counting only
     configs: dict[str, dict] = {}
     pairs = []
     for method in methods:
         alloc = {"preset": method}
-        rank, moe_params, lora_params = matched_lora_rank(model, alloc)
+        rank, _, _ = matched_lora_rank(loaded, alloc)
         lora_name = f"LoRA r{rank} (peft)"
         configs[method] = alloc
         configs[lora_name] = {"method": "lora", "experts": 1, "top_k": 1, "rank": rank}
         pairs.append((method, lora_name))
+    del loaded
     common = {"model": model, "steps": steps, "warmup": warmup, "batch_size": batch_size,
               "max_length": max_length, "threads": threads, "device": device, "dtype": dtype}
     samples: dict[str, list[dict]] = {name: [] for name in configs}
