@@ -67,3 +67,32 @@ def one_line(exc) -> str:
     msg = str(exc.value)
     assert isinstance(exc.value, AllocsearchError) and msg and "\n" not in msg, msg
     return msg
+
+
+def ex(prompt, choices=(" yes", " no"), label=0, task="t", uid=None, text_a="", text_b="", target=None):
+    """A hand-made :class:`allocsearch.data.Example` (target defaults to the labelled choice)."""
+    from allocsearch.data import Example
+
+    return Example(task=task, uid=uid or f"{task}/{prompt}", prompt=prompt, choices=tuple(choices), label=label,
+                   target=target if target is not None else (choices[label] if label is not None else ""),
+                   text_a=text_a or prompt, text_b=text_b)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny-llama from the model registry (random init, byte-level tokenizer: one byte -> one token)."""
+    from allocsearch.models import load_model
+
+    return load_model("tiny-llama", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tiny):
+    return tiny.tokenizer
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    from hand_tokenizers import word_tokenizer
+
+    return word_tokenizer()

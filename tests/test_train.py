@@ -1,27 +1,16 @@
 """TrainConfig, the learning-rate schedule and the training loop (LoRACoE phases, target-only logits)."""
 from __future__ import annotations
 
-import json
-import math
-import sys
-import time
 
 import pytest
 import torch
-import yaml
 
-from allocsearch import AllocationConfig, preset
-from allocsearch.allocation import AllocationError
-from allocsearch.data import DataError, DataSpec, TaskSpec, load_splits
+from allocsearch import preset
+from allocsearch.data import DataSpec, TaskSpec, load_splits
 from allocsearch.encode import Encoder
-from allocsearch.errors import AllocsearchError
-from allocsearch.evaluate import evaluate
-from allocsearch.moe import load_adapter
 from allocsearch.moe.inject import inject
-from allocsearch.shapes import shape_experts
 from allocsearch.train import TrainConfig, TrainConfigError, lr_lambda, train
-from allocsearch.trial import TrialResult, TrialSpec, TrialSpecError, resolve_allocation, run_trial
-from conftest import SHARED_DATASETS, one_line
+from conftest import one_line
 
 CPU = torch.device("cpu")
 TINY_LAYERS = 4

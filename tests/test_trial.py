@@ -21,9 +21,8 @@ from allocsearch.encode import Encoder
 from allocsearch.errors import AllocsearchError
 from allocsearch.evaluate import evaluate
 from allocsearch.moe import load_adapter
-from allocsearch.moe.inject import inject
 from allocsearch.shapes import shape_experts
-from allocsearch.train import TrainConfig, TrainConfigError, lr_lambda, train
+from allocsearch.train import TrainConfig, TrainConfigError
 from allocsearch.trial import TrialResult, TrialSpec, TrialSpecError, resolve_allocation, run_trial
 from conftest import SHARED_DATASETS, one_line
 
