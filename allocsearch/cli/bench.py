@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import json
 
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
 from allocsearch.errors import AllocsearchError
 
-import click
+
+def _run_with_progress(first: str, verb: str, run):
+    """``run(progress)`` under a transient progress bar on stderr; ``progress(i, n, what)`` moves it."""
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(first, total=None)
+        return run(lambda i, n, what: bar.update(task, completed=i, total=n, description=f"{verb} {what}"))
 
 
 @click.group()
@@ -45,15 +55,8 @@ def layers(tokens, repeats, warmup, shapes, device, dtype, threads, as_json):
         raise AllocsearchError(f"--device {device} but CUDA is not available here: use --device cpu")
     if threads:
         torch.set_num_threads(threads)
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("timing", total=None)
-        rows = layer_bench.run(parsed, tokens=tokens, repeats=repeats, warmup=warmup, device=device,
-                               dtype=dtype, progress=lambda i, n, what: bar.update(
-                                   task, completed=i, total=n, description=f"timing {what}"))
+    rows = _run_with_progress("timing", "timing", lambda progress: layer_bench.run(
+        parsed, tokens=tokens, repeats=repeats, warmup=warmup, device=device, dtype=dtype, progress=progress))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -62,9 +65,6 @@ def layers(tokens, repeats, warmup, shapes, device, dtype, threads, as_json):
 
 
 def _print_table(rows, caption):
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="allocsearch bench layers: forward+backward of one wrapped Linear", caption=caption)
     for col in ("shape", "case", "median ms", "ratio", "vs", "note"):
         table.add_column(col, justify="right" if col in ("median ms", "ratio") else "left",
@@ -102,21 +102,12 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
     unknown = [m for m in names if m not in PRESETS]
     if unknown:
         raise AllocsearchError(f"--methods {unknown}: use presets from {', '.join(PRESETS)}")
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("matching LoRA ranks", total=None)
-        rows = trial_bench_mod.run(names, model=model, steps=steps, warmup=warmup, rounds=rounds,
-                                   batch_size=batch_size, max_length=max_length, threads=threads,
-                                   device=device, dtype=dtype, progress=lambda i, n, what: bar.update(
-                                       task, completed=i, total=n, description=f"training {what}"))
+    rows = _run_with_progress("matching LoRA ranks", "training", lambda progress: trial_bench_mod.run(
+        names, model=model, steps=steps, warmup=warmup, rounds=rounds, batch_size=batch_size,
+        max_length=max_length, threads=threads, device=device, dtype=dtype, progress=progress))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"allocsearch bench trial: {model}, batch {batch_size}, {device} {dtype}",
                   caption=f"median of {rounds} rounds x {steps} steps; memory: peak (growth over the loaded model)")
     for col in ("method", "params", "s/step", "vs", "params", "s/step", "time ratio", "peak ratio",
