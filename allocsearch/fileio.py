@@ -1,11 +1,38 @@
-"""Files on disk: YAML read only with ``yaml.safe_load`` (never a user object constructed), and
-writes that are atomic (temp file + rename), so a killed process never leaves half a file."""
+"""Files on disk: YAML read only with a safe loader (never a user object constructed), and
+writes that are atomic (temp file + rename), so a killed process never leaves half a file.
+
+PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string; users write learning rates that way, so the
+loader here also reads YAML 1.2 floats (``1e-3``, ``5E+2``) as numbers. Everything else is ``safe_load``.
+"""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+_FLOAT_12 = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+def _loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # replace the YAML 1.1 float resolver by one that also takes 1e-3; ints keep their own resolver
+    Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+    return Loader
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (``1e-3`` is a number)."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: str | os.PathLike, what: str, error: type[Exception]) -> Any:
@@ -16,7 +43,7 @@ def read_yaml(path: str | os.PathLike, what: str, error: type[Exception]) -> Any
     if not path.is_file():
         raise error(f"{what} {path} does not exist; fix: check the path")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -9,14 +9,14 @@ from allocsearch.errors import AllocsearchError
 
 
 def _parse_option(values: tuple[str, ...]) -> dict:
-    import yaml
+    from allocsearch.fileio import load_yaml_text
 
     out = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise AllocsearchError(f"--option {item!r} is not KEY=VALUE: write e.g. --option edge_density=0.2")
-        out[key.strip()] = yaml.safe_load(raw)  # numbers, lists ([0,1,2]) and strings
+        out[key.strip()] = load_yaml_text(raw)  # numbers (1e-3 too), lists ([0,1,2]) and strings
     return out
 
 
