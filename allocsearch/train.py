@@ -89,6 +89,7 @@ class TrainLog:
     steps: int = 0
     tokens: int = 0  # non-padding tokens seen in training
     stopped_early: bool = False
+    stop_reason: str | None = None  # a stop callback's string answer (e.g. "budget"), else "requested"
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
 
@@ -108,9 +109,12 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, device: torch.device,
           autocast_dtype: torch.dtype | None = None, phases: tuple[str, ...] = (),
-          on_checkpoint: Callable[[int, dict], bool] | None = None,
-          on_step: Callable[[int, float], None] | None = None) -> TrainLog:
-    """Train ``adapter`` for ``cfg.steps`` optimizer steps; returns the log. Raises :class:`TrialFailed`."""
+          on_checkpoint: Callable[[int, dict], bool | str | None] | None = None,
+          on_step: Callable[[int, float], bool | str | None] | None = None) -> TrainLog:
+    """Train ``adapter`` for ``cfg.steps`` optimizer steps; returns the log. Raises :class:`TrialFailed`.
+
+    ``on_checkpoint(step, metrics)`` and ``on_step(step, loss)`` returning a true value stop training early
+    (a string is kept as the stop reason)."""
     from allocsearch.evaluate import autocast_context, evaluate, supports_logits_to_keep
 
     model = adapter.model
@@ -166,16 +170,19 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
         sched.step()
         log.steps = step + 1
         log.losses.append((step + 1, step_loss))
-        if on_step:
-            on_step(step + 1, step_loss)
+        stop = on_step(step + 1, step_loss) if on_step else None
+        if stop:  # the caller's stop (e.g. the trial's budget cap)
+            log.stopped_early, log.stop_reason = True, stop if isinstance(stop, str) else "requested"
+            break
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and val_subset:
             t0 = time.perf_counter()
             metrics = evaluate(model, encoder, val_subset, batch_size=cfg.eval_batch_size, device=device,
                                autocast_dtype=autocast_dtype, max_new_tokens=cfg.max_new_tokens)
             log.eval_seconds += time.perf_counter() - t0
             log.checkpoints.append({"step": step + 1, "metrics": metrics})
-            if on_checkpoint and on_checkpoint(step + 1, metrics):
-                log.stopped_early = True
+            stop = on_checkpoint(step + 1, metrics) if on_checkpoint else None
+            if stop:
+                log.stopped_early, log.stop_reason = True, stop if isinstance(stop, str) else "requested"
                 break
     log.train_seconds = time.perf_counter() - start - log.eval_seconds
     return log

@@ -117,8 +117,9 @@ def resolve_allocation(spec: dict | AllocationConfig, num_layers: int,
 @dataclass
 class TrialResult:
     name: str
-    status: str  # completed | stopped (early, by the scheduler) | failed
+    status: str  # completed | stopped (early: by the scheduler, the budget or the user) | failed
     failure: str | None = None
+    stop_reason: str | None = None  # why a stopped trial stopped (set by the caller that stopped it)
     validation: dict | None = None  # final metrics on the full validation split
     test: dict | None = None
     zero_shot: dict | None = None  # {"validation": ..., "test": ...} of the untrained model
@@ -148,8 +149,13 @@ class TrialResult:
 
     @property
     def objective(self) -> float | None:
-        """What the search maximises: macro balanced accuracy on validation."""
-        return self.validation["macro_balanced_accuracy"] if self.validation else None
+        """What the search maximises: macro balanced accuracy on validation (for a trial stopped before its
+        final evaluation, at its last checkpoint, which may use fewer validation examples)."""
+        if self.validation:
+            return self.validation["macro_balanced_accuracy"]
+        if self.checkpoints:
+            return self.checkpoints[-1]["metrics"]["macro_balanced_accuracy"]
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,11 +167,16 @@ class TrialResult:
 
 
 def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os.PathLike | None = None,
-              on_checkpoint: Callable[[int, dict], bool] | None = None,
-              on_step: Callable[[int, float], None] | None = None,
-              on_stage: Callable[[str], None] | None = None) -> TrialResult:
+              on_checkpoint: Callable[[int, dict], bool | str | None] | None = None,
+              on_step: Callable[[int, float], bool | str | None] | None = None,
+              on_stage: Callable[[str], None] | None = None,
+              final_eval_on_stop: bool = True) -> TrialResult:
     """Run one trial end to end. Data problems raise before any training; a NaN loss or running out of
-    memory ends in a ``failed`` result with the reason (written like any other result)."""
+    memory ends in a ``failed`` result with the reason (written like any other result).
+
+    ``on_checkpoint`` / ``on_step`` returning True stop training early (status ``stopped``); with
+    ``final_eval_on_stop=False`` a stopped trial then skips its final evaluations (a scheduler that stopped
+    it has no use for them) and its objective is its last checkpoint's."""
     import torch
 
     from allocsearch import memory, models
@@ -209,7 +220,10 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
                     autocast_dtype=autocast, phases=get_method(allocation.method).phases,
                     on_checkpoint=on_checkpoint, on_step=on_step)
         result.status = "stopped" if log.stopped_early else "completed"
+        result.stop_reason = log.stop_reason
         _record_log(result, log)
+        if log.stopped_early and not final_eval_on_stop:
+            return _finish(result, adapter, device, start, out_dir)
         stage("evaluation")
         t0 = time.perf_counter()
         adapter.track_load(True)
@@ -224,6 +238,13 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
         result.status, result.failure = "failed", str(exc).splitlines()[0]
         if getattr(exc, "log", None) is not None:  # what ran before the failure
             _record_log(result, exc.log)
+    return _finish(result, adapter, device, start, out_dir)
+
+
+def _finish(result: TrialResult, adapter, device, start: float, out_dir) -> TrialResult:
+    """Costs, then the adapter and results.json (atomic) under ``out_dir``."""
+    from allocsearch import memory
+
     result.peak_memory_mb, result.memory_kind = memory.peak_mb(device)
     result.wall_seconds = time.perf_counter() - start
     result.devices = 1
