@@ -170,13 +170,15 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
               on_checkpoint: Callable[[int, dict], bool | str | None] | None = None,
               on_step: Callable[[int, float], bool | str | None] | None = None,
               on_stage: Callable[[str], None] | None = None,
+              on_built: Callable[[TrialResult], None] | None = None,
               final_eval_on_stop: bool = True) -> TrialResult:
     """Run one trial end to end. Data problems raise before any training; a NaN loss or running out of
     memory ends in a ``failed`` result with the reason (written like any other result).
 
     ``on_checkpoint`` / ``on_step`` returning True stop training early (status ``stopped``); with
     ``final_eval_on_stop=False`` a stopped trial then skips its final evaluations (a scheduler that stopped
-    it has no use for them) and its objective is its last checkpoint's."""
+    it has no use for them) and its objective is its last checkpoint's. ``on_built`` sees the result as soon
+    as the adapter is built (trainable and total parameters known)."""
     import torch
 
     from allocsearch import memory, models
@@ -204,6 +206,8 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
     result = TrialResult(name=spec.name, status="completed", allocation=allocation.to_dict(), spec=spec.to_dict(),
                          trainable_params=adapter.num_trainable(), total_params=adapter.num_total(),
                          device=str(device), dtype=_dtype_name(dtype), threads=torch.get_num_threads())
+    if on_built:
+        on_built(result)
 
     def run_eval(examples):
         return evaluate(adapter.model, encoder, examples, batch_size=cfg.eval_batch_size, device=device,
