@@ -1,0 +1,1 @@
+"""The search: budget, ledger, cost model, study, executor and controller."""

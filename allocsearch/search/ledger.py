@@ -1,0 +1,176 @@
+"""The spend record of a study: an append-only JSON-lines file that survives a kill -9 of the controller.
+
+Each record is one line, written with a single ``write`` then ``fsync``, so a kill loses at most the record
+being written. A torn last line (no newline, or not JSON) is skipped on read, and the next append first
+ends it with a newline so later records stay readable.
+
+Records (``kind`` field):
+
+* ``trial``: trial ``number`` has run ``seconds`` wall seconds so far in controller session ``session``
+  (cumulative within that session), counting ``devices`` devices; ``final`` marks its last record.
+* ``session``: controller session ``session`` has been active ``seconds`` wall seconds so far (cumulative).
+
+A trial's spend is, summed over the sessions it ran in, the largest ``seconds x devices`` recorded for it in
+that session (a trial re-run after a controller restart starts its clock again). Wall-clock spend is the sum
+over sessions of each session's largest ``seconds``: downtime between sessions is never counted.
+
+Reads are incremental: only the bytes appended since the last read are parsed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+UNITS = ("gpu", "cpu", "wall")
+
+
+class Ledger:
+    """Append-only spend record at ``path`` (created on the first append). Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._offset = 0  # bytes parsed so far (always just after a newline)
+        self._records: list[dict] = []
+        self._trial_max: dict[tuple[int, int], float] = {}  # (number, session) -> max seconds x devices
+        self._session_max: dict[int, float] = {}
+        self._final: set[int] = set()
+        self._max_session = -1
+        self.skipped = 0  # lines that were not a valid record (torn writes)
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def record_trial(self, number: int, seconds: float, devices: float, *, final: bool = False,
+                     session: int = 0) -> None:
+        """Trial ``number`` has run ``seconds`` wall seconds so far in ``session``, on ``devices`` devices."""
+        self._append({"kind": "trial", "number": _index(number, "number"), "session": _index(session, "session"),
+                      "seconds": _amount(seconds, "seconds"), "devices": _amount(devices, "devices"),
+                      "final": bool(final), "time": time.time()})
+
+    def record_session(self, session: int, seconds: float) -> None:
+        """Controller session ``session`` has been active ``seconds`` wall seconds so far."""
+        self._append({"kind": "session", "session": _index(session, "session"),
+                      "seconds": _amount(seconds, "seconds"), "time": time.time()})
+
+    def _append(self, record: dict) -> None:
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # end a torn line left by a killed writer
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(self.path.parent)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        with self._lock:
+            try:
+                with open(self.path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size < self._offset:  # the file was replaced or truncated: start over
+                        self._reset()
+                    fh.seek(self._offset)
+                    chunk = fh.read()
+            except FileNotFoundError:
+                self._reset()
+                return
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                return  # nothing complete yet (or only a torn line)
+            self._offset += end + 1
+            for line in chunk[:end].split(b"\n"):
+                self._ingest(line)
+
+    def _ingest(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            rec = json.loads(line)
+            kind, session, seconds = rec["kind"], int(rec["session"]), _amount(rec["seconds"], "seconds")
+            if kind == "trial":
+                number, spend = int(rec["number"]), seconds * _amount(rec["devices"], "devices")
+                key = (number, session)
+                self._trial_max[key] = max(self._trial_max.get(key, 0.0), spend)
+                if rec.get("final"):
+                    self._final.add(number)
+            elif kind == "session":
+                self._session_max[session] = max(self._session_max.get(session, 0.0), seconds)
+            else:
+                raise ValueError(kind)
+        except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
+            self.skipped += 1
+            return
+        self._max_session = max(self._max_session, session)
+        self._records.append(rec)
+
+    def records(self) -> list[dict]:
+        """Every valid record, in file order."""
+        self._refresh()
+        return list(self._records)
+
+    def trial_spend(self) -> dict[int, float]:
+        """Device-seconds per trial number (all sessions)."""
+        self._refresh()
+        out: dict[int, float] = {}
+        for (number, _), spend in self._trial_max.items():
+            out[number] = out.get(number, 0.0) + spend
+        return out
+
+    def spent(self, unit: str) -> float:
+        """Device-seconds of all trials (``gpu``/``cpu``) or active wall seconds of all sessions (``wall``)."""
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, not {unit!r}")
+        self._refresh()
+        if unit == "wall":
+            return sum(self._session_max.values())
+        return sum(self._trial_max.values())
+
+    def finished_trials(self) -> set[int]:
+        """Trial numbers with a ``final`` record."""
+        self._refresh()
+        return set(self._final)
+
+    def next_session(self) -> int:
+        """One more than the largest session number recorded (0 for an empty ledger)."""
+        self._refresh()
+        return self._max_session + 1
+
+
+def _index(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+    return value
+
+
+def _amount(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
