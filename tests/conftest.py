@@ -21,6 +21,17 @@ sys.path.insert(0, str(REPO))  # test this checkout, whatever an editable instal
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_sessionstart(session):
+    """In CI a missing data folder fails the run: otherwise the tests that need it skip and the run is green."""
+    if _in_ci() and not SHARED_DATASETS.is_dir():
+        pytest.exit(f"CI is set but the shared datasets folder {SHARED_DATASETS} does not exist: the end-to-end "
+                    f"tests would be skipped; check it out beside this repository (../shared/datasets)", returncode=1)
+
+
 def tiny_llama(layers: int = 3, seed: int = 0, hidden: int = 32):
     """A random-init tiny Llama (CPU, fp32, eval mode) for layer tests."""
     import torch
