@@ -13,6 +13,7 @@ from allocsearch.errors import AllocsearchError
 _COMMANDS = {
     "alloc": "allocsearch.cli.alloc:alloc",
     "bench": "allocsearch.cli.bench:bench",
+    "space": "allocsearch.cli.space:space",
     "train": "allocsearch.cli.train:train",
 }
 

@@ -1,0 +1,306 @@
+"""Building blocks of a search space: one dimension and the per-layer forms of experts and rank.
+
+A dimension is written ``{choice: [a, b]}``, ``{int: [low, high]}`` (``step``, ``log``) or
+``{float: [low, high]}`` (``step`` or ``log``); any other value is fixed. Per-layer counts are one value
+for every layer, a MoLA shape family (``{shape, per_layer}``) or G contiguous groups (``{groups, each}``).
+Torch-free; optuna is reached only through the trial object handed in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from allocsearch.shapes import SHAPES, group_sizes, shape_experts
+
+DIM_KINDS = ("choice", "int", "float")
+_PRIMITIVES = (str, int, float, bool, type(None))
+
+
+class Bad(Exception):
+    """A problem at a dotted key of the space; the loader turns it into a one-line SpaceError."""
+
+    def __init__(self, key: str, problem: str, fix: str | None = None):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def fmt(v) -> str:
+    """Short number form: 0.0012 -> 1.2e-3, 5.0 -> 5, strings as is."""
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
+            mant, exp = f"{v:.2e}".split("e")
+            return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Dim:
+    kind: str  # choice | int | float
+    values: tuple = ()  # choice
+    low: Any = None
+    high: Any = None
+    step: Any = None
+    log: bool = False
+
+    @classmethod
+    def parse(cls, key: str, node: dict) -> "Dim":
+        kinds = [k for k in DIM_KINDS if k in node]
+        if len(kinds) != 1:
+            raise Bad(key, f"a dimension has exactly one of {', '.join(DIM_KINDS)}, got {sorted(node)}",
+                      "write {choice: [a, b]}, {int: [low, high]} or {float: [low, high]}")
+        kind = kinds[0]
+        extra = sorted(set(node) - {kind, "step", "log"} if kind != "choice" else set(node) - {kind})
+        if extra:
+            raise Bad(key, f"unknown key {extra[0]!r} in a {kind} dimension",
+                      "use only step and log" if kind != "choice" else "write {choice: [a, b, ...]}")
+        spec = node[kind]
+        if kind == "choice":
+            if not isinstance(spec, list) or not spec:
+                raise Bad(key, "choice is empty or not a list", "list at least one value: {choice: [a, b]}")
+            bad = [v for v in spec if not isinstance(v, _PRIMITIVES)]
+            if bad:
+                raise Bad(key, f"choice value {bad[0]!r} is not a number, string, bool or null",
+                          "list plain values only")
+            if len({repr(v) for v in spec}) != len(spec):
+                raise Bad(key, f"choice {spec} lists a value twice", "list each value once")
+            return cls("choice", tuple(spec))
+        if not isinstance(spec, list) or len(spec) != 2:
+            raise Bad(key, f"{kind} range {spec!r} is empty or not [low, high]", f"write {{{kind}: [low, high]}}")
+        low, high = spec
+        ok = is_int if kind == "int" else is_number
+        if not (ok(low) and ok(high)):
+            raise Bad(key, f"{kind} range {spec} holds a non-{'integer' if kind == 'int' else 'number'}",
+                      f"write numbers: {{{kind}: [low, high]}}" + (" or use float" if kind == "int" else ""))
+        if low > high:
+            raise Bad(key, f"range [{fmt(low)}, {fmt(high)}] is inverted", f"write [{fmt(high)}, {fmt(low)}]")
+        log, step = node.get("log", False), node.get("step")
+        if not isinstance(log, bool):
+            raise Bad(key, f"log is {log!r}", "write log: true or leave it out")
+        if log and low <= 0:
+            raise Bad(key, f"a log range must start above 0, got [{fmt(low)}, {fmt(high)}]", "raise low above 0")
+        if step is not None:
+            if not ok(step) or step <= 0:
+                raise Bad(key, f"step {step!r} is not a positive {kind}", "give a positive step or leave it out")
+            if log and (kind == "float" or step != 1):
+                raise Bad(key, "step and log cannot be combined", "drop one of them")
+            span = (high - low) / step
+            if abs(span - round(span)) > 1e-9:
+                raise Bad(key, f"high - low = {fmt(high - low)} is not a multiple of step {fmt(step)}",
+                          "make high - low a multiple of step")
+        if kind == "int":
+            step = step or 1
+        else:
+            low, high = float(low), float(high)
+            step = None if step is None else float(step)
+        return cls(kind, (), low, high, step, log)
+
+    def to_node(self) -> dict:
+        if self.kind == "choice":
+            return {"choice": list(self.values)}
+        node: dict = {self.kind: [self.low, self.high]}
+        if self.step is not None and not (self.kind == "int" and self.step == 1):
+            node["step"] = self.step
+        if self.log:
+            node["log"] = True
+        return node
+
+    def points(self, high=None) -> list | None:
+        """Every value, or None when continuous; ``high`` caps an int range (top-k)."""
+        if self.kind == "choice":
+            return list(self.values)
+        if self.step is None:
+            return None
+        top = self.high if high is None else min(self.high, high)
+        n = int(math.floor((top - self.low) / self.step + 1e-9)) + 1
+        return [self.low + i * self.step if self.kind == "int" else round(self.low + i * self.step, 12)
+                for i in range(max(n, 0))]
+
+    def extremes(self) -> list:
+        return list(self.values) if self.kind == "choice" else [self.low, self.high]
+
+    def contains(self, v) -> bool:
+        if self.kind == "choice":
+            return any(type(v) is type(c) and v == c for c in self.values) or (
+                is_number(v) and any(is_number(c) and v == c for c in self.values))
+        if not is_number(v) or not self.low <= v <= self.high:
+            return False
+        if self.kind == "int" and not float(v).is_integer():
+            return False
+        if self.step:
+            k = (v - self.low) / self.step
+            return abs(k - round(k)) < 1e-9
+        return True
+
+    def suggest(self, trial, name: str, high=None):
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.values))
+        if self.kind == "int":
+            top = self.high if high is None else min(self.high, high)
+            top = self.low + (top - self.low) // self.step * self.step
+            return trial.suggest_int(name, self.low, top, step=self.step, log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def __str__(self) -> str:
+        if self.kind == "choice":
+            return "choice [" + ", ".join(fmt(v) for v in self.values) + "]"
+        out = f"{self.kind} [{fmt(self.low)}, {fmt(self.high)}]"
+        if self.step is not None and not (self.kind == "int" and self.step == 1):
+            out += f" step {fmt(self.step)}"
+        return out + (" log" if self.log else "")
+
+
+def parse_value(key: str, node):
+    """A dimension when ``node`` is ``{choice|int|float: ...}``, else the fixed value itself."""
+    if isinstance(node, dict) and any(k in node for k in DIM_KINDS):
+        return Dim.parse(key, node)
+    return node
+
+
+def to_node(value):
+    return value.to_node() if isinstance(value, Dim) else value
+
+
+def extremes(value) -> list:
+    return value.extremes() if isinstance(value, Dim) else [value]
+
+
+def first(value):
+    return value.extremes()[0] if isinstance(value, Dim) else value
+
+
+def check_count(key: str, value, minimum: int = 1, what: str = "") -> None:
+    """``value`` (fixed or a dimension) must give whole numbers >= minimum."""
+    if isinstance(value, Dim) and value.kind == "float":
+        raise Bad(key, f"{what or key} is a whole number, got a float range", "write {int: [low, high]}")
+    for v in extremes(value):
+        if not is_int(v) and not (isinstance(v, float) and v.is_integer()):
+            raise Bad(key, f"{what or key} must be a whole number, got {v!r}", f"give integers >= {minimum}")
+        if v < minimum:
+            raise Bad(key, f"{what or key} {v} is below {minimum}", f"give values >= {minimum}")
+
+
+def check_number(key: str, value, low: float, high: float | None = None, low_open=False, high_open=False) -> None:
+    for v in extremes(value):
+        if not is_number(v):
+            raise Bad(key, f"{key.rsplit('.', 1)[-1]} must be a number, got {v!r}", "give a number")
+        if v < low or (low_open and v == low) or (high is not None and (v > high or (high_open and v == high))):
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            rng = f"{lo}{fmt(low)}, {fmt(high)}{hi}" if high is not None else f"{'>' if low_open else '>='} {fmt(low)}"
+            raise Bad(key, f"value {fmt(v)} is outside {rng}", f"keep it in {rng}")
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """Integer counts for every layer: ``uniform`` (value), ``shape`` (shape + per_layer) or ``groups``."""
+
+    what: str  # experts | rank
+    form: str  # uniform | shape | groups
+    value: Any = None  # uniform: the count; shape: per_layer; groups: each
+    shape: Any = None
+    groups: int = 0
+
+    @classmethod
+    def parse(cls, key: str, node, what: str, allow_shape: bool) -> "PerLayer":
+        if isinstance(node, dict) and "shape" in node:
+            if not allow_shape:
+                raise Bad(key, "only experts take a MoLA shape", "give one value or {groups: G, each: ...}")
+            extra = sorted(set(node) - {"shape", "per_layer"})
+            if extra:
+                raise Bad(key, f"unknown key {extra[0]!r} in the shape form", "use shape and per_layer")
+            shape = parse_value(f"{key}.shape", node["shape"])
+            for s in extremes(shape):
+                if s not in SHAPES:
+                    raise Bad(f"{key}.shape", f"unknown shape {s!r}", f"use {', '.join(SHAPES)}")
+            per_layer = parse_value(f"{key}.per_layer", node.get("per_layer", 5))
+            check_number(f"{key}.per_layer", per_layer, 1.0)
+            return cls(what, "shape", per_layer, shape)
+        if isinstance(node, dict) and "groups" in node:
+            extra = sorted(set(node) - {"groups", "each"})
+            if extra or "each" not in node:
+                raise Bad(key, f"the groups form takes groups and each, got {sorted(node)}",
+                          f"write {{groups: 4, each: {{int: [1, 8]}}}}")
+            if not is_int(node["groups"]) or node["groups"] < 1:
+                raise Bad(f"{key}.groups", f"groups is {node['groups']!r}", "give a whole number >= 1")
+            each = parse_value(f"{key}.each", node["each"])
+            check_count(f"{key}.each", each, what=what)
+            return cls(what, "groups", each, None, node["groups"])
+        value = parse_value(key, node)
+        check_count(key, value, what=what)
+        return cls(what, "uniform", value)
+
+    def to_node(self):
+        if self.form == "shape":
+            return {"shape": to_node(self.shape), "per_layer": to_node(self.value)}
+        if self.form == "groups":
+            return {"groups": self.groups, "each": to_node(self.value)}
+        return to_node(self.value)
+
+    def min_depth(self) -> int:
+        return max(len(w) for w in SHAPES.values()) if self.form == "shape" else max(self.groups, 1)
+
+    def spots(self, prefix: str) -> dict[str, Any]:
+        """Parameter name -> fixed value or dimension, in sampling order."""
+        if self.form == "shape":
+            return {f"{prefix}shape": self.shape, f"{prefix}per_layer": self.value}
+        if self.form == "groups":
+            return {f"{prefix}{self.what}_g{g}": self.value for g in range(self.groups)}
+        return {f"{prefix}{self.what}": self.value}
+
+    def layers(self, params: dict, prefix: str, num_layers: int) -> list[int]:
+        """The count of every layer for these parameter values."""
+        def get(name, value):
+            return params[name] if isinstance(value, Dim) else value
+
+        if self.form == "shape":
+            avg = get(f"{prefix}per_layer", self.value)
+            total = max(num_layers, int(math.floor(avg * num_layers + 0.5)))
+            return shape_experts(get(f"{prefix}shape", self.shape), num_layers, total)
+        if self.form == "groups":
+            sizes = group_sizes(num_layers, self.groups)
+            values = [int(get(f"{prefix}{self.what}_g{g}", self.value)) for g in range(self.groups)]
+            return [v for v, n in zip(values, sizes) for _ in range(n)]
+        return [int(get(f"{prefix}{self.what}", self.value))] * num_layers
+
+    def least_max(self) -> float:
+        """A lower bound of the largest count any layer gets (what top-k's low must not exceed)."""
+        low = min(extremes(self.value))
+        return math.floor(low) if self.form == "shape" else low
+
+    def max_table(self, prefix: str, num_layers: int) -> list[tuple[int, int]] | None:
+        """(number of parameter combinations, largest layer count) pairs; None when continuous."""
+        if self.form == "groups":
+            values = self.value.points() if isinstance(self.value, Dim) else [self.value]
+            if isinstance(self.value, Dim):
+                g = self.groups
+                return [(sum(1 for u in values if u <= v) ** g - sum(1 for u in values if u < v) ** g, v)
+                        for v in sorted(set(values))]
+            return [(1, values[0])]
+        if self.form == "shape":
+            shapes = self.shape.points() if isinstance(self.shape, Dim) else [self.shape]
+            avgs = self.value.points() if isinstance(self.value, Dim) else [self.value]
+            if avgs is None:
+                return None
+            return [(1, max(self.layers({f"{prefix}shape": s, f"{prefix}per_layer": a}, prefix, num_layers)))
+                    for s in shapes for a in avgs]
+        values = self.value.points() if isinstance(self.value, Dim) else [self.value]
+        return [(1, v) for v in values]
+
+    def describe(self, params: dict, prefix: str) -> str:
+        def get(name, value):
+            return params.get(name, "?") if isinstance(value, Dim) else value
+
+        if self.form == "shape":
+            return f"{get(prefix + 'shape', self.shape)} {fmt(get(prefix + 'per_layer', self.value))}/layer"
+        if self.form == "groups":
+            return "/".join(fmt(get(f"{prefix}{self.what}_g{g}", self.value)) for g in range(self.groups))
+        return fmt(get(f"{prefix}{self.what}", self.value))

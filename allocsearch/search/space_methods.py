@@ -1,0 +1,331 @@
+"""One method's part of a search space: its dimensions, how a trial samples them, the allocation they
+give, and the papers' settings (priors) written as parameters of the space. Torch-free."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from allocsearch.allocation import AllocationConfig, AllocationError
+from allocsearch.methods import METHOD_NAMES, PRESETS, get_method
+from allocsearch.search.space_dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
+                                          is_int, parse_value, to_node)
+from allocsearch.shapes import SHAPES, group_sizes, shape_experts, thirds
+
+SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "options", "train")
+DENSE = ("loracoe",)  # every expert is active: top_k == experts by construction
+THIRDS = ("low", "middle", "high")
+
+# The papers' settings: (label, method, values). Experts as a MoLA shape + average, or a count per layer.
+PAPER_PRIORS: list[tuple[str, str, dict]] = [
+    ("MoLA 2468", "mola", {"shape": "inverted_triangle", "per_layer": 5, "top_k": 2, "rank": 8}),
+    ("MoLA 8642", "mola", {"shape": "triangle", "per_layer": 5, "top_k": 2, "rank": 8}),
+    ("MoLA 5555", "mola", {"shape": "rectangle", "per_layer": 5, "top_k": 2, "rank": 8}),
+    ("MoLA 8228", "mola", {"shape": "hourglass", "per_layer": 5, "top_k": 2, "rank": 8}),
+    ("GraphLoRA best", "graphlora", {"experts": 8, "top_k": 2, "rank": 2, "edge_density": 0.1}),
+    ("OMoE low", "omoe", {"experts": 2, "top_k": 2, "rank": 16, "placement": "low"}),
+    ("OMoE middle", "omoe", {"experts": 2, "top_k": 2, "rank": 16, "placement": "middle"}),
+    ("LoRACoE", "loracoe", {"experts": 2, "rank": 16}),
+    ("LoRA r8", "lora", {"rank": 8}),
+]
+
+
+@dataclass
+class MethodSection:
+    name: str
+    experts: PerLayer | None  # None: plain LoRA / DoRA (one expert)
+    top_k: Any  # int or int Dim; None when fixed by the method (dense, peft)
+    rank: PerLayer
+    alpha: Any
+    dropout: Any
+    options: dict = field(default_factory=dict)  # option -> value or Dim
+    placement_groups: int = 0  # OMoE: placement is one of this many contiguous groups
+    fixed: dict = field(default_factory=dict)  # targets, moe_targets
+    train: dict = field(default_factory=dict)  # train setting -> value or Dim
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}."
+
+    # ----------------------------------------------------------------------------------- parse
+    @classmethod
+    def parse(cls, name: str, node, check_train: Callable[[str, dict], None]) -> "MethodSection":
+        key = f"methods.{name}"
+        if name not in METHOD_NAMES:
+            raise Bad(key, f"unknown method {name!r}", f"use one of {', '.join(METHOD_NAMES)}")
+        node = {} if node is None else node
+        if not isinstance(node, dict):
+            raise Bad(key, f"expected a mapping of {', '.join(SECTION_KEYS)}, got {node!r:.40}", "write {rank: 8, ...}")
+        for k in node:
+            if k not in SECTION_KEYS:
+                raise Bad(f"{key}.{k}", "unknown key", f"use {', '.join(SECTION_KEYS)}")
+        spec = get_method(name)
+        preset = PRESETS[name][1](1) if name in PRESETS else {}
+        experts = top_k = None
+        if spec.peft:
+            for k in ("experts", "top_k", "options", "moe_targets"):
+                if k in node and node[k] not in (1, {}, None):
+                    raise Bad(f"{key}.{k}", f"{name} is plain {name.upper()} with one expert per layer",
+                              f"remove {k} (search experts with mola)")
+        else:
+            experts = PerLayer.parse(f"{key}.experts", node.get("experts", preset.get("experts", 2)), "experts",
+                                     allow_shape=name not in DENSE)
+            if name in DENSE:
+                if "top_k" in node:
+                    raise Bad(f"{key}.top_k", f"{name} averages all its experts (top_k == experts)",
+                              "remove top_k and search experts instead")
+            else:
+                top_k = parse_value(f"{key}.top_k", node.get("top_k", preset.get("top_k", 2)))
+                if isinstance(top_k, Dim) and top_k.kind != "int":
+                    raise Bad(f"{key}.top_k", "top_k is capped at each trial's experts, which a choice cannot follow",
+                              "write {int: [low, high]} or one number")
+                check_count(f"{key}.top_k", top_k, what="top_k")
+                least = experts.least_max()
+                if min(extremes(top_k)) > least:
+                    raise Bad(f"{key}.top_k", f"top-k range starts at {min(extremes(top_k))}, above the expert "
+                              f"range (as few as {fmt(least)} experts per layer)",
+                              f"lower top_k's low to <= {fmt(least)} or raise the experts' low")
+        rank = PerLayer.parse(f"{key}.rank", node.get("rank", preset.get("rank", 8)), "rank", allow_shape=False)
+        alpha = parse_value(f"{key}.alpha", node.get("alpha", preset.get("alpha", 16.0)))
+        check_number(f"{key}.alpha", alpha, 0.0, low_open=True)
+        dropout = parse_value(f"{key}.dropout", node.get("dropout", 0.05))
+        check_number(f"{key}.dropout", dropout, 0.0, 1.0, high_open=True)
+        fixed = {}
+        for k in ("targets", "moe_targets"):
+            if node.get(k) is not None:
+                if not isinstance(node[k], list) or not all(isinstance(t, str) for t in node[k]):
+                    raise Bad(f"{key}.{k}", f"{k} must be a list of module names, got {node[k]!r:.40}",
+                              "write e.g. [q, v] (it is not a searched dimension)")
+                fixed[k] = list(node[k])
+        section = cls(name, experts, top_k, rank, alpha, dropout, fixed=fixed)
+        section._parse_options(key, spec, node.get("options") or {})
+        train = node.get("train") or {}
+        if not isinstance(train, dict):
+            raise Bad(f"{key}.train", "expected a mapping of train settings", "write {phase_fraction: 0.5}")
+        section.train = {k: parse_value(f"{key}.train.{k}", v) for k, v in train.items()}
+        check_train(f"{key}.train", section.train)
+        section._check_names(key)
+        return section
+
+    def _parse_options(self, key: str, spec, options) -> None:
+        if not isinstance(options, dict):
+            raise Bad(f"{key}.options", "expected a mapping of the method's options", "write {option: value}")
+        known = [f.name for f in dataclasses.fields(spec.options_cls)]
+        for k, v in options.items():
+            where = f"{key}.options.{k}"
+            if k not in known:
+                raise Bad(where, "unknown option", f"use {', '.join(known) or 'none'}")
+            if k == "placement" and isinstance(v, dict) and "groups" in v:
+                if set(v) != {"groups"} or not is_int(v["groups"]) or v["groups"] < 1:
+                    raise Bad(where, f"placement groups form is {v!r}", "write {groups: G} with G >= 1")
+                self.placement_groups = v["groups"]
+                continue
+            value = parse_value(where, v)
+            for x in extremes(value):
+                try:
+                    spec.make_options({k: x})
+                except AllocationError as exc:
+                    raise Bad(where, str(exc), f"give {k} only valid values") from None
+            self.options[k] = value
+
+    def _check_names(self, key: str) -> None:
+        names = list(self.experts.spots(self.prefix)) if self.experts else []
+        names += list(self.rank.spots(self.prefix)) + [self.prefix + k for k in ("top_k", "alpha", "dropout")]
+        names += [self.prefix + k for k in self.options] + [self.prefix + k for k in self.train]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise Bad(f"{key}.train", f"parameter {dup[0]} is named twice (an option and a train setting)",
+                      "rename or drop one of them")
+        depth = self.min_depth()
+        corner = {n: first(v) for n, v in self.spots().items()}
+        try:
+            AllocationConfig.from_dict(self.allocation(corner, depth))
+        except AllocationError as exc:
+            raise Bad(key, str(exc), "fix the method's fixed settings") from None
+
+    def to_node(self) -> dict:
+        node: dict = {}
+        if self.experts is not None:
+            node["experts"] = self.experts.to_node()
+        if self.top_k is not None:
+            node["top_k"] = to_node(self.top_k)
+        node.update(rank=self.rank.to_node(), alpha=to_node(self.alpha), dropout=to_node(self.dropout), **self.fixed)
+        options = {k: to_node(v) for k, v in self.options.items()}
+        if self.placement_groups:
+            options["placement"] = {"groups": self.placement_groups}
+        node["options"] = options
+        node["train"] = {k: to_node(v) for k, v in self.train.items()}
+        return node
+
+    # ----------------------------------------------------------------------------------- dimensions
+    def min_depth(self) -> int:
+        parts = [self.rank] + ([self.experts] if self.experts else [])
+        return max([p.min_depth() for p in parts] + [self.placement_groups, 1])
+
+    def spots(self) -> dict[str, Any]:
+        """Parameter name -> fixed value or Dim, in sampling order (experts before top_k)."""
+        p = self.prefix
+        out = dict(self.experts.spots(p)) if self.experts else {}
+        if self.top_k is not None:
+            out[p + "top_k"] = self.top_k
+        out.update(self.rank.spots(p))
+        out.update({p + "alpha": self.alpha, p + "dropout": self.dropout})
+        out.update({p + k: v for k, v in self.options.items()})
+        if self.placement_groups:
+            out[p + "placement"] = Dim("int", (), 0, self.placement_groups - 1, 1)
+        out.update({p + k: v for k, v in self.train.items()})
+        return out
+
+    def dims(self) -> dict[str, Dim]:
+        return {n: v for n, v in self.spots().items() if isinstance(v, Dim)}
+
+    def experts_of(self, params: dict, num_layers: int) -> list[int]:
+        return self.experts.layers(params, self.prefix, num_layers) if self.experts else [1] * num_layers
+
+    def sample(self, trial, num_layers: int) -> dict:
+        params: dict = {}
+        for name, dim in self.dims().items():
+            cap = max(self.experts_of(params, num_layers)) if name == self.prefix + "top_k" else None
+            params[name] = dim.suggest(trial, name, high=cap)
+        return params
+
+    def count(self, num_layers: int) -> int | None:
+        """Distinct parameter dicts of this method (top-k's range depends on the experts)."""
+        table = self.experts.max_table(self.prefix, num_layers) if self.experts else [(1, 1)]
+        if table is None:
+            return None
+        total = sum(n * (len(self.top_k.points(high=m)) if isinstance(self.top_k, Dim) else 1) for n, m in table)
+        skip = set(self.experts.spots(self.prefix)) if self.experts else set()
+        for name, dim in self.dims().items():
+            if name in skip or name == self.prefix + "top_k":
+                continue
+            points = dim.points()
+            if points is None:
+                return None
+            total *= len(points)
+        return total
+
+    # ----------------------------------------------------------------------------------- trials
+    def allocation(self, params: dict, num_layers: int) -> dict:
+        """The complete allocation (per-layer lists) for these parameter values."""
+        p = self.prefix
+        spots = self.spots()
+
+        def get(name):
+            return params[name] if isinstance(spots[name], Dim) else spots[name]
+
+        experts = self.experts_of(params, num_layers)
+        if self.experts is None:
+            top_k = [1] * num_layers
+        elif self.top_k is None:
+            top_k = list(experts)
+        else:
+            top_k = [min(int(get(p + "top_k")), n) for n in experts]
+        options = {k: get(p + k) for k in self.options}
+        if self.placement_groups:
+            sizes = group_sizes(num_layers, self.placement_groups)
+            g = int(get(p + "placement"))
+            options["placement"] = list(range(sum(sizes[:g]), sum(sizes[:g + 1])))
+        return {"method": self.name, "num_layers": num_layers, "experts": experts, "top_k": top_k,
+                "rank": self.rank.layers(params, p, num_layers), "alpha": float(get(p + "alpha")),
+                "dropout": float(get(p + "dropout")), "options": options, **self.fixed}
+
+    def train_values(self, params: dict) -> dict:
+        return {k: params[self.prefix + k] if isinstance(v, Dim) else v for k, v in self.train.items()}
+
+    def describe(self, params: dict) -> str:
+        p, spots = self.prefix, self.spots()
+        parts = [self.name]
+        if self.experts is not None:
+            shown = self.experts.describe(params, p)
+            parts.append(f"E{shown}" if self.name in DENSE else shown if self.experts.form == "shape"
+                         else f"{shown} experts")
+        if self.top_k is not None:
+            k = params.get(p + "top_k", "?") if isinstance(self.top_k, Dim) else self.top_k
+            parts.append(f"top-{k}")
+        parts.append("r" + self.rank.describe(params, p))
+        shown_spots = set(self.experts.spots(p) if self.experts else {}) | set(self.rank.spots(p)) | {p + "top_k"}
+        for name, value in spots.items():
+            if name not in shown_spots and isinstance(value, Dim) and name in params:
+                parts.append(f"{name[len(p):]} {fmt(params[name])}")
+        return " ".join(parts)
+
+    # ----------------------------------------------------------------------------------- priors
+    def prior(self, values: dict) -> tuple[dict | None, list[str]]:
+        """A paper setting as parameters of this section; values outside the space are left out (noted).
+        None when the setting cannot be expressed at all (e.g. a MoLA shape in a uniform-experts space)."""
+        p, wants, notes = self.prefix, {}, []
+        if self.experts is not None and ("experts" in values or "shape" in values):
+            shape = values.get("shape", "rectangle")
+            avg = values.get("per_layer", values.get("experts"))
+            form = self.experts.form
+            if form == "shape":
+                wants.update({p + "shape": shape, p + "per_layer": avg})
+            elif form == "uniform" and shape == "rectangle":
+                wants[p + "experts"] = avg
+            elif form == "groups" and (shape == "rectangle" or self.experts.groups >= len(SHAPES[shape])):
+                counts = shape_experts(shape, self.experts.groups, avg * self.experts.groups)
+                wants.update({f"{p}experts_g{g}": c for g, c in enumerate(counts)})
+            else:
+                return None, [f"its {shape} shape cannot be written in this space's experts ({form})"]
+        for k in ("top_k", "rank"):
+            if k in values and (k != "top_k" or self.top_k is not None):
+                wants.update({n: values[k] for n in (self.rank.spots(p) if k == "rank" else [p + k])})
+        for k, v in values.items():
+            if k == "placement" and self.placement_groups:
+                if self.placement_groups == 3:
+                    wants[p + k] = THIRDS.index(v)
+                else:
+                    notes.append(f"{p}placement={v} left out (the space places by {self.placement_groups} groups)")
+            elif k not in ("shape", "per_layer", "experts", "top_k", "rank"):
+                wants[p + k] = v
+        spots, params = self.spots(), {}
+        for name, v in wants.items():
+            spot = spots.get(name, _ABSENT)
+            if isinstance(spot, Dim):
+                if spot.contains(v):
+                    params[name] = _as_domain(spot, v)
+                else:
+                    notes.append(f"{name}={fmt(v)} left out (outside {spot}): Optuna samples it")
+            elif spot is _ABSENT:
+                default = self._option_default(name[len(p):])
+                if default != v:
+                    notes.append(f"{name}={fmt(v)} left out (the method's default {fmt(default)} is used)")
+            elif spot != v:
+                notes.append(f"{name} is fixed at {fmt(spot)} in this space (paper {fmt(v)})")
+        return params, notes
+
+
+    def _option_default(self, option: str):
+        fields = {f.name: f.default for f in dataclasses.fields(get_method(self.name).options_cls)}
+        return fields.get(option)
+
+
+_ABSENT = object()
+
+
+def _as_domain(dim: Dim, v):
+    if dim.kind == "choice":
+        return next(c for c in dim.values if c == v)
+    return int(v) if dim.kind == "int" else float(v)
+
+
+def paper_priors(sections: dict[str, MethodSection], multi: bool) -> list[tuple[str, dict, list[str]]]:
+    """(label, params, notes) for every paper setting whose method is in the space, without duplicates."""
+    out, seen = [], set()
+    for label, method, values in PAPER_PRIORS:
+        if method not in sections:
+            continue
+        params, notes = sections[method].prior(values)
+        if not params:  # None (not expressible) or nothing of it is searched here
+            out.append((label, None, notes or ["every value of it is fixed in this space"]))
+            continue
+        if multi:
+            params = {"method": method, **params}
+        key = repr(sorted(params.items()))
+        if key in seen:
+            out.append((label, None, ["same parameters as an earlier prior"]))
+            continue
+        seen.add(key)
+        out.append((label, params, notes))
+    return out
