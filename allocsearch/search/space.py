@@ -37,13 +37,17 @@ class SpaceError(AllocsearchError, ValueError):
 
 def spaces_dir() -> Path:
     """Shipped spaces: ``$ALLOCSEARCH_SPACES``, else ``search_spaces/`` beside the package (checkout,
-    editable install), else ``<sys.prefix>/share/allocsearch/search_spaces`` (wheel)."""
+    editable install), else ``<sys.prefix>/share/allocsearch/search_spaces`` (wheel; or the user base's
+    share/ after ``pip install --user``)."""
     if os.environ.get("ALLOCSEARCH_SPACES"):
         return Path(os.environ["ALLOCSEARCH_SPACES"]).expanduser()
     beside = Path(__file__).resolve().parents[2] / "search_spaces"
     if beside.is_dir():
         return beside
-    return Path(sys.prefix) / "share" / "allocsearch" / "search_spaces"
+    import site
+
+    installed = [Path(p) / "share" / "allocsearch" / "search_spaces" for p in (sys.prefix, site.USER_BASE) if p]
+    return next((p for p in installed if p.is_dir()), installed[0])
 
 
 def shipped_spaces() -> list[str]:
