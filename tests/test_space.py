@@ -274,3 +274,24 @@ def test_space_module_imports_no_torch():
             "assert 'torch' not in sys.modules and 'optuna' not in sys.modules\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_a_method_train_setting_replaces_the_shared_dimension(tmp_path):
+    path = write(tmp_path, "t.yaml", SMALL + "methods:\n  lora: {rank: 8}\n"
+                 "  loracoe: {experts: 2, train: {lr: 2.0e-4, phase_fraction: {choice: [0.25, 0.5]}}}\n")
+    space = load_space(path)
+    rows = {r["name"]: r["condition"] for r in space.dimensions(4)}
+    assert rows == {"method": "", "lr": "method in [lora]", "loracoe.phase_fraction": "method = loracoe"}
+    s = study()
+    for _ in range(20):
+        trial = s.ask()
+        params = space.sample(trial, 4)
+        train = space.trial_spec(params, 4)["train"]
+        if params["method"] == "loracoe":
+            assert "lr" not in params and train["lr"] == 2e-4 and train["phase_fraction"] == params[
+                "loracoe.phase_fraction"]
+        else:
+            assert train["lr"] == params["lr"]
+        s.tell(trial, 0.0)
+    assert space.grid_size(4) == 2 + 2
+    assert space.summarize({"method": "loracoe", "loracoe.phase_fraction": 0.25}) == "loracoe E2 r16 phase_fraction 0.25"

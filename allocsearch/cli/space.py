@@ -49,8 +49,8 @@ def check(file, model):
     click.echo(f"dimensions ({len(rows)}):")
     width = [max([len(r[k]) for r in rows] + [len(k)]) for k in ("name", "domain")]
     for r in rows:
-        line = f"  {r['name']:<{width[0]}}  {r['domain']:<{width[1]}}  {('if ' + r['condition']) if r['condition'] else ''}"
-        click.echo(line.rstrip())
+        condition = f"if {r['condition']}" if r["condition"] else ""
+        click.echo(f"  {r['name']:<{width[0]}}  {r['domain']:<{width[1]}}  {condition}".rstrip())
     size = sp.grid_size(depth)
     if size is None:
         click.echo(f"grid: not finite (continuous: {', '.join(sp.continuous())})")

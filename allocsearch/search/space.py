@@ -121,7 +121,8 @@ def _read(path: Path, chain: tuple[Path, ...], origin: dict) -> dict:
         raise SpaceError(f"{chain[-1]}: extends: cycle {loop}; fix: remove one of these extends")
     data = read_yaml(path, "search space", SpaceError)
     if not isinstance(data, dict):
-        raise SpaceError(f"{path}: a search space is a mapping of {', '.join(TOP_KEYS)}; fix: see search_spaces/README.md")
+        raise SpaceError(f"{path}: a search space is a mapping of {', '.join(TOP_KEYS)}; "
+                         "fix: see search_spaces/README.md")
     parents = data.pop("extends", None) or []
     parents = [parents] if isinstance(parents, str) else parents
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
@@ -302,13 +303,15 @@ class SearchSpace:
         dims = {**{k: self.train_dims[k] for k in self._shared(method)}, **section.dims()}
         missing = [n for n in dims if n not in params]
         extra = [n for n in params if n not in dims and n != "method"]
-        if missing or extra:
-            raise SpaceError(f"{self.source}: params: {'missing ' + ', '.join(missing) if missing else ''}"
-                             f"{'; ' if missing and extra else ''}{'not in the space ' + ', '.join(extra) if extra else ''}"
-                             f"; fix: pass the parameters sample() gives for method {method}")
+        problems = (["missing " + ", ".join(missing)] if missing else []) + \
+            (["not in the space " + ", ".join(extra)] if extra else [])
+        if problems:
+            raise SpaceError(f"{self.source}: params: {'; '.join(problems)}; "
+                             f"fix: pass the parameters sample() gives for method {method}")
         for n, dim in dims.items():
             if not dim.contains(params[n]):
-                raise SpaceError(f"{self.source}: params: {n}={fmt(params[n])} is outside {dim}; fix: stay in the domain")
+                raise SpaceError(f"{self.source}: params: {n}={fmt(params[n])} is outside {dim}; "
+                                 "fix: stay in the domain")
         allocation = section.allocation(params, num_layers)
         AllocationConfig.from_dict(allocation)  # raises AllocationError on anything the space let through
         train = {**self.train, **{k: params[k] for k in self._shared(method)}, **section.train_values(params)}
@@ -318,23 +321,24 @@ class SearchSpace:
         """One row per dimension: name, domain and the condition under which it exists."""
         self._check_depth(num_layers)
         multi = len(self.methods) > 1
-        rows = [{"name": "method", "domain": "choice [" + ", ".join(self.methods) + "]", "condition": ""}] if multi else []
+        rows = [{"name": "method", "domain": f"choice [{', '.join(self.methods)}]", "condition": ""}] if multi else []
         for k, dim in self.train_dims.items():
             users = [m for m in self.methods if k in self._shared(m)]
             cond = "" if len(users) == len(self.methods) else f"method in [{', '.join(users)}]"
             rows.append({"name": k, "domain": str(dim), "condition": cond})
         for m, s in self.sections.items():
+            layers = {}
+            for part in (s.experts, s.rank):
+                if part is not None and part.form == "groups":
+                    sizes = group_sizes(num_layers, part.groups)
+                    for g, name in enumerate(part.spots(s.prefix)):
+                        layers[name] = f" (layers {sum(sizes[:g])}-{sum(sizes[:g + 1]) - 1})"
             for name, dim in s.dims().items():
-                domain = str(dim)
+                domain = str(dim) + layers.get(name, "")
                 if name == f"{m}.top_k":
                     domain += ", capped at the trial's largest experts per layer"
                 elif name == f"{m}.placement" and s.placement_groups:
                     domain += f": one of {s.placement_groups} contiguous layer groups"
-                elif "_g" in name.rsplit(".", 1)[-1]:
-                    g, parts = int(name.rsplit("_g", 1)[1]), s.experts.groups if "experts_g" in name else s.rank.groups
-                    sizes = group_sizes(num_layers, parts)
-                    start = sum(sizes[:g])
-                    domain += f" (layers {start}-{start + sizes[g] - 1})"
                 rows.append({"name": name, "domain": domain, "condition": f"method = {m}" if multi else ""})
         return rows
 

@@ -10,7 +10,7 @@ from allocsearch.allocation import AllocationConfig, AllocationError
 from allocsearch.methods import METHOD_NAMES, PRESETS, get_method
 from allocsearch.search.space_dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
                                           is_int, parse_value, to_node)
-from allocsearch.shapes import SHAPES, group_sizes, shape_experts, thirds
+from allocsearch.shapes import SHAPES, group_sizes, shape_experts
 
 SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "options", "train")
 DENSE = ("loracoe",)  # every expert is active: top_k == experts by construction
