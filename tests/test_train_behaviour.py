@@ -244,8 +244,9 @@ def test_reported_step_loss_is_the_mean_target_cross_entropy_of_the_batch(splits
 
 
 def test_tokens_are_the_non_padding_tokens_of_every_training_batch(splits):
-    adapter, enc = build()
+    adapter, enc = build(max_length=256)
     lengths = [len(enc.train_features(e).input_ids) for e in splits["train"]]
+    assert len(set(lengths)) > 4, "the batches must need padding"
     log = train(adapter, enc, splits["train"], [], cfg(steps=8, batch_size=2), device=CPU)  # two full epochs
     assert log.tokens == 2 * sum(lengths)
     assert log.steps == 8 and [s for s, _ in log.losses] == list(range(1, 9))

@@ -199,10 +199,12 @@ def test_redundancy_is_the_mean_over_targets_of_the_mean_pairwise_distance(spec,
 
 
 def test_costs_add_up(monkeypatch, tmp_path):
-    """Each evaluation sleeps 0.2 s and each step 0.02 s, so time spent in each phase is known here:
+    """Each evaluation sleeps 0.3 s and each step 0.02 s, so time spent in each phase is known here:
     eval_seconds is the evaluations after training started, train_seconds the training stage without
-    its checkpoints, wall_seconds the whole call (zero-shot included)."""
-    spy = Spy(monkeypatch, sleep=0.2)
+    its checkpoints, wall_seconds the whole call (zero-shot included). Slack: 0.2 s for the untimed work
+    around them (a busy machine); every misplaced evaluation would move a figure by 0.6 s."""
+    sleep, slack = 0.3, 0.2
+    spy = Spy(monkeypatch, sleep=sleep)
     t0 = time.perf_counter()
     r = run_trial(make_spec(steps=5, eval_every=2), out_dir=tmp_path / "run", on_stage=spy.on_stage,
                   on_step=lambda s, loss: time.sleep(0.02))
@@ -212,13 +214,13 @@ def test_costs_add_up(monkeypatch, tmp_path):
     checkpoint_s = sum(c["seconds"] for c in spy.calls if c["stage"] == "training")
     final_s = sum(c["seconds"] for c in spy.calls if c["stage"] == "evaluation")
     zero_s = sum(c["seconds"] for c in spy.calls if c["stage"] == "zero-shot evaluation")
-    assert checkpoint_s >= 0.4 and final_s >= 0.4 and zero_s >= 0.4
-    assert checkpoint_s + final_s <= r.eval_seconds <= checkpoint_s + final_s + 0.15
+    assert min(checkpoint_s, final_s, zero_s) >= 2 * sleep
+    assert checkpoint_s + final_s <= r.eval_seconds <= checkpoint_s + final_s + slack
     training_stage = stages["evaluation"] - stages["training"]
     assert 5 * 0.02 <= r.train_seconds <= training_stage - checkpoint_s + 0.02
-    assert r.train_seconds >= training_stage - checkpoint_s - 0.15
+    assert r.train_seconds >= training_stage - checkpoint_s - slack
     assert zero_s + r.train_seconds + r.eval_seconds <= r.wall_seconds <= elapsed
-    assert r.wall_seconds >= elapsed - 0.3
+    assert r.wall_seconds >= elapsed - slack
     assert r.devices == 1 and r.device_seconds == pytest.approx(r.wall_seconds)
     assert r.seconds_per_step == pytest.approx(r.train_seconds / 5)
     assert r.tokens_per_second == pytest.approx(r.tokens / r.train_seconds)
