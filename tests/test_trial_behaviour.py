@@ -149,6 +149,21 @@ def test_parameter_counts_and_tokens_by_hand(spec, splits, trained):
     assert (r.status, r.failure, r.devices, r.device, r.dtype) == ("completed", None, 1, "cpu", "fp32")
 
 
+def test_descriptive_fields_and_results_json(spec, trained):
+    import json
+    import sys
+
+    r, out = trained
+    assert (r.name, r.stop_reason, r.threads) == ("behaviour", None, torch.get_num_threads())
+    a = r.allocation
+    assert (a["method"], a["num_layers"], a["experts"], a["top_k"], a["rank"], a["dropout"]) == (
+        "mola", 4, [EXPERTS] * 4, [TOP_K] * 4, [RANK] * 4, 0.0)
+    assert r.spec == spec.to_dict() and r.adapter_dir == str(out / "adapter")
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(r.to_dict()))
+    if sys.platform.startswith("linux"):
+        assert r.peak_memory_mb > 0 and r.memory_kind == "process peak RSS"
+
+
 def _saved_adapter(spec, out):
     from allocsearch.models import load_model
     from allocsearch.moe import load_adapter
