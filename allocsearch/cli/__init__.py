@@ -14,6 +14,9 @@ _COMMANDS = {
     "alloc": "allocsearch.cli.alloc:alloc",
     "bench": "allocsearch.cli.bench:bench",
     "space": "allocsearch.cli.space:space",
+    "start": "allocsearch.cli.search:start",
+    "status": "allocsearch.cli.search:status",
+    "stop": "allocsearch.cli.search:stop",
     "train": "allocsearch.cli.train:train",
 }
 
@@ -37,6 +40,8 @@ def cli():
 
     \b
     Quick start:
+      allocsearch start --budget 0.25cpu-h --space demo              # a real small search on this CPU
+      allocsearch status                                             # budget, trials, best allocation
       allocsearch alloc --method mola --shape hourglass --layers 30   # print an allocation config
       allocsearch train --steps 60 --zero-shot                       # one real fine-tuning trial (demo)
       allocsearch bench layers                                       # time the MoE-LoRA layers

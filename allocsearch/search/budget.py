@@ -199,7 +199,7 @@ class BudgetKeeper:
 
 
 # (seconds per training step at PRIOR_TOKENS tokens per step, overhead seconds: load + evaluation), on CPU
-PRIORS = {"minilm-l6": (0.31, 12.0), "smollm2-135m": (3.4, 40.0), "tiny-llama": (0.02, 2.0)}
+PRIORS = {"minilm-l6": (0.31, 25.0), "smollm2-135m": (3.4, 60.0), "tiny-llama": (0.02, 12.0)}
 PRIOR_TOKENS = {"minilm-l6": 16 * 64, "smollm2-135m": 8 * 256, "tiny-llama": 4 * 64}
 DEFAULT_PRIOR = (6.8, 120.0, 8 * 256)  # unknown models: twice SmolLM2-135M's step time, 3x its overhead
 # step time relative to LoRA, from the layer benchmark (allocsearch bench layers); unknown methods: the slowest

@@ -1,0 +1,142 @@
+"""``allocsearch start | status | stop``: the search service's commands (logic in allocsearch.search)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from allocsearch.search.session import DEFAULT_WORKDIR, SAMPLERS, SCHEDULERS
+
+
+def study_options(f):
+    """--study and --workdir, declared once for every search command."""
+    f = click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True, type=click.Path(file_okay=False),
+                     help="Folder holding one sub-folder per study.")(f)
+    return click.option("--study", "study", default=None, help="Study name (default: the only study in "
+                        "--workdir; for a new study, the space's name).")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")(f)
+
+
+@click.command("start")
+@click.option("--budget", default=None, help="Compute budget: 64gpu-h, 90gpu-min, 0.5cpu-h, 3cpu-min (device-"
+              "time of trials) or 2h, 30min (wall-clock of the search). Required for a new study; may grow "
+              "on resume.")
+@click.option("--space", default=None, help="Search space: a YAML file or a shipped name (joint, mola, loracoe, "
+              "graphlora, omoe, baselines, demo). Default: joint.")
+@study_options
+@click.option("--model", default=None, help="Override the space's model (registry name or local folder).")
+@click.option("--data", default=None, type=click.Path(dir_okay=False), help="Override the space's data: a "
+              "data spec YAML file.")
+@click.option("--data-dir", default=None, help="Folder with the full datasets (default: the bundled demo data).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Optuna sampler (default tpe; "
+              "nsga2 for several objectives; grid needs a finite space).")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="asha", show_default=True,
+              help="Early stopping on the trials' validation checkpoints.")
+@click.option("--objectives", default=None, help="accuracy (default), accuracy,params or accuracy,device_seconds.")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True,
+              help="GPUs per trial; fractions pack small trials on one GPU (0.25: four per GPU).")
+@click.option("--max-concurrent", type=int, default=None, help="At most this many trials at once "
+              "(default: as many as the cluster's resources allow).")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of "
+              "starting a local one.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder).")
+@click.option("--no-priors", is_flag=True, help="Do not enqueue the papers' allocations first.")
+@click.option("--max-failures", type=int, default=5, show_default=True,
+              help="Stop the search after this many failed trials in a row.")
+@json_option
+def start(budget, space, study, workdir, model, data, data_dir, sampler, scheduler, objectives, cpus_per_trial,
+          gpus_per_trial, max_concurrent, ray_address, seed, storage, no_priors, max_failures, as_json):
+    """Search the best expert allocation within a compute budget (resumes an existing study).
+
+    \b
+    Examples:
+      allocsearch start --budget 0.25cpu-h --space demo            # small real search on this CPU
+      allocsearch start --budget 64gpu-h --space mola --model ./my-llama --gpus-per-trial 0.5
+      allocsearch start --budget 2h --ray-address 10.0.0.5:6379 --gpus-per-trial 1
+      allocsearch start --study demo --budget 0.5cpu-h             # resume it with a bigger budget
+    """
+    from allocsearch.cli.search_view import LiveView
+    from allocsearch.search.session import StartOptions, run
+
+    opts = StartOptions(budget=budget, space=space, study=study, model=model, data=data, data_dir=data_dir,
+                        workdir=workdir, sampler=sampler, scheduler=scheduler, objectives=objectives,
+                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                        max_concurrent=max_concurrent, ray_address=ray_address, seed=seed, storage=storage,
+                        priors=not no_priors, max_failures=max_failures)
+    view = LiveView(enabled=not as_json)
+    try:
+        summary = run(opts, on_event=view.event)
+    finally:
+        view.close()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        from allocsearch.cli.search_view import render_summary
+
+        click.echo(render_summary(summary, final=True))
+
+
+@click.command("status")
+@study_options
+@json_option
+def status(study, workdir, as_json):
+    """Budget, trials by state, best trial and (for several objectives) the Pareto front of a study.
+
+    \b
+    Examples:
+      allocsearch status                       # the only study in ./allocsearch-runs
+      allocsearch status --study demo --json
+    """
+    from allocsearch.analysis import list_studies, summarize
+    from allocsearch.search.study import Study
+
+    name = _pick(study, workdir, list_studies(workdir))
+    summary = summarize(Study.path(workdir, name))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        from allocsearch.cli.search_view import render_summary
+
+        click.echo(render_summary(summary, final=False))
+
+
+@click.command("stop")
+@study_options
+def stop(study, workdir):
+    """Ask a running search to stop: running trials finish their current checkpoint and are recorded.
+
+    \b
+    Example:
+      allocsearch stop --study demo
+    """
+    from allocsearch.analysis import list_studies
+    from allocsearch.search.study import Study
+
+    name = _pick(study, workdir, list_studies(workdir))
+    s = Study.open(workdir, name)
+    pid = s.running_pid()
+    if pid is None:
+        click.echo(f"study {name!r} is not running; nothing to stop")
+        return
+    s.request_stop()
+    click.echo(f"asked study {name!r} (controller pid {pid}) to stop; running trials stop at their next "
+               f"checkpoint and are recorded")
+
+
+def _pick(study: str | None, workdir: str, names: list[str]) -> str:
+    from allocsearch.search.study import StudyError, check_name
+
+    if study is not None:
+        return check_name(study)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise StudyError(f"no study in {workdir}; fix: start one with 'allocsearch start --budget 0.25cpu-h' "
+                         f"or pass --workdir")
+    raise StudyError(f"{workdir} holds several studies ({', '.join(names)}); fix: pass --study NAME")
+

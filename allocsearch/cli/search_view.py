@@ -1,0 +1,167 @@
+"""What ``start`` shows while it runs and what ``start`` / ``status`` print at the end.
+
+On a terminal a live panel (budget bar, trials by state, best so far with its allocation drawn as a
+per-layer sparkline); off a terminal (logs, CI) one plain line per event. Progress goes to stderr so
+``--json`` output on stdout stays clean.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from allocsearch.search.budget import Budget
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[int] | None) -> str:
+    """Experts per layer as bars, input side first: the MoLA diagrams' shape in one line."""
+    if not values:
+        return ""
+    top = max(values)
+    return "".join(BARS[min(len(BARS) - 1, round((v / top) * (len(BARS) - 1)))] if top else BARS[0] for v in values)
+
+
+def bar(fraction: float, width: int = 24) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    full = int(round(fraction * width))
+    return "█" * full + "░" * (width - full)
+
+
+class LiveView:
+    def __init__(self, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = enabled and self.stream.isatty()
+        self.budget: Budget | None = None
+        self.spent = 0.0
+        self.counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0}
+        self.trials: dict[int, dict] = {}
+        self.best: dict | None = None
+        self.lines: list[str] = []
+        self.title = ""
+        self._live = None
+        self._t0 = time.monotonic()
+
+    # --------------------------------------------------------------------------------- events
+    def event(self, kind: str, **d) -> None:
+        if not self.enabled:
+            return
+        line = None
+        if kind == "study":
+            self.budget = Budget.from_dict(d["budget"]) if isinstance(d["budget"], dict) else Budget.parse(d["budget"])
+            self.spent = d["spent"]
+            self.title = f"study {d['study']} ({d['root']})"
+            rec = d.get("recovered") or {}
+            line = f"{self.title}: budget {self.budget.describe()}, spent so far {self.budget.format(self.spent)}"
+            if rec.get("crashed") or rec.get("not_started"):
+                line += (f"; resumed: {len(rec.get('crashed', []))} trial(s) left running by a stopped controller "
+                         f"marked failed, {len(rec.get('retried', []))} retried")
+        elif kind == "cluster":
+            line = f"ray: {d['cpus']:g} CPUs, {d['gpus']:g} GPUs"
+        elif kind == "admitted":
+            self.trials[d["number"]] = {"summary": d["summary"], "experts": d.get("experts")}
+            line = f"trial {d['number']}: {d['summary']} (predicted {self._fmt(d['predicted'])})"
+        elif kind == "started":
+            self.counts["running"] += 1
+        elif kind == "checkpoint":
+            if d.get("objective") is not None:
+                line = f"trial {d['number']}: step {d['step']} validation {d['objective']:.3f}"
+        elif kind == "finished":
+            self.counts["running"] = max(0, self.counts["running"] - 1)
+            self.counts[d["state"]] = self.counts.get(d["state"], 0) + 1
+            obj = f" {d['objective']:.3f}" if d.get("objective") is not None else ""
+            why = f" ({d['reason']})" if d.get("reason") else ""
+            line = f"trial {d['number']}: {d['state']}{obj}{why}, {self._fmt(d['spend'])}"
+            if d["state"] == "completed" and d.get("objective") is not None and \
+                    (self.best is None or d["objective"] > self.best["objective"]):
+                self.best = {"number": d["number"], "objective": d["objective"], **self.trials.get(d["number"], {})}
+        elif kind == "tick":
+            self.spent = d["spent"]
+        elif kind == "stopping":
+            line = f"stop requested: {d['running']} running trial(s) stop at their next checkpoint"
+        if line:
+            self._emit(line)
+        if self.tty:
+            self._refresh()
+
+    def _fmt(self, seconds: float) -> str:
+        return self.budget.format(seconds) if self.budget else f"{seconds:.0f} s"
+
+    def _emit(self, line: str) -> None:
+        stamp = f"[{time.monotonic() - self._t0:7.1f}s]"
+        if self.tty:
+            self.lines = (self.lines + [f"{stamp} {line}"])[-8:]
+        else:
+            print(f"{stamp} {line}", file=self.stream, flush=True)
+
+    # --------------------------------------------------------------------------------- the panel
+    def panel_text(self) -> str:
+        frac = self.spent / self.budget.seconds if self.budget and self.budget.seconds else 0.0
+        c = self.counts
+        text = [self.title,
+                f"budget  {bar(frac)} {self._fmt(self.spent)} of {self.budget.text if self.budget else '?'} "
+                f"({100 * frac:.0f}%)",
+                f"trials  {c['running']} running · {c['completed']} complete · {c['pruned']} pruned · "
+                f"{c['failed']} failed"]
+        if self.best:
+            text.append(f"best    #{self.best['number']} {self.best['objective']:.3f}  {self.best.get('summary', '')}")
+            if self.best.get("experts"):
+                text.append(f"        experts per layer {sparkline(self.best['experts'])}")
+        return "\n".join(text + [""] + self.lines)
+
+    def _refresh(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        if self._live is None:
+            self._live = Live(Text(self.panel_text()), console=Console(file=self.stream), refresh_per_second=4,
+                              transient=False)
+            self._live.start()
+        self._live.update(Text(self.panel_text()))
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+# ------------------------------------------------------------------------------------- summaries
+def render_summary(s: dict, final: bool) -> str:
+    b = s["budget"]
+    budget = Budget(unit=b["unit"], seconds=b["total"], text=b["text"])
+    c = s["counts"]
+    lines = [f"study {s['study']}  ({s['root']})  model {s['model']}  objectives {','.join(s['objectives'])}"]
+    running = f"  controller running (pid {s['controller_pid']})" if s.get("controller_pid") else ""
+    lines.append(f"budget  {bar(b['fraction'] or 0)} {budget.format(b['spent'])} of {b['text']} "
+                 f"({100 * (b['fraction'] or 0):.1f}%)" + (f", overshoot {budget.format(b['overshoot'])}"
+                                                          if b["overshoot"] > 0 else ", no overshoot") + running)
+    if b.get("predicted_per_trial"):
+        lines.append(f"        predicted per trial {budget.format(b['predicted_per_trial'])}")
+    lines.append("trials  " + " · ".join(f"{n} {state.replace('_', ' ')}" for state, n in c.items() if n)
+                 if any(c.values()) else "trials  none yet")
+    best = s.get("best")
+    if best:
+        lines.append(f"best    trial {best['number']}: {best['objective']:.4f}  {best['summary']}")
+        if best.get("experts"):
+            lines.append(f"        experts per layer {sparkline(best['experts'])}  {best['experts']}")
+        base = s.get("baseline")
+        if base and base["number"] != best["number"]:
+            lines.append(f"        vs the LoRA prior (trial {base['number']}): {base['objective']:.4f} "
+                         f"({best['objective'] - base['objective']:+.4f})")
+        lines.append(f"        files: {s['root']}/trials/{best['number']:04d}")
+    elif final:
+        lines.append("best    no trial completed")
+    for t in s.get("pareto") or []:
+        lines.append(f"pareto  trial {t['number']}: " + ", ".join(f"{v:.4g}" for v in t["values"]) +
+                     f"  {t['summary']}")
+    if not final:
+        top = sorted((t for t in s["trials"] if t["objective"] is not None), key=lambda t: -t["objective"])[:10]
+        if top:
+            lines.append("top trials")
+        for t in top:
+            lines.append(f"  {t['number']:>4} {t['state']:<9} {t['objective']:.4f}  {t['summary']}")
+    if s.get("end_reason"):
+        lines.append(f"ended   {s['end_reason']}")
+    return "\n".join(lines)

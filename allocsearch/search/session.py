@@ -1,0 +1,178 @@
+"""One ``allocsearch start``: settings -> a new or resumed study -> controller -> Ray Tune -> summary.
+
+Everything a user can get wrong (budget, space, objectives, names, a resume that contradicts the stored
+study) is checked here before Ray starts or anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from allocsearch.search.budget import Budget
+from allocsearch.search.study import Study, StudyError, check_name, parse_objectives
+
+SAMPLERS = ("tpe", "random", "nsga2", "grid")
+SCHEDULERS = ("asha", "hyperband", "none")
+DEFAULT_WORKDIR = "allocsearch-runs"
+DEFAULT_SPACE = "joint"
+
+
+@dataclass
+class StartOptions:
+    budget: str | None = None  # required for a new study; on resume it may grow
+    space: str | None = None  # shipped name or path; a resumed study keeps its own
+    study: str | None = None  # default: the space's name
+    model: str | None = None
+    data: str | None = None  # a data spec YAML file
+    data_dir: str | None = None
+    workdir: str = DEFAULT_WORKDIR
+    sampler: str | None = None  # default tpe (nsga2 for several objectives)
+    scheduler: str = "asha"
+    objectives: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    ray_address: str | None = None
+    seed: int = 0
+    storage: str | None = None
+    priors: bool = True
+    max_failures: int = 5
+
+
+def prepare(opts: StartOptions):
+    """Validate everything and return (study, space, num_layers); raises one-line errors, writes only
+    once everything is valid."""
+    from allocsearch.search.space import SearchSpace, load_space, model_depth, resolve_space_path
+
+    budget = Budget.parse(opts.budget) if opts.budget is not None else None
+    if opts.sampler is not None and opts.sampler not in SAMPLERS:
+        raise StudyError(f"sampler {opts.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if opts.scheduler not in SCHEDULERS:
+        raise StudyError(f"scheduler {opts.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
+    if not opts.cpus_per_trial > 0 or opts.gpus_per_trial < 0 or opts.max_failures < 1:
+        raise StudyError("--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --max-failures >= 1")
+    if budget is not None and budget.unit == "gpu" and not opts.gpus_per_trial:
+        raise StudyError(f"a GPU budget ({budget.text}) needs --gpus-per-trial > 0 (e.g. 1, or 0.25 to pack "
+                         f"four small trials on a GPU); on CPUs use a cpu budget such as 0.5cpu-h")
+    workdir = Path(opts.workdir)
+    data = _data_override(opts.data)
+    data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
+    if data_dir and not Path(data_dir).is_dir():
+        raise StudyError(f"--data-dir {opts.data_dir} is not a folder; fix: point it at the datasets folder")
+    name = opts.study
+    if name is None and opts.space is None and len(Study.list(workdir)) == 1:
+        name = Study.list(workdir)[0]  # `start --budget more` resumes the only study there
+    if name is None:
+        name = Path(opts.space or DEFAULT_SPACE).stem
+    check_name(name)
+    if Study.exists(workdir, name):
+        study = Study.open(workdir, name)
+        space = SearchSpace.from_dict(_read_space(study), source=str(study.root / "space.yaml"))
+        new = {}
+        if opts.space is not None:
+            candidate = _with(load_space(resolve_space_path(opts.space)), opts.model, data)
+            new["space_fingerprint"] = candidate.fingerprint()
+        if opts.model is not None:
+            new["model"] = opts.model
+        if data is not None:
+            new["data"] = data
+        if opts.objectives is not None:
+            new["objectives"] = parse_objectives(opts.objectives)
+        if opts.storage is not None:
+            new["storage"] = opts.storage
+        if budget is not None:
+            new["budget"] = budget.to_dict()
+        new.update(_execution(opts, study.settings))
+        study.check_resume(new)
+        num_layers = model_depth(study.settings["model"])
+        return study, space, num_layers
+    if budget is None:
+        raise StudyError(f"study {name!r} is new: give --budget, e.g. --budget 0.25cpu-h or --budget 64gpu-h")
+    space = _with(load_space(resolve_space_path(opts.space or DEFAULT_SPACE)), opts.model, data)
+    num_layers = model_depth(space.model)
+    objectives = parse_objectives(opts.objectives or "accuracy")
+    sampler = opts.sampler or ("nsga2" if len(objectives) > 1 else "tpe")
+    if sampler == "grid" and space.grid_size(num_layers) is None:
+        raise StudyError("--sampler grid needs a finite space, but a dimension is continuous; fix: write it as "
+                         "a {choice: [...]} list (allocsearch space check shows which)")
+    settings = {"name": name, "model": space.model, "data": space.data, "data_dir": data_dir,
+                "space": space.source, "space_fingerprint": space.fingerprint(), "objectives": objectives,
+                "budget": budget.to_dict(), "seed": opts.seed, "storage": opts.storage,
+                "priors": opts.priors and space.use_priors, "num_layers": num_layers, **_execution(opts, None), "sampler": sampler}
+    import yaml
+
+    study = Study.create(workdir, settings, yaml.safe_dump(space.to_dict(), sort_keys=False))
+    return study, space, num_layers
+
+
+def _execution(opts: StartOptions, stored: dict | None) -> dict:
+    """Execution choices: free to change on resume."""
+    out = {"scheduler": opts.scheduler, "cpus_per_trial": float(opts.cpus_per_trial),
+           "gpus_per_trial": float(opts.gpus_per_trial), "max_failures": int(opts.max_failures),
+           "ray_address": opts.ray_address, "max_concurrent": opts.max_concurrent}
+    if opts.sampler is not None or stored is None:
+        out["sampler"] = opts.sampler or (stored or {}).get("sampler", "tpe")
+    return out
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.BruteForceSampler(seed=seed)
+
+
+def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict:
+    """Run (or resume) a search to its end; returns the study's summary (``analysis.summarize``)."""
+    import warnings
+
+    from allocsearch.analysis import summarize
+    from allocsearch.search import executor
+    from allocsearch.search.controller import Controller
+
+    warnings.filterwarnings("ignore", module=r"optuna\..*")  # experimental-feature notes on every trial
+    study, space, num_layers = prepare(opts)
+    s = study.settings
+    with study.lock():
+        controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
+                                sampler=make_sampler(s["sampler"], int(s["seed"])))
+        if on_event:
+            on_event("study", study=study.name, root=str(study.root), budget=s["budget"]["text"],
+                     spent=controller.spent(), recovered=controller.recovered)
+        try:
+            executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
+                         gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
+                         scheduler=s["scheduler"])
+        finally:
+            controller.close()
+    summary = summarize(study.root)
+    summary["end_reason"] = controller.end_reason
+    return summary
+
+
+def _with(space, model, data):
+    return space.with_overrides(model=model, data=data) if (model or data) else space
+
+
+def _data_override(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    from allocsearch.data import DataSpec
+
+    return DataSpec.from_yaml(path).to_dict()
+
+
+def _read_space(study: Study) -> dict:
+    from allocsearch.fileio import read_yaml
+
+    data = read_yaml(study.root / "space.yaml", "study space", StudyError)
+    if not isinstance(data, dict):
+        raise StudyError(f"{study.root / 'space.yaml'} is corrupt; fix: restore it or start a new study")
+    return data
+
