@@ -3,7 +3,9 @@
 
     python3 scripts/make_demo_data.py [--source ../shared/datasets] [--train 600] [--test 200]
 
-Per task it keeps ``--train`` records of the train file and ``--test`` of the test file, chosen by a
+Per task it keeps ``--train`` records of the train file and ``--test`` of the test file (SST-2, the task
+the demo search runs on, keeps more: ``SST2_COUNTS``, so its validation split can tell allocations apart),
+chosen by a
 fixed-seed sample and written in original file order and format (JSON lists re-dumped with indent 4, which
 reproduces the LLM-Adapters files byte for byte; TSV lines copied verbatim under the original header). It
 then writes NOTICE (source and licence of every file), copies the ODC-By licence text, and checks that the
@@ -24,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from allocsearch.data.tasks import get_task, read_task  # noqa: E402
 
 DEMO_TASKS = ("arc_easy", "openbookqa", "boolq_llm_adapters", "sst2")
+SST2_COUNTS = (3000, 872)  # train records, test records (the whole GLUE dev set)
 ODC_BY = "LLM-Adapters-DATA_LICENSE.txt"
 
 # Upstream dataset licences (from the shared datasets README and the datasets' own pages).
@@ -83,7 +86,8 @@ def main() -> int:
         "=====================",
         "",
         "A deterministic subset of public benchmark files, kept in their original formats, made by",
-        f"scripts/make_demo_data.py (--train {args.train} --test {args.test}: records sampled with a fixed seed,",
+        f"scripts/make_demo_data.py (--train {args.train} --test {args.test}, SST-2 {SST2_COUNTS[0]} and "
+        f"{SST2_COUNTS[1]}: records sampled with a fixed seed,",
         "original order kept). The files are not covered by allocsearch's Apache-2.0 licence: each keeps the",
         "licence of its source, named below. The ODC-By 1.0 text of the LLM-Adapters data is in ODC-By-1.0.txt.",
         "Share-alike sources (CC BY-SA) stay under the same licence when redistributed. Each 'source' line",
@@ -95,7 +99,8 @@ def main() -> int:
         src_dir, dst_dir = args.source / task.folder, args.out / task.folder
         dst_dir.mkdir(exist_ok=True)
         counts = []
-        for file, n in ((task.train_file, args.train), (task.test_file, args.test)):
+        n_train, n_test = SST2_COUNTS if name == "sst2" else (args.train, args.test)
+        for file, n in ((task.train_file, n_train), (task.test_file, n_test)):
             src, dst = src_dir / file, dst_dir / file
             if src.suffix == ".json":
                 kept = subset_json(src, dst, n)
