@@ -68,7 +68,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                         max_concurrent=max_concurrent, ray_address=ray_address, seed=seed, storage=storage,
                         priors=not no_priors, max_failures=max_failures)
-    view = LiveView(enabled=not as_json)
+    view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
         summary = run(opts, on_event=view.event)
     finally:

@@ -13,6 +13,7 @@ command line: ``on_event(kind, **data)`` lets a caller show progress.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Callable
@@ -22,7 +23,8 @@ from allocsearch.search.space import SearchSpace
 from allocsearch.search.study import Study, directions, metric_names
 
 HEARTBEAT_SECONDS = 2.0
-CAP_SLACK_SECONDS = 2.0  # the worker's clock starts after the controller counts the trial as running
+CAP_SLACK_SECONDS = 2.0
+UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed  # the worker's clock starts after the controller counts the trial as running
 
 
 class Controller:
@@ -102,7 +104,8 @@ class Controller:
         trial, params = self.pending
         spec = self.space.trial_spec(params, self.num_layers)
         features = _features(spec)
-        predicted = self.cost.predict(features) * self.devices
+        # until the cost model has seen trials its prediction is a guess: admit with room to spare
+        predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
         first = self.cost.predict_to_step(features, self.schedule()["grace_period"]) * self.devices
         cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running))
         if cap is None:
@@ -178,9 +181,9 @@ class Controller:
         if final and final.get("result_json"):
             payload = _payload(final)
             if self.study.read_result(number) is None:  # the worker could not write it here (another node)
-                from allocsearch.trial import TrialResult
+                from allocsearch.fileio import write_text_atomic
 
-                TrialResult(**payload).save(self.study.trial_dir(number) / "results.json")
+                write_text_atomic(self.study.trial_dir(number) / "results.json", json.dumps(payload, indent=2))
             attrs["train_seconds"] = payload.get("train_seconds", 0.0)
             if attrs["steps"] and payload.get("train_seconds"):
                 self.cost.observe(info["features"], wall, attrs["steps"], payload["train_seconds"])
@@ -281,6 +284,4 @@ def _experts(spec: dict, num_layers: int) -> list[int] | None:
 
 
 def _payload(final: dict | None) -> dict:
-    import json
-
     return json.loads(final["result_json"]) if final and final.get("result_json") else {}

@@ -175,7 +175,7 @@ class Study:
         out: dict[str, list[int]] = {"crashed": [], "not_started": [], "retried": []}
         storage = ostudy._storage  # the public BaseStorage API below; Study exposes no setter for states
         for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            started = spent.get(t.number, 0.0) > 0 or (self.trial_dir(t.number) / "results.json").exists()
+            started = t.number in spent or (self.trial_dir(t.number) / "results.json").exists()
             reason = CRASHED if started else NOT_STARTED
             storage.set_trial_user_attr(t._trial_id, "failure", reason)
             storage.set_trial_user_attr(t._trial_id, "state", "crashed" if started else "not_run")

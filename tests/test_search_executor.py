@@ -1,0 +1,85 @@
+"""The Ray trial function on a real tiny-llama trial, with Tune's report replaced by a recorder: what it
+reports at checkpoints and at the end, how it stops when Tune's scheduler stops it (SystemExit inside
+report), when its budget cap runs out, and when the trial raises."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ray.tune")
+
+from allocsearch.search import executor  # noqa: E402
+
+SPEC = {"name": "t", "model": "tiny-llama",
+        "allocation": {"method": "mola", "experts": 2, "top_k": 1, "rank": 2},
+        "data": {"seed": 0, "tasks": [{"name": "sst2", "train": 16, "validation": 8, "test": 8}]},
+        "train": {"steps": 6, "batch_size": 4, "max_length": 64, "eval_every": 2, "eval_examples": 8,
+                  "lr": 1e-3}}
+
+
+class Recorder:
+    def __init__(self, exit_at: int | None = None):
+        self.reports: list[dict] = []
+        self.exit_at = exit_at
+
+    def __call__(self, metrics: dict, checkpoint=None) -> None:
+        self.reports.append(dict(metrics))
+        if self.exit_at is not None and len(self.reports) >= self.exit_at:
+            raise SystemExit(0)  # what Tune does inside report when it stops a trial
+
+
+def run(monkeypatch, tmp_path, recorder, spec=SPEC, cap=None):
+    monkeypatch.setattr(executor.tune, "report", recorder)
+    config = {"number": 7, "spec": json.loads(json.dumps(spec)), "trial_dir": str(tmp_path / "trial"),
+              "data_dir": None, "threads": 1, "devices": 2.0, "cap_wall_seconds": cap}
+    executor.trainable(config)
+    return recorder.reports
+
+
+def test_reports_every_checkpoint_then_the_whole_result(monkeypatch, tmp_path, one_thread):
+    reports = run(monkeypatch, tmp_path, Recorder())
+    checkpoints, last = reports[:-1], reports[-1]
+    assert [r["step"] for r in checkpoints] == [2, 4]  # eval_every 2 of 6 steps; the end is the final report
+    assert all(0.0 <= r["objective"] <= 1.0 and r["trainable_params"] > 0 for r in checkpoints)
+    assert last["final"] and last["status"] == "completed" and last["step"] == 6
+    payload = json.loads(last["result_json"])
+    assert last["objective"] == payload["validation"]["macro_balanced_accuracy"]
+    assert last["device_seconds"] == pytest.approx(2.0 * last["wall_seconds"])  # devices x wall
+    on_disk = json.loads((tmp_path / "trial" / "results.json").read_text())
+    assert on_disk["status"] == "completed" and (tmp_path / "trial" / "adapter").is_dir()
+
+
+def test_a_scheduler_stop_ends_the_trial_cleanly(monkeypatch, tmp_path, one_thread):
+    reports = run(monkeypatch, tmp_path, Recorder(exit_at=1))
+    assert len(reports) == 1 and reports[0]["step"] == 2  # nothing reported after Tune stopped it
+    result = json.loads((tmp_path / "trial" / "results.json").read_text())
+    assert result["status"] == "stopped" and result["stop_reason"] == "scheduler" and result["steps"] == 2
+    assert result["validation"] is None and result["test"] is None  # no final evaluation for a stopped trial
+
+
+def test_the_budget_cap_stops_the_trial_and_its_partial_result_comes_back(monkeypatch, tmp_path, one_thread):
+    reports = run(monkeypatch, tmp_path, Recorder(), cap=1e-6)
+    last = reports[-1]
+    assert last["final"] and last["status"] == "stopped" and last["step"] == 1
+    assert json.loads(last["result_json"])["stop_reason"] == "budget"
+
+
+def test_a_trial_that_raises_is_reported_failed_with_its_reason(monkeypatch, tmp_path, one_thread):
+    bad = {**SPEC, "data": {"seed": 0, "tasks": [{"name": "sst2", "train": 10**7, "validation": 1, "test": 1}]}}
+    reports = run(monkeypatch, tmp_path, Recorder(), spec=bad)
+    assert len(reports) == 1 and reports[0]["final"] and reports[0]["status"] == "failed"
+    assert reports[0]["failure"].startswith("DataError:") and "objective" not in reports[0]
+
+
+def test_nan_is_a_failed_trial(monkeypatch, tmp_path, one_thread):
+    nan = {**SPEC, "train": {**SPEC["train"], "lr": 1e30, "max_grad_norm": 0.0}}
+    reports = run(monkeypatch, tmp_path, Recorder(), spec=nan)
+    assert reports[-1]["status"] == "failed" and "loss became" in reports[-1]["failure"]
+
+
+def test_slots_follow_the_cluster_and_fractional_gpus():
+    assert executor._slots({"CPU": 16.0, "GPU": 1.0}, 2, 0.25) == 4
+    assert executor._slots({"CPU": 2.0}, 1, 0) == 2
+    assert executor._slots({"CPU": 8.0, "GPU": 2.0}, 1, 1) == 2
+    assert executor._slots({"CPU": 1.0}, 2, 0) == 0
