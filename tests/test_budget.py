@@ -170,7 +170,7 @@ def test_ledger_reads_only_what_was_appended(tmp_path, monkeypatch):
 
 # -- BudgetKeeper ----------------------------------------------------------------------------------------
 def test_keeper_reservations():
-    keeper = BudgetKeeper(Budget.parse("100cpu-min"), ledger_spent=1000)  # 6000 s, 5000 left
+    keeper = BudgetKeeper(Budget.parse("100cpu-min"), ledger_spent=1000, room=1.2)  # 6000 s, 5000 left
     assert keeper.admit(0, 2000, 100, running=0) == 2400
     assert keeper.admit(1, 2000, 100, running=1) == 2400
     assert keeper.reserved() == 4800 and keeper.free() == pytest.approx(200)
@@ -189,6 +189,18 @@ def test_keeper_reservations():
     assert keeper.exhausted() and keeper.remaining() < 30 and keeper.overshoot() == 0
     keeper.finish(4, 100)
     assert keeper.overshoot() == pytest.approx(90) and keeper.remaining() == 0 and keeper.free() == 0
+
+
+def test_keeper_gives_slow_trials_room_while_the_budget_has_it():
+    keeper = BudgetKeeper(Budget.parse("100cpu-min"), ledger_spent=0, margin=1.2, room=2.5)  # 6000 s
+    assert keeper.admit(0, 1000, 100, running=0) == 2500
+    assert keeper.admit(1, 1000, 100, running=1) == 2500
+    assert keeper.admit(2, 1000, 100, running=2) is None  # 1000 free < 1200: wait for reservations to come back
+    keeper.finish(0, 900)  # 1600 of its room unused
+    assert keeper.admit(2, 1000, 100, running=1) == 2500
+    assert keeper.spent() + keeper.reserved() <= keeper.budget.seconds
+    with pytest.raises(ValueError):
+        BudgetKeeper(Budget.parse("1cpu-h"), 0, margin=1.2, room=1.1)
 
 
 def test_keeper_partial_trial_when_nothing_runs():

@@ -133,7 +133,7 @@ def test_admission_never_overspends_and_ends_when_nothing_fits(tmp_path):
         assert c is not None  # nothing runs concurrently here: a None would wait forever
         caps.append(c["cap_wall_seconds"])
         ctl.on_start(c["number"])
-        clock.t += c["cap_wall_seconds"]  # every trial runs to its cap
+        clock.t += min(c["cap_wall_seconds"], 15.0)  # 15 s trials, unless their cap cuts them
         ctl.on_complete(c["number"], final(), error=False)
         done += 1
     assert done >= 2 and "nothing more fits" in ctl.end_reason

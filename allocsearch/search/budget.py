@@ -113,11 +113,11 @@ class BudgetKeeper:
     for wall budgets, starts at construction); ``finish`` takes the spend of that one admission.
     """
 
-    def __init__(self, budget: Budget, ledger_spent: float, *, margin: float = 1.2,
+    def __init__(self, budget: Budget, ledger_spent: float, *, margin: float = 1.2, room: float = 2.5,
                  clock: Callable[[], float] = time.monotonic):
-        if margin < 1:
-            raise ValueError(f"margin must be >= 1, not {margin}")
-        self.budget, self.margin, self._clock = budget, float(margin), clock
+        if margin < 1 or room < margin:
+            raise ValueError(f"margin must be >= 1 and room >= margin, not {margin}, {room}")
+        self.budget, self.margin, self.room, self._clock = budget, float(margin), float(room), clock
         self._start = clock()
         self._spent = float(ledger_spent)
         self._caps: dict[int, float] = {}  # running trial -> reserved cap
@@ -131,7 +131,9 @@ class BudgetKeeper:
     def admit(self, number: int, predicted: float, first_checkpoint: float, *, running: int) -> float | None:
         """The trial's cap, reserved now, or None when nothing fits (yet).
 
-        Device budgets: a cap of ``predicted x margin`` if that is free; else, if ``first_checkpoint`` fits,
+        Device budgets: if ``predicted x margin`` is free, a cap of up to ``predicted x room`` (as much as is
+        free: a trial slower than predicted -- a busy machine, a slow method -- is not cut while the budget
+        has room; what it does not use goes back at ``finish``); else, if ``first_checkpoint`` fits,
         everything free (the trial is cut short by the budget and reports partial results) -- but while
         ``running`` > 0 and the running trials' unused reservations could still make the whole trial fit,
         None (wait: idle time costs no device budget, and a whole trial is worth more than a cut one).
@@ -145,7 +147,7 @@ class BudgetKeeper:
         if self.wall:
             cap = free if min(predicted, first_checkpoint) <= free and free > 0 else None
         elif predicted * self.margin <= free:
-            cap = predicted * self.margin
+            cap = min(free, predicted * self.room)
         elif first_checkpoint <= free and free > 0:
             unused = sum(self._caps[n] - min(self._running[n], self._caps[n]) for n in self._caps)
             cap = None if running > 0 and predicted * self.margin <= free + unused else free
