@@ -106,9 +106,10 @@ def test_priors_are_valid_enqueued_points_scaled_to_depth():
     s.enqueue_trial(dict(mola.priors(30))["MoLA 8228"])
     assert sum(resolve_allocation(mola.trial_spec(mola.sample(s.ask(), 30), 30)["allocation"], 30).experts) == 150
     joint = dict(load_space("joint").priors(6))
+    lr = 0.00122  # priors take the middle (log scale) of the space's lr range [3e-4, 5e-3]
     assert joint["GraphLoRA best"] == {"method": "graphlora", "graphlora.experts": 8, "graphlora.top_k": 2,
-                                       "graphlora.rank": 2, "graphlora.edge_density": 0.1}
-    assert joint["LoRA r8"] == {"method": "lora", "lora.rank": 8}
+                                       "graphlora.rank": 2, "graphlora.edge_density": 0.1, "lr": lr}
+    assert joint["LoRA r8"] == {"method": "lora", "lora.rank": 8, "lr": lr}
     assert {joint["OMoE low"]["omoe.placement"], joint["OMoE middle"]["omoe.placement"]} == {"low", "middle"}
 
 

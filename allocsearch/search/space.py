@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -366,7 +367,14 @@ class SearchSpace:
         self._check_depth(num_layers)
         if not self.use_priors:
             return []
-        return paper_priors(self.sections, len(self.methods) > 1)
+        rows = paper_priors(self.sections, len(self.methods) > 1)
+        lr = self.train_dims.get("lr")
+        if lr is not None and lr.kind == "float":  # papers' learning rates do not transfer across models and
+            low, high = lr.low, lr.high               # step counts: priors take the middle of the searched range
+            mid = math.sqrt(low * high) if lr.log else (low + high) / 2
+            rows = [(label, None if params is None else {**params, "lr": float(f"{mid:.3g}")}, notes)
+                    for label, params, notes in rows]
+        return rows
 
     def priors(self, num_layers: int) -> list[tuple[str, dict]]:
         """The papers' settings as parameter dicts of this space (to enqueue first)."""
