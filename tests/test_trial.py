@@ -328,7 +328,7 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("tasks, match", [
     ([TaskSpec("gsm8k", 2, 1, 1)], r"task 'gsm8k' needs .*missing"),  # registered but not in the demo dir
-    ([TaskSpec("sst2", 590, 20, 2)], r"asked for 590 train \+ 20 validation = 610"),
+    ([TaskSpec("sst2", 2990, 20, 2)], r"asked for 2990 train \+ 20 validation = 3010"),
     ([TaskSpec("sst2", 2, 1, 10_000)], r"asked for 10000 test examples"),
     ([TaskSpec("sst2", 2, 0, 1)], r"the validation split is empty"),
 ])
