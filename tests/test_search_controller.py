@@ -222,3 +222,15 @@ def test_study_names_never_leave_the_workdir(name):
     with pytest.raises(StudyError) as exc:
         check_name(name)
     assert "\n" not in str(exc.value)
+
+
+def test_multi_objective_tells_every_value_and_status_shows_the_pareto_front(tmp_path):
+    from allocsearch.analysis import summarize
+
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock, objectives=["accuracy", "params"])
+    for objective, params in ((0.8, 500), (0.7, 100), (0.6, 600)):
+        run_one(ctl, clock, 5.0, {**final(objective=objective), "trainable_params": params})
+    assert [t.values for t in ctl.ostudy.get_trials(deepcopy=False)] == [[0.8, 500], [0.7, 100], [0.6, 600]]
+    summary = summarize(ctl.study.root)
+    assert [t["values"] for t in summary["pareto"]] == [[0.8, 500], [0.7, 100]]  # 0.6 @ 600 is dominated

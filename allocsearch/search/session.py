@@ -5,10 +5,12 @@ study) is checked here before Ray starts or anything is written.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
 from allocsearch.search.study import Study, StudyError, check_name, parse_objectives
 
@@ -86,7 +88,8 @@ def prepare(opts: StartOptions):
         new.update(_execution(opts, study.settings))
         study.check_resume(new)
         num_layers = model_depth(study.settings["model"])
-        return study, space, num_layers
+        _check_local_gpus(study.settings)
+        return study, space, num_layers, False
     if budget is None:
         raise StudyError(f"study {name!r} is new: give --budget, e.g. --budget 0.25cpu-h or --budget 64gpu-h")
     space = _with(load_space(resolve_space_path(opts.space or DEFAULT_SPACE)), opts.model, data)
@@ -96,6 +99,7 @@ def prepare(opts: StartOptions):
     if sampler == "grid" and space.grid_size(num_layers) is None:
         raise StudyError("--sampler grid needs a finite space, but a dimension is continuous; fix: write it as "
                          "a {choice: [...]} list (allocsearch space check shows which)")
+    _check_local_gpus({"ray_address": opts.ray_address, "gpus_per_trial": opts.gpus_per_trial})
     settings = {"name": name, "model": space.model, "data": space.data, "data_dir": data_dir,
                 "space": space.source, "space_fingerprint": space.fingerprint(), "objectives": objectives,
                 "budget": budget.to_dict(), "seed": opts.seed, "storage": opts.storage,
@@ -103,7 +107,7 @@ def prepare(opts: StartOptions):
     import yaml
 
     study = Study.create(workdir, settings, yaml.safe_dump(space.to_dict(), sort_keys=False))
-    return study, space, num_layers
+    return study, space, num_layers, True
 
 
 def _execution(opts: StartOptions, stored: dict | None) -> dict:
@@ -137,23 +141,39 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
     from allocsearch.search.controller import Controller
 
     warnings.filterwarnings("ignore", module=r"optuna\..*")  # experimental-feature notes on every trial
-    study, space, num_layers = prepare(opts)
+    study, space, num_layers, created = prepare(opts)
     s = study.settings
-    with study.lock():
-        controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
-                                sampler=make_sampler(s["sampler"], int(s["seed"])))
-        if on_event:
-            on_event("study", study=study.name, root=str(study.root), budget=s["budget"]["text"],
-                     spent=controller.spent(), recovered=controller.recovered)
-        try:
-            executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
-                         gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
-                         scheduler=s["scheduler"])
-        finally:
-            controller.close()
+    try:
+        with study.lock():
+            controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
+                                    sampler=make_sampler(s["sampler"], int(s["seed"])))
+            if on_event:
+                on_event("study", study=study.name, root=str(study.root), budget=s["budget"],
+                         spent=controller.spent(), recovered=controller.recovered)
+            try:
+                executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
+                             gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
+                             scheduler=s["scheduler"])
+            finally:
+                controller.close()
+    except AllocsearchError:
+        if created and not study.ledger.trial_spend():  # refused before any trial ran: leave nothing behind
+            shutil.rmtree(study.root, ignore_errors=True)
+        raise
     summary = summarize(study.root)
     summary["end_reason"] = controller.end_reason
     return summary
+
+
+def _check_local_gpus(settings: dict) -> None:
+    """GPUs asked of the local machine that it does not have: refused before anything is written."""
+    if settings.get("ray_address") or not settings.get("gpus_per_trial"):
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise StudyError(f"--gpus-per-trial {settings['gpus_per_trial']:g} but this machine has no GPU; fix: "
+                         f"run on a GPU machine, join a cluster with --ray-address, or use a cpu budget")
 
 
 def _with(space, model, data):
