@@ -62,9 +62,13 @@ class TrialSpec:
                    train=TrainConfig(steps=60, batch_size=8, lr=1e-3, eval_every=20, eval_examples=100))
 
     @classmethod
-    def from_dict(cls, data: Any) -> "TrialSpec":
+    def from_dict(cls, data: Any, where: str = "trial config") -> "TrialSpec":
         if not isinstance(data, dict):
             raise TrialSpecError(f"a trial config must be a mapping with keys {', '.join(SPEC_KEYS)}")
+        from allocsearch.export import EXPORT_KEY, strip_export
+
+        if EXPORT_KEY in data:  # a file written by `allocsearch export`
+            data = strip_export(data, where)
         unknown = sorted(set(data) - set(SPEC_KEYS))
         if unknown:
             raise TrialSpecError(f"unknown trial key(s) {unknown}: use {', '.join(SPEC_KEYS)}")
@@ -77,8 +81,10 @@ class TrialSpec:
         path = Path(path)
         data = read_yaml(path, "trial config", TrialSpecError)
         try:
-            spec = cls.from_dict(data)
+            spec = cls.from_dict(data, where=str(path))
         except AllocsearchError as exc:
+            if str(path) in str(exc):
+                raise
             raise type(exc)(f"{path}: {exc}") from None
         if spec.data.data_dir and not Path(spec.data.data_dir).is_absolute():
             spec.data.data_dir = str((path.parent / spec.data.data_dir).resolve())

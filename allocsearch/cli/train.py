@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from allocsearch.errors import AllocsearchError
 @click.option("--model", default=None, help="Override the config's model.")
 @click.option("--preset", default=None, help="Override the allocation with a preset (see `allocsearch alloc --list-presets`).")
 @click.option("--steps", type=int, default=None, help="Override train.steps.")
+@click.option("--epochs", type=float, default=None, help="Train this many passes over the training split "
+              "instead of train.steps (excludes --steps).")
 @click.option("--zero-shot", is_flag=True, help="Also evaluate the untrained model first.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (overrides train.device).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (overrides train.threads).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the results object (JSON) on stdout.")
-def train(config_path, data_dir, out, model, preset, steps, zero_shot, device, threads, as_json):
+def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, device, threads, as_json):
     """Fine-tune one allocation for real and report accuracy and cost.
 
     Writes the adapter and results.json (metrics per task, loss curve, checkpoints, parameters, tokens,
@@ -38,6 +41,11 @@ def train(config_path, data_dir, out, model, preset, steps, zero_shot, device, t
       allocation: {preset: mola}   # or {method: mola, shape: inverted_triangle, top_k: 2, rank: 8}
       data: demo                   # or {tasks: [{name: sst2, train: 400, validation: 100, test: 200}]}
       train: {steps: 60, batch_size: 8, lr: 3.0e-4, eval_every: 20}
+
+    
+    Examples:
+      allocsearch train --zero-shot                                 # the demo trial
+      allocsearch train --config best.yaml --epochs 3 --data-dir /data  # a file from `allocsearch export`
     """
     from allocsearch.trial import TrialSpec, run_trial
 
@@ -46,6 +54,13 @@ def train(config_path, data_dir, out, model, preset, steps, zero_shot, device, t
         spec.model = model
     if preset:
         spec.allocation = {"preset": preset}
+    if steps is not None and epochs is not None:
+        raise AllocsearchError("--steps and --epochs exclude each other; fix: give one of them")
+    if epochs is not None:
+        if not epochs > 0:
+            raise AllocsearchError(f"--epochs must be > 0, got {epochs}")
+        examples = sum(t.train for t in spec.data.tasks)
+        steps = max(1, math.ceil(epochs * examples / (spec.train.batch_size * spec.train.grad_accum)))
     overrides = {k: v for k, v in (("steps", steps), ("device", device), ("threads", threads)) if v is not None}
     if zero_shot:
         overrides["zero_shot"] = True
