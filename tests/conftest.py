@@ -107,3 +107,16 @@ def word_tok():
     from hand_tokenizers import word_tokenizer
 
     return word_tokenizer()
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``allocsearch ARGS`` in-process: (exit code, stdout, stderr)."""
+    from allocsearch.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

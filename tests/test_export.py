@@ -7,18 +7,8 @@ import json
 import pytest
 import yaml
 
-from allocsearch.cli import main
+from conftest import run_cli
 from test_search_controller import Clock, final, make, run_one
-
-
-def cli(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -42,7 +32,7 @@ def real_study(tmp_path, one_thread):
 def test_exported_file_reproduces_the_trial(capsys, tmp_path, real_study):
     work, number, result = real_study
     out = tmp_path / "best.yaml"
-    code, stdout, err = cli(capsys, "export", "--workdir", str(work), "--best", "--out", str(out))
+    code, stdout, err = run_cli(capsys, "export", "--workdir", str(work), "--best", "--out", str(out))
     assert code == 0, err
     assert f"trial {number} of study exp" in stdout
     doc = yaml.safe_load(out.read_text())
@@ -50,7 +40,7 @@ def test_exported_file_reproduces_the_trial(capsys, tmp_path, real_study):
     assert doc["provenance"]["objective"] == pytest.approx(result.objective)
     assert doc["allocation"]["experts"] == result.allocation["experts"]  # the complete per-layer allocation
     assert "&id" not in out.read_text()  # plain YAML, no anchors
-    code, stdout, err = cli(capsys, "train", "--config", str(out), "--threads", "1", "--out",
+    code, stdout, err = run_cli(capsys, "train", "--config", str(out), "--threads", "1", "--out",
                             str(tmp_path / "again"), "--json")
     assert code == 0, err
     again = json.loads(stdout)
@@ -62,8 +52,8 @@ def test_exported_file_reproduces_the_trial(capsys, tmp_path, real_study):
 def test_epochs_override_sets_the_steps(capsys, tmp_path, real_study):
     work, number, _ = real_study
     out = tmp_path / "best.yaml"
-    cli(capsys, "export", "--workdir", str(work), "--trial", str(number), "--out", str(out))
-    code, stdout, err = cli(capsys, "train", "--config", str(out), "--threads", "1", "--epochs", "0.5",
+    run_cli(capsys, "export", "--workdir", str(work), "--trial", str(number), "--out", str(out))
+    code, stdout, err = run_cli(capsys, "train", "--config", str(out), "--threads", "1", "--epochs", "0.5",
                             "--out", str(tmp_path / "e"), "--json")
     assert code == 0, err
     spec = yaml.safe_load(out.read_text())
@@ -84,7 +74,7 @@ def test_export_errors_are_one_line(capsys, tmp_path):
         (["--best", "--trial", "0"], "exclude each other"),
     ]
     for args, needle in cases:
-        code, _, err = cli(capsys, "export", "--workdir", str(tmp_path), "--out", str(out), *args)
+        code, _, err = run_cli(capsys, "export", "--workdir", str(tmp_path), "--out", str(out), *args)
         assert code == 2 and needle in err and err.count("\n") == 1, (args, err)
     assert not out.exists()
 
@@ -92,7 +82,7 @@ def test_export_errors_are_one_line(capsys, tmp_path):
 def test_a_file_of_another_format_version_says_so(capsys, tmp_path):
     newer = tmp_path / "newer.yaml"
     newer.write_text("allocsearch_export: 7\nmodel: tiny-llama\nallocation: {preset: lora}\n")
-    code, _, err = cli(capsys, "train", "--config", str(newer))
+    code, _, err = run_cli(capsys, "train", "--config", str(newer))
     assert code == 2 and "format 7" in err and "upgrade allocsearch" in err and err.count("\n") == 1
 
 

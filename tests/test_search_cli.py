@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from allocsearch.cli import main
+from conftest import run_cli
 
 TINY = """\
 version: 1
@@ -15,16 +15,6 @@ data: {seed: 0, tasks: [{name: sst2, train: 16, validation: 8, test: 8}]}
 train: {steps: 4, batch_size: 4, max_length: 64, eval_every: 2, lr: {float: [1.0e-4, 1.0e-2], log: true}}
 methods: {lora: {rank: {choice: [2, 4]}}}
 """
-
-
-def run(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -62,7 +52,7 @@ def test_start_refuses_bad_input_with_one_line_and_writes_nothing(capsys, tmp_pa
     full = ["start", "--workdir", str(work)] + args
     if "--space" not in args:
         full += ["--space", str(tiny_space)]
-    code, out, err = run(capsys, *full)
+    code, out, err = run_cli(capsys, *full)
     assert code == 2, (out, err)
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not work.exists() or not any(work.iterdir())  # nothing half-written
@@ -71,29 +61,29 @@ def test_start_refuses_bad_input_with_one_line_and_writes_nothing(capsys, tmp_pa
 def test_bad_space_files_are_one_line(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.replace("rank: {choice: [2, 4]}", "rank: {int: [8, 2]}"))
-    code, _, err = run(capsys, "start", "--budget", "1cpu-h", "--space", str(bad), "--workdir", str(tmp_path / "w"))
+    code, _, err = run_cli(capsys, "start", "--budget", "1cpu-h", "--space", str(bad), "--workdir", str(tmp_path / "w"))
     assert code == 2 and str(bad) in err and err.count("\n") == 1
-    code, _, err = run(capsys, "space", "check", str(bad))
+    code, _, err = run_cli(capsys, "space", "check", str(bad))
     assert code == 2 and "lora.rank" in err or "rank" in err
 
 
 def test_status_and_stop_without_a_study(capsys, tmp_path):
-    code, _, err = run(capsys, "status", "--workdir", str(tmp_path))
+    code, _, err = run_cli(capsys, "status", "--workdir", str(tmp_path))
     assert code == 2 and "no study" in err and err.count("\n") == 1
-    code, _, err = run(capsys, "stop", "--workdir", str(tmp_path), "--study", "nope")
+    code, _, err = run_cli(capsys, "stop", "--workdir", str(tmp_path), "--study", "nope")
     assert code == 2 and "no study 'nope'" in err
 
 
 def test_corrupt_study_is_one_line(capsys, tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "study.json").write_text("{not json")
-    code, _, err = run(capsys, "status", "--workdir", str(tmp_path), "--study", "broken")
+    code, _, err = run_cli(capsys, "status", "--workdir", str(tmp_path), "--study", "broken")
     assert code == 2 and "corrupt" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", ["start", "status", "stop"])
 def test_help_has_examples(capsys, command):
-    code, out, _ = run(capsys, command, "--help")
+    code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0 and "Example" in out and f"allocsearch {command}" in out
 
 
@@ -105,10 +95,10 @@ def test_status_of_a_study_made_without_ray(capsys, tmp_path):
     ctl = make(tmp_path, clock=clock, name="hand")
     for objective in (0.6, 0.8):
         run_one(ctl, clock, 10.0, final(objective=objective))
-    code, out, _ = run(capsys, "status", "--workdir", str(tmp_path), "--json")
+    code, out, _ = run_cli(capsys, "status", "--workdir", str(tmp_path), "--json")
     assert code == 0
     summary = json.loads(out)
     assert summary["counts"]["completed"] == 2 and summary["best"]["objective"] == 0.8
     assert summary["budget"]["spent"] == pytest.approx(20.0) and summary["budget"]["total"] == 600.0
-    code, out, _ = run(capsys, "status", "--workdir", str(tmp_path))
+    code, out, _ = run_cli(capsys, "status", "--workdir", str(tmp_path))
     assert "2 completed" in out and "0.8000" in out and "3.3%" in out
