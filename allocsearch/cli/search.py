@@ -48,9 +48,13 @@ def json_option(f):
 @click.option("--no-priors", is_flag=True, help="Do not enqueue the papers' allocations first.")
 @click.option("--max-failures", type=int, default=5, show_default=True,
               help="Stop the search after this many failed trials in a row.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (e.g. http://mlflow.internal:5000); "
+              "default: an sqlite store inside the study folder.")
+@click.option("--no-mlflow", is_flag=True, help="Do not log the study to MLflow.")
 @json_option
 def start(budget, space, study, workdir, model, data, data_dir, sampler, scheduler, objectives, cpus_per_trial,
-          gpus_per_trial, max_concurrent, ray_address, seed, storage, no_priors, max_failures, as_json):
+          gpus_per_trial, max_concurrent, ray_address, seed, storage, no_priors, max_failures, tracking_uri,
+          no_mlflow, as_json):
     """Search the best expert allocation within a compute budget (resumes an existing study).
 
     \b
@@ -67,7 +71,8 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         workdir=workdir, sampler=sampler, scheduler=scheduler, objectives=objectives,
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                         max_concurrent=max_concurrent, ray_address=ray_address, seed=seed, storage=storage,
-                        priors=not no_priors, max_failures=max_failures)
+                        priors=not no_priors, max_failures=max_failures, tracking_uri=tracking_uri,
+                        mlflow=not no_mlflow)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
         summary = run(opts, on_event=view.event)

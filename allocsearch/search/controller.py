@@ -133,7 +133,8 @@ class Controller:
         return {"number": number, "spec": spec, "trial_dir": str(self.study.trial_dir(number).resolve()),
                 "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
                 "threads": max(1, int(self.study.settings["cpus_per_trial"])),
-                "cap_wall_seconds": max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS)}
+                "cap_wall_seconds": cap_wall,
+                "deadline": time.time() + max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS)}
 
     def on_start(self, number: int) -> None:
         if number in self.running:

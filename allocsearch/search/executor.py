@@ -46,11 +46,13 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TUNE_FU
 # ------------------------------------------------------------------------------------------ the trial
 def trainable(config: dict) -> None:
     """One trial in a Ray worker. ``config``: number, spec (TrialSpec dict), trial_dir, data_dir, threads,
-    devices (counted by the budget), cap_wall_seconds (None: no cap)."""
+    devices (counted by the budget), deadline (unix time the trial's budget cap runs out; None: no cap).
+    The deadline is absolute because the controller counts the trial's spend from the moment Ray starts
+    it, worker start-up included, which this function cannot see."""
     from allocsearch.trial import TrialSpec, run_trial
 
     start = time.monotonic()
-    devices, cap = float(config["devices"]), config.get("cap_wall_seconds")
+    devices, deadline = float(config["devices"]), config.get("deadline")
     state: dict[str, Any] = {"params": None, "scheduler_stop": False}
 
     def report(step: int, objective: float | None, **extra) -> None:
@@ -62,7 +64,7 @@ def trainable(config: dict) -> None:
         tune.report(metrics)
 
     def over_cap(step: int, loss: float) -> str | None:
-        return "budget" if cap is not None and time.monotonic() - start >= cap else None
+        return "budget" if deadline is not None and time.time() >= deadline else None
 
     def on_checkpoint(step: int, metrics: dict) -> str | None:
         try:

@@ -40,6 +40,8 @@ class StartOptions:
     storage: str | None = None
     priors: bool = True
     max_failures: int = 5
+    tracking_uri: str | None = None  # any MLflow tracking URI; default: sqlite inside the study directory
+    mlflow: bool = True
 
 
 def prepare(opts: StartOptions):
@@ -112,9 +114,11 @@ def prepare(opts: StartOptions):
 
 def _execution(opts: StartOptions, stored: dict | None) -> dict:
     """Execution choices: free to change on resume."""
-    out = {"scheduler": opts.scheduler, "cpus_per_trial": float(opts.cpus_per_trial),
+    out = {"scheduler": opts.scheduler, "cpus_per_trial": float(opts.cpus_per_trial), "mlflow": opts.mlflow,
            "gpus_per_trial": float(opts.gpus_per_trial), "max_failures": int(opts.max_failures),
            "ray_address": opts.ray_address, "max_concurrent": opts.max_concurrent}
+    if opts.tracking_uri is not None or stored is None:
+        out["tracking_uri"] = opts.tracking_uri or (stored or {}).get("tracking_uri")
     if opts.sampler is not None or stored is None:
         out["sampler"] = opts.sampler or (stored or {}).get("sampler", "tpe")
     return out
@@ -143,8 +147,14 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
     warnings.filterwarnings("ignore", module=r"optuna\..*")  # experimental-feature notes on every trial
     study, space, num_layers, created = prepare(opts)
     s = study.settings
+    tracker = None
     try:
         with study.lock():
+            if s.get("mlflow", True):
+                from allocsearch.tracking import Tracker
+
+                tracker = Tracker(study.root, s.get("tracking_uri"))
+                on_event = _fan_out(on_event, tracker.event)
             controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
                                     sampler=make_sampler(s["sampler"], int(s["seed"])))
             if on_event:
@@ -156,13 +166,26 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
                              scheduler=s["scheduler"])
             finally:
                 controller.close()
-    except AllocsearchError:
-        if created and not study.ledger.trial_spend():  # refused before any trial ran: leave nothing behind
-            shutil.rmtree(study.root, ignore_errors=True)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.close(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, None, failed=True)
+        if isinstance(exc, AllocsearchError) and created and not study.ledger.trial_spend():
+            shutil.rmtree(study.root, ignore_errors=True)  # refused before any trial ran: leave nothing behind
         raise
     summary = summarize(study.root)
     summary["end_reason"] = controller.end_reason
+    if tracker is not None:
+        tracker.close(controller.end_reason, summary)
     return summary
+
+
+def _fan_out(*handlers):
+    handlers = [h for h in handlers if h is not None]
+
+    def emit(kind, **data):
+        for handler in handlers:
+            handler(kind, **data)
+    return emit
 
 
 def _check_local_gpus(settings: dict) -> None:
