@@ -162,7 +162,8 @@ def duplicates(snap: dict) -> list[str]:
     by_number = {r["number"]: r for r in rows}
     problems = [f"trial number {n} appears {c} times"
                 for n, c in collections.Counter(r["number"] for r in rows).items() if c > 1]
-    retries = collections.Counter(r["retry_of"] for r in rows if r["retry_of"] is not None)
+    # a retry that never started is enqueued again with its retry_of: only the copies that ran count
+    retries = collections.Counter(r["retry_of"] for r in rows if r["retry_of"] is not None and r["state"] != "not_run")
     problems += [f"trial {n} retried {c} times" for n, c in retries.items() if c > 1]
     for r in (r for r in rows if r["retry_of"] is not None):
         target = by_number.get(r["retry_of"])
