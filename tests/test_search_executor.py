@@ -84,3 +84,23 @@ def test_slots_follow_the_cluster_and_fractional_gpus():
     assert executor._slots({"CPU": 2.0}, 1, 0) == 2
     assert executor._slots({"CPU": 8.0, "GPU": 2.0}, 1, 1) == 2
     assert executor._slots({"CPU": 1.0}, 2, 0) == 0
+
+
+def test_a_dead_controllers_local_ray_leftovers_are_cleaned(tmp_path):
+    import subprocess
+    import sys
+
+    fake_tmp = tmp_path / "as-ray-dead"
+    fake_tmp.mkdir()
+    # a process that outlived its controller: its command line names the session's temp dir
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(fake_tmp)])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = tmp_path / "ray_local.json"
+    record.write_text(json.dumps({"tmp": str(fake_tmp), "pid": dead.pid}))
+    try:
+        executor._clean_dead_session(record)
+        assert leftover.wait(timeout=10) != 0  # killed
+        assert not fake_tmp.exists() and not record.exists()
+    finally:
+        leftover.kill()

@@ -232,7 +232,9 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
             ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, include_dashboard=False,
                      log_to_driver=False, configure_logging=False, logging_level="error")
         else:
+            _clean_dead_session(controller.study.root / "ray_local.json")
             tmp = tempfile.mkdtemp(prefix="as-ray-")  # short: Ray's socket paths have a length limit
+            (controller.study.root / "ray_local.json").write_text(json.dumps({"tmp": tmp, "pid": os.getpid()}))
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
                      configure_logging=False, logging_level="error", runtime_env={"env_vars": RAY_ENV})
         resources = ray.cluster_resources()
@@ -261,6 +263,30 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+            (controller.study.root / "ray_local.json").unlink(missing_ok=True)
+
+
+def _clean_dead_session(record) -> None:
+    """After a kill -9 of a controller, Ray's raylet and GCS die with it but some agents
+    (DashboardAgent, RuntimeEnvAgent) can outlive it: end what is left of that local Ray session."""
+    import shutil
+
+    import psutil
+
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return
+    if psutil.pid_exists(int(info.get("pid", -1))) or not info.get("tmp"):
+        return  # still running (the study lock keeps a second controller out anyway)
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if info["tmp"] in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.Error, TypeError):
+            continue
+    shutil.rmtree(info["tmp"], ignore_errors=True)
+    record.unlink(missing_ok=True)
 
 
 def _trial_name(trial) -> str:
