@@ -119,8 +119,19 @@ def _macro(metrics: dict | None) -> dict | None:
 
 
 def _mlflow_run(root: Path, number: int) -> str | None:
+    """The trial's MLflow run id, when the study was tracked (looked up by the tags the tracker sets)."""
     info = _read_json(root / "mlflow.json") or {}
-    return (info.get("trial_runs") or {}).get(str(number))
+    if not info.get("parent_run_id") or not info.get("tracking_uri"):
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        runs = MlflowClient(info["tracking_uri"]).search_runs(
+            [info["experiment_id"]], max_results=1,
+            filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and tags.trial_number = '{number}'")
+        return runs[0].info.run_id if runs else None
+    except Exception:  # noqa: BLE001 - provenance only: an unreachable tracking server leaves it empty
+        return None
 
 
 def _read_json(path: Path) -> dict | None:
