@@ -75,7 +75,7 @@ class AllocationConfig:
         if self.moe_targets is not None:
             self.moe_targets = list(self.moe_targets)
         if self.options is None or isinstance(self.options, dict):
-            self.options = spec.make_options(self.options or {})
+            self.options = spec.make_options(_typed_options(spec.options_cls, self.options or {}))
         elif not isinstance(self.options, spec.options_cls):
             raise AllocationError(
                 f"options for method {self.method!r} must be {spec.options_cls.__name__} or a dict, "
@@ -211,6 +211,35 @@ class AllocationConfig:
         experts = shape_experts(shape, num_layers, total_experts)
         return cls(method=method, num_layers=num_layers, experts=experts,
                    top_k=[min(top_k, n) for n in experts], rank=[rank] * num_layers, **kwargs)
+
+
+def _typed_options(options_cls, values: dict) -> dict:
+    """Check each option's type against the method's options class (one line naming the option, the
+    expected type and the value); numbers written as strings are read where a float is expected."""
+    import numbers
+
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(options_cls)}
+    out = dict(values)
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if kind is None or (value is None and "None" in kind):
+            continue  # unknown options are named by make_options
+        if kind.startswith("float"):
+            if isinstance(value, str):
+                try:
+                    value = float(value.strip())
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise AllocationError(f"options.{name}: expected a number, got {value!r:.60}")
+            out[name] = float(value)
+        elif kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise AllocationError(f"options.{name}: expected a whole number, got {value!r:.60}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise AllocationError(f"options.{name}: expected true or false, got {value!r:.60}")
+        elif kind == "str" and not isinstance(value, str):
+            raise AllocationError(f"options.{name}: expected a string, got {value!r:.60}")
+    return out
 
 
 def _int_list(name: str, values) -> list[int]:

@@ -1,5 +1,7 @@
 """Files on disk: YAML read only with a safe loader (never a user object constructed), and
-writes that are atomic (temp file + rename), so a killed process never leaves half a file.
+writes that are atomic (temp file + rename), so a killed process never leaves half a file. Written files
+get the umask's permissions (``0o666 & ~umask``), like any ``open(path, "w")``: ``mkstemp`` alone would make
+them 0600.
 
 PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string; users write learning rates that way, so the
 loader here also reads YAML 1.2 floats (``1e-3``, ``5E+2``) as numbers. Everything else is ``safe_load``.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +54,41 @@ def read_yaml(path: str | os.PathLike, what: str, error: type[Exception]) -> Any
         raise error(f"{path} is not valid YAML{at} ({problem}); fix: correct the YAML syntax") from None
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status``); elsewhere
+    set-and-restore under a lock (the umask is process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode a plain ``mkdir`` would give a new folder: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, file_mode())  # mkstemp makes it 0600 whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)

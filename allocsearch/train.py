@@ -48,6 +48,7 @@ class TrainConfig:
     zero_shot: bool = False  # also evaluate the untrained model (validation and test)
 
     def __post_init__(self):
+        self._check_types()
         positive = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
@@ -65,8 +66,42 @@ class TrainConfig:
         if self.threads is not None and self.threads < 1:
             raise TrainConfigError(f"train.threads must be >= 1 or null, got {self.threads}")
 
+    def _check_types(self) -> None:
+        """Every setting has its type: one line naming the key, the expected type and the value. Numbers
+        written as strings (``"1e-3"`` from JSON) are accepted where a float is expected."""
+        import numbers
+
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("float"):
+                if isinstance(value, str):
+                    try:
+                        value = float(value.strip())
+                    except ValueError:
+                        pass
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    _type_error(f.name, "a number", value)
+                setattr(self, f.name, float(value))
+            elif kind.startswith("int"):
+                if isinstance(value, float) and value.is_integer() and f.name not in _WHOLE:
+                    value = int(value)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    if f.name in _WHOLE:
+                        continue  # the range check below names it: "must be a whole number >= 1"
+                    _type_error(f.name, "a whole number" + (" or null" if "None" in kind else ""), value)
+                setattr(self, f.name, int(value))
+            elif kind == "str" and not isinstance(value, str):
+                _type_error(f.name, "a string", value)
+            elif kind == "bool" and not isinstance(value, bool):
+                _type_error(f.name, "true or false", value)
+
     @classmethod
     def from_dict(cls, data: dict | None) -> "TrainConfig":
+        if data is not None and not isinstance(data, dict):
+            raise TrainConfigError(f"train: expected a mapping of settings (e.g. {{steps: 60, lr: 3.0e-4}}), "
+                                   f"got {data!r:.60}")
         data = dict(data or {})
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
@@ -76,6 +111,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_WHOLE = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
+
+
+def _type_error(name: str, expected: str, value) -> None:
+    raise TrainConfigError(f"train.{name}: expected {expected}, got {value!r:.60}")
 
 
 class TrialFailed(AllocsearchError):

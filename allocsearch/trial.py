@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from allocsearch.methods import get_method, preset
 from allocsearch.train import TrainConfig
 
 SPEC_KEYS = ("name", "model", "allocation", "data", "train")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class TrialSpecError(AllocsearchError, ValueError):
@@ -48,9 +50,20 @@ class TrialSpec:
             raise TrialSpecError(f"data must be 'demo' or a data spec mapping, got {self.data!r:.60}")
         if isinstance(self.train, dict) or self.train is None:
             self.train = TrainConfig.from_dict(self.train)
+        elif not isinstance(self.train, TrainConfig):
+            raise TrialSpecError(f"train: expected a mapping of settings (e.g. {{steps: 60, lr: 3.0e-4}}), "
+                                 f"got {self.train!r:.60}")
         if not isinstance(self.allocation, (dict, AllocationConfig)):
-            raise TrialSpecError("allocation must be a mapping: {preset: mola}, {method: mola, shape: hourglass, "
-                                 "...} or a full allocation config")
+            raise TrialSpecError(f"allocation must be a mapping ({{preset: mola}}, {{method: mola, shape: "
+                                 f"hourglass, ...}} or a full allocation config), got {self.allocation!r:.60}")
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise TrialSpecError(f"model: expected a string (a model name such as smollm2-135m, a local path or "
+                                 f"a cached HF id), got {self.model!r:.60}")
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name) or self.name in (".", ".."):
+            raise TrialSpecError(f"name: expected 1-64 letters, digits, '.', '_' or '-' (it becomes a folder "
+                                 f"name), got {self.name!r:.60}")
 
     @classmethod
     def demo(cls) -> "TrialSpec":

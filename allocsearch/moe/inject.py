@@ -128,6 +128,9 @@ class Adapter:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
+            from allocsearch.fileio import dir_mode
+
+            tmp.chmod(dir_mode())  # mkdtemp makes it 0700; the files inside follow the umask
             self.allocation.save(tmp / CONFIG_FILE)
             (tmp / META_FILE).write_text(json.dumps({"train_modules": list(self.train_modules),
                                                      "format": "allocsearch-adapter"}, indent=2))
