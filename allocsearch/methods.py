@@ -85,7 +85,7 @@ class GraphLoRAOptions:
     poisson_coef: float = 0.005  # paper
     normal_coef: float = 8.0  # paper
     lambda_init: float = 1.0
-    sigma_init: float = 1.0
+    sigma_init: float | None = None  # None: N/2 of each layer's experts (the authors' code)
     # Each GCN layer also gets a root (self) weight, H' = act(Â H W + H W_self) (GraphConv-style): with the
     # plain GCN, experts with the same closed neighbourhood (all of them at beta = 1, both ends of an
     # isolated edge) get identical logits for every token and can never be told apart.
@@ -102,7 +102,7 @@ class GraphLoRAOptions:
             _fail("gcn_hidden and node_dim must be >= 1")
         if self.poisson_coef < 0 or self.normal_coef < 0:
             _fail("poisson_coef and normal_coef must be >= 0")
-        if self.lambda_init <= 0 or self.sigma_init <= 0:
+        if self.lambda_init <= 0 or (self.sigma_init is not None and self.sigma_init <= 0):
             _fail("lambda_init and sigma_init must be > 0")
 
     def check(self, alloc: "AllocationConfig") -> None:

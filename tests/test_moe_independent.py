@@ -128,7 +128,7 @@ def test_graphlora_aux_loss_value_is_the_weighted_poisson_plus_normal_kl():
     probs = [np_softmax(row) for row in logits]
     l_poisson = np.mean([np_kl(pois, sorted(p, reverse=True)) for p in probs])
     load = sum(topk_gates(p, k)[0] for p in probs)
-    l_normal = np_kl(norm, sorted(load / load.sum(), reverse=True))
+    l_normal = np_kl(sorted(norm, reverse=True), sorted(load / load.sum(), reverse=True))  # both sorted
     assert layer.aux_loss.item() == pytest.approx(0.3 * l_poisson + 2.0 * l_normal, rel=1e-4)
     layer.eval()
     layer.aux_loss = None

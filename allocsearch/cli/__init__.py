@@ -13,6 +13,7 @@ from allocsearch.errors import AllocsearchError
 _COMMANDS = {
     "alloc": "allocsearch.cli.alloc:alloc",
     "bench": "allocsearch.cli.bench:bench",
+    "data": "allocsearch.cli.data:data",
     "dashboard": "allocsearch.cli.dashboard:dashboard",
     "export": "allocsearch.cli.export:export",
     "space": "allocsearch.cli.space:space",

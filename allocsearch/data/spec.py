@@ -15,18 +15,24 @@ YAML form (``data_dir`` optional: None means the bundled demo; a relative path i
     tasks:
       - {name: arc_easy, train: 400, validation: 100, test: 200}
       - {name: sst2, train: 400, validation: 100, test: 200}
+      - {name: reviews, path: reviews.jsonl, format: classification, labels: [negative, positive],
+         test_ratio: 0.2, train: 400, validation: 100, test: 100}
+
+A task with a ``path`` is a user task read from the user's own file (see :mod:`allocsearch.data.files`);
+its ``path`` / ``test_path`` are taken from the YAML's folder when relative. Its splits follow the same rules.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 
+from allocsearch.data import files as user_files
 from allocsearch.data.formats import DataError, Example
-from allocsearch.data.tasks import default_data_dir, get_task, read_task
+from allocsearch.data.tasks import TASKS, default_data_dir, get_task, read_task
 
 SPLITS = ("train", "validation", "test")
 SPEC_KEYS = ("tasks", "seed", "data_dir")
@@ -44,19 +50,55 @@ def _check_keys(given: dict, allowed: tuple[str, ...], where: str, required: tup
 
 @dataclass
 class TaskSpec:
-    """How many examples of one task each split takes."""
+    """How many examples of one task each split takes; with ``path`` a user task read from that file."""
 
     name: str
     train: int
     validation: int
     test: int
+    path: str | None = None
+    format: str | None = None
+    labels: list | dict | None = None
+    fields: dict | None = None
+    test_path: str | None = None
+    test_ratio: float | None = None
+    instruction: str | None = None
+
+    @property
+    def is_user(self) -> bool:
+        return self.path is not None
 
     def __post_init__(self) -> None:
-        get_task(self.name)
+        if self.path is None:
+            given = [k for k in user_files.USER_KEYS if getattr(self, k) is not None]
+            if given and self.name not in TASKS:
+                raise DataError(f"task {self.name!r} has {given[0]} but no path; fix: add path: <your data file>")
+            get_task(self.name)
+            if given:
+                raise DataError(f"task {self.name!r} is a built-in task and takes no {given[0]}; fix: drop it, or "
+                                "give your own data a path and another name")
+        elif self.name in TASKS:
+            raise DataError(f"task {self.name!r}: the name is a built-in task; fix: give your data another name")
         for split in SPLITS:
             n = getattr(self, split)
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise DataError(f"task {self.name!r}: {split} is {n!r}; fix: give a whole number >= 0")
+        if self.path is not None:
+            user_files.check_user_task(self)
+
+    def resolve_paths(self, base: str | Path) -> None:
+        """Make a user task's relative ``path`` / ``test_path`` absolute, taken from ``base``."""
+        for key in ("path", "test_path"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).expanduser().is_absolute():
+                setattr(self, key, str((Path(base) / value).resolve()))
+            elif value is not None:
+                setattr(self, key, str(Path(value).expanduser()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mapping form; a built-in task's has only name, train, validation and test."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name in ("name", *SPLITS) or getattr(self, f.name) is not None}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "task") -> TaskSpec:
@@ -64,7 +106,7 @@ class TaskSpec:
             raise DataError(f"{where}: expected a mapping {{name, train, validation, test}}, got {d!r:.60}; "
                             "fix: write it as - {name: arc_easy, train: 400, validation: 100, test: 200}")
         names = tuple(f.name for f in fields(cls))
-        _check_keys(d, names, where, required=names)
+        _check_keys(d, names, where, required=("name", *SPLITS))
         return cls(**d)
 
 
@@ -116,10 +158,17 @@ class DataSpec:
         spec = cls.from_dict(d, where=str(path))
         if spec.data_dir is not None and not Path(spec.data_dir).is_absolute():
             spec.data_dir = str((path.parent / spec.data_dir).resolve())
+        spec.resolve_paths(path.parent)
         return spec
 
+    def resolve_paths(self, base: str | Path) -> DataSpec:
+        """Make the user tasks' relative file paths absolute, taken from ``base`` (the spec file's folder)."""
+        for t in self.tasks:
+            t.resolve_paths(base)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
-        return {"tasks": [asdict(t) for t in self.tasks], "seed": self.seed, "data_dir": self.data_dir}
+        return {"tasks": [t.to_dict() for t in self.tasks], "seed": self.seed, "data_dir": self.data_dir}
 
     @classmethod
     def demo(cls, seed: int = 0) -> DataSpec:
@@ -150,8 +199,12 @@ def load_splits(spec: DataSpec, data_dir: str | Path | None = None) -> dict[str,
     root = Path(root) if root is not None else default_data_dir()
     groups: dict[str, list[list[Example]]] = {s: [] for s in SPLITS}
     for t in spec.tasks:
-        task = get_task(t.name)
-        pools = read_task(t.name, root)
+        if t.is_user:
+            pools = user_files.read_user_task(t)
+            source = t.path if not t.test_path else f"{t.path} / {t.test_path}"
+        else:
+            pools = read_task(t.name, root)
+            source = root / get_task(t.name).folder
         train_pool, test_pool = pools["train"], pools["test"]
         wanted = t.train + t.validation
         if wanted and not train_pool:
@@ -159,11 +212,12 @@ def load_splits(spec: DataSpec, data_dir: str | Path | None = None) -> dict[str,
                             "come from it; fix: set train: 0 and validation: 0 for it")
         if wanted > len(train_pool):
             raise DataError(f"task {t.name!r}: asked for {t.train} train + {t.validation} validation = {wanted} "
-                            f"examples but its train split in {root / task.folder} has {len(train_pool)}; "
-                            "fix: ask for fewer or pass --data-dir with the full data")
+                            f"examples but its train split in {source} has {len(train_pool)}; "
+                            + ("fix: ask for fewer or add records" if t.is_user
+                               else "fix: ask for fewer or pass --data-dir with the full data"))
         if t.test > len(test_pool):
             raise DataError(f"task {t.name!r}: asked for {t.test} test examples but its test split in "
-                            f"{root / task.folder} has {len(test_pool)}; fix: ask for at most {len(test_pool)}")
+                            f"{source} has {len(test_pool)}; fix: ask for at most {len(test_pool)}")
         order = _shuffled(len(train_pool), f"allocsearch/{spec.seed}/{t.name}/train")
         groups["validation"].append([train_pool[i] for i in order[: t.validation]])
         groups["train"].append([train_pool[i] for i in order[t.validation: wanted]])

@@ -19,7 +19,9 @@ Computed for all tokens at once without building per-token graphs:
     ``H0 S1 = Emb S1``) shared by all tokens: one fused multiply-add per token;
   * layer 2 + projection: ``(Â H1 W2 + H1 S2) F = Â (H1 W2F) + H1 S2F``: two matrix-vector products.
 Aux losses (training): ``poisson_coef * L_poisson + normal_coef * L_normal`` (eqs. 6-9, paper 0.005 and 8),
-with lambda and sigma learned and kept positive through softplus.
+with lambda and sigma learned and kept positive through softplus (sigma starts at N/2 as in the authors'
+code unless ``sigma_init`` is set). ``L_normal`` compares the sorted bell with the sorted activation
+frequency, cumulated over training in the persistent buffer ``activation_total`` (saved with the adapter).
 """
 from __future__ import annotations
 
@@ -80,11 +82,25 @@ class GraphLoRALinear(MoELoRALayer):
             if w is not None:
                 nn.init.normal_(w, std=math.sqrt(2.0 / (o.gcn_hidden + 1)))
         self.lambda_raw = nn.Parameter(torch.tensor(softplus_inverse(o.lambda_init), **fac))
-        self.sigma_raw = nn.Parameter(torch.tensor(softplus_inverse(o.sigma_init), **fac))
+        sigma = n / 2 if o.sigma_init is None else o.sigma_init  # the authors' code: N/2
+        self.sigma_raw = nn.Parameter(torch.tensor(softplus_inverse(sigma), **fac))
+        # v_a's history: each expert's top-K weight summed over every training forward so far (detached).
+        # A persistent buffer, so it is saved with the adapter and training resumes with the same profile.
+        self.register_buffer("activation_total", torch.zeros(n, dtype=torch.float32, device=fac["device"]))
 
     @property
     def poisson_lambda(self) -> torch.Tensor:
         return F.softplus(self.lambda_raw)
+
+    def graph_aux_loss(self, route) -> torch.Tensor:
+        """``poisson_coef * L_poisson + normal_coef * L_normal`` of one training forward; adds this batch's
+        top-K weights to the running activation total (after using the old total as v_a's history)."""
+        o = self.options
+        loss = (o.poisson_coef * poisson_distinction(route.probs, self.poisson_lambda)
+                + o.normal_coef * normal_balance(route.gates, self.normal_sigma, self.activation_total))
+        with torch.no_grad():
+            self.activation_total += route.gates.detach().sum(0).to(self.activation_total.dtype)
+        return loss
 
     @property
     def normal_sigma(self) -> torch.Tensor:
@@ -130,7 +146,5 @@ class GraphLoRALinear(MoELoRALayer):
         route = topk_route(logits, self.top_k)
         self._after_routing(route)
         if self.training:
-            o = self.options
-            self.aux_loss = (o.poisson_coef * poisson_distinction(route.probs, self.poisson_lambda)
-                             + o.normal_coef * normal_balance(route.gates, self.normal_sigma))
+            self.aux_loss = self.graph_aux_loss(route)
         return self.experts.combine(z, route.gates * self.scaling)

@@ -221,10 +221,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> Adapter:
     saved = load_file(path / ADAPTER_FILE)
     own = adapter._state()
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    # GraphLoRA's running activation total is training state added later: older adapters start it at zero
+    missing = [k for k in missing if not k.endswith(".activation_total")]
     if missing or unexpected:
         raise AllocationError(f"{path / ADAPTER_FILE} does not match its allocation: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     with torch.no_grad():
         for key, tensor in own.items():
-            tensor.copy_(saved[key].to(tensor.dtype))
+            if key in saved:
+                tensor.copy_(saved[key].to(tensor.dtype))
     return adapter

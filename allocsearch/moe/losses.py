@@ -41,12 +41,22 @@ def normal_target(sigma: torch.Tensor, n: int) -> torch.Tensor:
     return torch.softmax(-((i - n / 2) ** 2) / (2 * sigma.float() ** 2), dim=-1)
 
 
-def normal_balance(gates: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """GraphLoRA eq. (9): ``L_normal = KL(v_normal || v_a)``; ``v_a`` = each expert's cumulative top-K
-    weight over the batch, normalised and sorted descending (gradient flows through this batch's gates)."""
+def normal_balance(gates: torch.Tensor, sigma: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    """GraphLoRA eq. (9): ``L_normal = KL(sort_desc(v_normal) || sort_desc(v_a))``.
+
+    ``v_a`` is the activation frequency vector: each expert's top-K weight cumulated over training, i.e.
+    ``history`` (the detached running total of earlier batches, or None) plus this batch's ``gates.sum(0)``
+    (which carries the gradient), L1-normalised. Both vectors are sorted descending (as the authors' code
+    does): the loss compares the *profile* of the load with a bell, whichever expert is which. Sorting only
+    ``v_a`` would compare a decreasing profile with a bell peaked in the middle, whose minimum over sorted
+    loads is near uniform: the opposite of the intent.
+    """
     load = gates.sum(0)
+    if history is not None:
+        load = history.detach().to(load.dtype) + load
     v_a = (load / load.sum().clamp_min(1e-12)).sort(descending=True).values
-    return _kl(normal_target(sigma, gates.shape[-1]), v_a)
+    target = normal_target(sigma, gates.shape[-1]).sort(descending=True).values
+    return _kl(target, v_a)
 
 
 def softplus_inverse(y: float) -> float:
