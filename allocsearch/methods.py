@@ -113,19 +113,25 @@ class GraphLoRAOptions:
 class OMoEOptions:
     """OMoE: Gram-Schmidt-orthogonal experts in the placed layers, vanilla MoE elsewhere.
 
-    placement: "low" | "middle" | "high" (thirds of the depth, paper Tables 4-5), "all", or a list of
-    layer indices. orthogonalization: "magnitude" (default) outputs ||e_j|| q_j, so zero-init B leaves the
-    model unchanged and step-0 gradients are finite; "unit" is the paper's orthonormal form sum g_j q_j,
+    placement: "low" | "middle" | "high" (the paper's levels, layers 1-10 / 11-20 / 21-32 of 32, scaled to
+    the depth: ``allocsearch.shapes.levels``; Tables 4-5), "all", or a list of layer indices.
+    orthogonalization: "magnitude" (default) outputs ||e_j|| q_j, so zero-init B leaves the model unchanged
+    and step-0 gradients are finite; "unit" is the paper's orthonormal form sum g_j q_j,
     which needs a small non-zero B init (``b_init_std``) and changes the output from the start.
+    collinear_tol: an expert whose Gram-Schmidt residual is below this fraction of its own norm (collinear
+    with the earlier ones) contributes q_j = 0 (float32 cannot resolve its direction; see moe/omoe.py).
     """
 
     placement: Any = "low"
     orthogonalization: str = "magnitude"
     eps: float = 1e-6
     b_init_std: float | None = None  # default: 0 for "magnitude", 1e-3 for "unit"
-    load_balance_coef: float = 0.0
+    load_balance_coef: float = 0.0  # pooled per layer as MoLA's; constant 1 (no gradient) with soft routing
+    collinear_tol: float = 1e-4
 
     def __post_init__(self):
+        if not 0.0 <= self.collinear_tol < 1.0:
+            _fail(f"collinear_tol must be in [0, 1), got {self.collinear_tol}")
         if self.orthogonalization not in ("magnitude", "unit"):
             _fail(f"orthogonalization must be 'magnitude' or 'unit', got {self.orthogonalization!r}")
         if self.b_init_std is None:
@@ -150,12 +156,12 @@ class OMoEOptions:
 
     def layers(self, num_layers: int) -> set[int]:
         """The layer indices that get orthogonal experts."""
-        from allocsearch.shapes import thirds
+        from allocsearch.shapes import levels
 
         if self.placement == "all":
             return set(range(num_layers))
         if isinstance(self.placement, str):
-            return set(thirds(num_layers)[self.placement])
+            return set(levels(num_layers)[self.placement])
         return set(self.placement)
 
 

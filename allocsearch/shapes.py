@@ -93,8 +93,19 @@ def shape_experts(
     return out
 
 
-def thirds(num_layers: int) -> dict[str, list[int]]:
-    """Layer indices of the low / middle / high thirds (OMoE placement, paper Tables 4-5)."""
-    sizes = group_sizes(num_layers, 3)
-    bounds = [0, sizes[0], sizes[0] + sizes[1], num_layers]
+def levels(num_layers: int) -> dict[str, list[int]]:
+    """Layer indices of OMoE's low / middle / high levels (paper §4.4, Tables 4-5).
+
+    The paper splits Llama-2 7B's 32 layers into layers 1-10 / 11-20 / 21-32 (1-based), i.e. 0-9 / 10-19 /
+    20-31. Other depths scale those boundaries: they sit at ``round(10/32 L)`` and ``round(20/32 L)``
+    (halves rounded up), e.g. 30 layers -> 0-8 / 9-18 / 19-29, 6 -> 0-1 / 2-3 / 4-5. Not equal thirds:
+    the high level is the largest (12 of 32).
+    """
+    if num_layers < 3:
+        raise AllocsearchError(f"cannot split {num_layers} layers into 3 levels: the model needs at least 3 layers")
+    b1, b2 = (10 * num_layers + 16) // 32, (20 * num_layers + 16) // 32  # floor(x + 1/2), exact in integers
+    bounds = [0, b1, b2, num_layers]
     return {name: list(range(bounds[i], bounds[i + 1])) for i, name in enumerate(("low", "middle", "high"))}
+
+
+thirds = levels  # the old name (the levels used to be equal thirds)

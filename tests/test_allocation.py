@@ -245,13 +245,16 @@ def test_from_shape_caps_top_k():
 
 
 @pytest.mark.parametrize("n", list(range(3, 41)))
-def test_thirds_partition_the_layers(n):
+def test_levels_partition_the_layers(n):
+    """OMoE's levels are the paper's 1-10 / 11-20 / 21-32 of 32 scaled, not equal thirds (more in
+    tests/test_fidelity_mola_omoe.py); ``thirds`` is the old name."""
     parts = thirds(n)
     assert list(parts) == ["low", "middle", "high"]
     flat = parts["low"] + parts["middle"] + parts["high"]
     assert flat == list(range(n))
-    assert max(map(len, parts.values())) - min(map(len, parts.values())) <= 1
+    assert min(map(len, parts.values())) >= 1
     assert thirds(9) == {"low": [0, 1, 2], "middle": [3, 4, 5], "high": [6, 7, 8]}
+    assert [len(v) for v in thirds(32).values()] == [10, 10, 12]
 
 
 # ----------------------------------------------------------------------------------- presets

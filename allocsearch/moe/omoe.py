@@ -8,7 +8,15 @@ Router ``g = softmax(W_g x)`` (soft routing by default, top-k supported). The k 
 Zero-init hazard: with B = 0 every e_j is 0 and q_j = 0/0. Norms are computed as sqrt(||u||^2 + eps^2),
 so q_j = 0 and all gradients stay finite at step 0. "magnitude" then leaves a fresh adapter's output
 unchanged; "unit" needs B initialised small and non-zero (``b_init_std``) to have any direction at all.
-Layers outside ``placement`` (paper Tables 4-5: low / middle / high third) get vanilla MoE experts.
+Near-collinear experts (expert collapse, what OMoE targets): the layer computes the orthogonalisation
+from the k x k Gram matrix in float64 (in float32 its cancellation gave outputs of 2.9e3 for a true norm of
+1.4 at a 3e-4 relative difference), and a residual with ``||u_j|| < collinear_tol * ||e_j||`` (default
+1e-4) counts as nothing new: ``q_j = 0``. A float32 layer cannot resolve the direction of a smaller
+residual anyway (its error is ~1e-7 / (||u_j|| / ||e_j||)). So the output stays bounded by
+``s * sum_j g_j m_j`` and matches the explicit float64 Gram-Schmidt with the same rule (tests/
+test_fidelity_mola_omoe.py); a dropped expert still gets its router gradient through the others' weights.
+Layers outside ``placement`` (paper Tables 4-5: levels low / middle / high = layers 1-10 / 11-20 / 21-32 of
+32, scaled to the depth: ``allocsearch.shapes.levels``) get vanilla MoE experts.
 """
 from __future__ import annotations
 
@@ -25,39 +33,61 @@ def _norm(v: torch.Tensor, eps: float) -> torch.Tensor:
     return (v.pow(2).sum(-1, keepdim=True) + eps * eps).sqrt()
 
 
-def gram_schmidt(e: torch.Tensor, eps: float) -> torch.Tensor:
+def gram_schmidt(e: torch.Tensor, eps: float, tol: float = 0.0) -> torch.Tensor:
     """Orthonormalise ``e`` (T, k, d) along k, in order (modified Gram-Schmidt). The reference form:
-    the layer itself uses :func:`gram_schmidt_weights`, which gives the same result without forming e."""
+    the layer itself uses :func:`gram_schmidt_weights`, which gives the same result without forming e.
+
+    ``tol``: a residual ``u_j`` with ``||u_j|| < tol * ||e_j||`` adds nothing new (``e_j`` is collinear with
+    the earlier experts to within ``tol``): its ``q_j`` is 0, also for the later projections."""
     qs = []
     for j in range(e.shape[1]):
         u = e[:, j]
         for q in qs:
             u = u - (u * q).sum(-1, keepdim=True) * q
-        qs.append(u / _norm(u, eps))
+        keep = u.pow(2).sum(-1, keepdim=True) >= tol * tol * e[:, j].pow(2).sum(-1, keepdim=True)
+        qs.append(torch.where(keep, u / _norm(u, eps), torch.zeros_like(u)))
     return torch.stack(qs, dim=1)
 
 
-def gram_schmidt_weights(gram: torch.Tensor, coef: torch.Tensor, eps: float, magnitude: bool) -> torch.Tensor:
+def gram_schmidt_weights(gram: torch.Tensor, coef: torch.Tensor, eps: float, magnitude: bool,
+                         tol: float = 0.0) -> torch.Tensor:
     """Weights ``w`` (T, k) with ``sum_j coef_j m_j q_j = sum_m w_m e_m``, from the Gram matrix alone.
 
     Gram-Schmidt is linear in the e's: ``q_j = sum_m W[j, m] e_m`` with W lower-triangular, and every
     inner product it needs is ``c^T G c'`` with ``G[t] = E E^T`` (k x k per token). So the orthogonalised
     mixture is just another gating of the experts, and the (T, k, d_out) outputs are never formed.
-    ``m_j = ||e_j||`` ("magnitude") or 1 ("unit"); norms are sqrt(. + eps^2) as in :func:`gram_schmidt`.
+    ``m_j = ||e_j||`` ("magnitude") or 1 ("unit"); norms are sqrt(. + eps^2) as in :func:`gram_schmidt`,
+    and ``tol`` drops a residual below ``tol * ||e_j||`` as there.
+
+    Numerics: ``||u_j||^2 = c^T G c`` cancels down from ``||e_j||^2``, so its relative error is about
+    ``unit roundoff / (||u_j|| / ||e_j||)^2``; in float32 that is garbage once two experts differ by ~3e-4.
+    Pass ``gram`` in float64 (the layer does): the k x k work is negligible next to the matmuls, and with
+    ``tol`` = 1e-4 every kept residual is resolved to ~1e-8 relative. The weights are at most ~1 / tol.
     """
     t, k, _ = gram.shape
     eye = torch.eye(k, device=gram.device, dtype=gram.dtype).expand(t, k, k)
+    sq = gram.diagonal(dim1=1, dim2=2)  # ||e_j||^2
     rows = []
     for j in range(k):
         c = eye[:, j]  # u_j = e_j
         for w in rows:  # u_j -= <u_j, q_i> q_i  (modified Gram-Schmidt)
             c = c - (torch.bmm(c.unsqueeze(1), gram).squeeze(1) * w).sum(-1, keepdim=True) * w
         norm2 = (torch.bmm(c.unsqueeze(1), gram).squeeze(1) * c).sum(-1, keepdim=True).clamp_min(0)
-        rows.append(c / (norm2 + eps * eps).sqrt())  # q_j = u_j / ||u_j||
+        keep = norm2 >= tol * tol * sq[:, j:j + 1]  # else collinear: q_j = 0 (the division stays finite)
+        rows.append(torch.where(keep, c / (norm2 + eps * eps).sqrt(), torch.zeros_like(c)))  # q_j = u_j / ||u_j||
     weights = torch.stack(rows, dim=1)  # (T, k, k): q_j = sum_m W[j, m] e_m
     if magnitude:
-        coef = coef * (gram.diagonal(dim1=1, dim2=2) + eps * eps).sqrt()  # ||e_j||
+        coef = coef * (sq.clamp_min(0) + eps * eps).sqrt()  # ||e_j||
     return torch.bmm(coef.unsqueeze(1), weights).squeeze(1)
+
+
+def gram64(experts: LoRAExperts, z: torch.Tensor) -> torch.Tensor:
+    """``G[t, i, j] = <e_i, e_j>`` in float64 (see ``LoRAExperts.gram``; fp32 loses near-collinear experts)."""
+    n, r = experts.num_experts, experts.rank
+    b = experts.lora_B.double()
+    m = (b.t() @ b).view(n, r, n, r)  # B_i^T B_j
+    zd = z.double().view(-1, n, r)
+    return torch.einsum("tia,iajb,tjb->tij", zd, m, zd)
 
 
 class OMoELinear(MoELoRALayer):
@@ -83,23 +113,27 @@ class OMoELinear(MoELoRALayer):
         z, gates, index = self._route(x)
         if not self.orthogonal:
             return self.experts.combine(z, gates * self.scaling)  # vanilla MoE layer
-        gram = self.experts.gram(z)  # (T, N, N): <e_i, e_j> in fp32
+        gram = gram64(self.experts, z)  # (T, N, N): <e_i, e_j> in fp64
         gram = gram.gather(1, index.unsqueeze(-1).expand(-1, -1, gram.shape[-1]))
         gram = gram.gather(2, index.unsqueeze(1).expand(-1, index.shape[1], -1))  # active, router order
         o = self.options
-        w = gram_schmidt_weights(gram, gates.gather(1, index), o.eps, o.orthogonalization == "magnitude")
-        dense = torch.zeros_like(gates).scatter(1, index, w)  # back to expert order
+        w = gram_schmidt_weights(gram, gates.gather(1, index).double(), o.eps, o.orthogonalization == "magnitude",
+                                 o.collinear_tol)
+        dense = torch.zeros_like(gates).scatter(1, index, w.to(gates.dtype))  # back to expert order
         return self.experts.combine(z, dense * self.scaling)
 
     def delta_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The textbook computation (every e_j formed, explicit Gram-Schmidt); for tests."""
+        """The textbook computation (every e_j formed, explicit Gram-Schmidt in float64); for tests."""
         z, gates, index = self._route(x)
-        e = self.experts.outputs(z).float()
+        n, r = self.num_experts, self.rank
+        b = self.experts.lora_B.double().view(-1, n, r)
+        e = torch.einsum("tnr,onr->tno", z.double().view(-1, n, r), b)  # e_i = B_i A_i x
         e = e.gather(1, index.unsqueeze(-1).expand(-1, -1, e.shape[-1]))
-        q = gram_schmidt(e, self.options.eps)
-        if self.options.orthogonalization == "magnitude":
-            q = q * _norm(e, self.options.eps)
-        return (self.scaling * (gates.gather(1, index).unsqueeze(-1) * q).sum(1)).to(z.dtype)
+        o = self.options
+        q = gram_schmidt(e, o.eps, o.collinear_tol)
+        if o.orthogonalization == "magnitude":
+            q = q * _norm(e, o.eps)
+        return (self.scaling * (gates.gather(1, index).double().unsqueeze(-1) * q).sum(1)).to(z.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", orthogonal={self.orthogonal}"
