@@ -10,6 +10,7 @@ predictor; macro averages weight the tasks equally.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 from collections import defaultdict
 
@@ -19,6 +20,19 @@ from allocsearch.data import Example
 from allocsearch.encode import Encoder
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("allocsearch_eval_progress", default=None)
+
+
+@contextlib.contextmanager
+def eval_progress(callback):
+    """Inside this context every :func:`evaluate` calls ``callback(done, total)`` (examples) before its first
+    batch and after each one: a progress display for callers that cannot pass arguments down (the train
+    CLI around ``run_trial``). The metrics are unchanged."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 def accuracy(gold: list[int], pred: list[int]) -> float:
@@ -69,6 +83,8 @@ def evaluate(model, encoder: Encoder, examples: list[Example], *, batch_size: in
     pred: dict[str, list[int]] = defaultdict(list)
     choice = [e for e in examples if e.label is not None]
     gen = [e for e in examples if e.label is None]
+    report = _PROGRESS.get() or (lambda done, total: None)
+    report(0, len(choice) + len(gen))
     try:
         with autocast_context(device, autocast_dtype):
             for i in range(0, len(choice), batch_size):
@@ -76,11 +92,13 @@ def evaluate(model, encoder: Encoder, examples: list[Example], *, batch_size: in
                 for ex, p in zip(chunk, _predict_choices(model, encoder, chunk, device)):
                     gold[ex.task].append(ex.label)
                     pred[ex.task].append(p)
+                report(i + len(chunk), len(choice) + len(gen))
             for i in range(0, len(gen), batch_size):
                 chunk = gen[i:i + batch_size]
                 for ex, text in zip(chunk, _generate(model, encoder, chunk, device, max_new_tokens)):
                     gold[ex.task].append(1)
                     pred[ex.task].append(int(same_number(first_number(text), ex.target)))
+                report(len(choice) + i + len(chunk), len(choice) + len(gen))
     finally:
         model.train(was_training)
     tasks = {}

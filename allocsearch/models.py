@@ -19,6 +19,7 @@ eval mode; fresh heads are initialised from ``seed`` without touching the global
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -208,7 +209,8 @@ def _ensure_smollm2_cache(cache_dir) -> tuple[Path, str]:
     def write(tmp: Path) -> None:
         log.info("converting %s to safetensors in %s (once)", ggufs[0].name, final)
         kw = dict(gguf_file=ggufs[0].name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(pkg, dtype=torch.float32, **kw)
+        with _gguf_progress_off_a_terminal():
+            model = AutoModelForCausalLM.from_pretrained(pkg, dtype=torch.float32, **kw)
         model.hf_quantizer = None  # the weights are plain dequantized tensors; this lets save_pretrained run
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -217,6 +219,29 @@ def _ensure_smollm2_cache(cache_dir) -> tuple[Path, str]:
 
     write_atomically(final, write)
     return final, "gguf -> cache"
+
+
+@contextlib.contextmanager
+def _gguf_progress_off_a_terminal():
+    """transformers' GGUF conversion draws a tqdm bar it offers no switch for; off a terminal (logs, CI) its
+    carriage returns flood the log, so there the bar is disabled. On a terminal it stays."""
+    import sys
+
+    gguf_utils = None
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        try:
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:  # no gguf support: from_pretrained says so itself
+            gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -34,7 +34,8 @@ def _int_csv(name: str, value: str | None) -> list[int] | None:
 
 
 @click.command()
-@click.option("--method", default=None, help="mola, loracoe, graphlora, omoe, lora or dora.")
+@click.option("--method", default=None, help="mola, loracoe, graphlora, omoe, lora or dora; experts / top-k / "
+              "rank default to the method's preset (mola: 5 experts, top-2, r8).")
 @click.option("--preset", "preset_name", default=None,
               help="Start from a named baseline / paper default (see --list-presets).")
 @click.option("--layers", type=int, default=30, show_default=True,
@@ -43,7 +44,8 @@ def _int_csv(name: str, value: str | None) -> list[int] | None:
               help="MoLA shape: rectangle, triangle, inverted_triangle, hourglass, or group weights like 8,2,2,8.")
 @click.option("--total-experts", type=int, default=None, help="Total experts for --shape (default 5 per layer).")
 @click.option("--experts", default=None, help="Experts per layer: one number for all, or one per layer (2,4,...).")
-@click.option("--top-k", default=None, help="Top-k per layer: one number (capped at each layer's experts) or a list.")
+@click.option("--top-k", default=None, help="Top-k per layer: one number or one per layer, each at most the layer's experts "
+              "(default 2, capped at each layer's experts).")
 @click.option("--rank", default=None, help="LoRA rank: one number or one per layer.")
 @click.option("--targets", default=None, help="Comma-separated targets, e.g. q,k,v,o,gate,up,down.")
 @click.option("--moe-targets", default=None, help="Targets that get experts; the rest get plain LoRA (MixLoRA).")
@@ -82,9 +84,18 @@ def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, ran
         fields: dict = {}
         if preset_name:
             config = preset(preset_name, layers)
+            if method and method != config.method:
+                raise AllocsearchError(f"--method {method} and --preset {preset_name} conflict: the preset is a "
+                                       f"{config.method} allocation; give one of them")
             fields = config.to_dict()
         elif not method:
             raise AllocsearchError("give --method (mola, loracoe, graphlora, omoe, lora, dora) or --preset")
+        elif method in PRESETS:  # the method's own defaults (MoLA: 5 experts, top-2, r8), not plain LoRA
+            from allocsearch.methods import get_method
+
+            get_method(method)  # an unknown method is named before anything else
+            defaults = PRESETS[method][1](layers)
+            fields = {key: [defaults[key]] * layers for key in ("experts", "top_k", "rank")}
         if method:
             fields["method"] = method
         fields["num_layers"] = layers
@@ -129,8 +140,19 @@ def _per_layer(fields, layers, shape, total_experts, experts, top_k, rank) -> di
     else:
         n = expand("experts", experts, 1)
     k = expand("top-k", top_k, 2)
-    if top_k is None or len(_int_csv("top-k", top_k)) == 1:
-        k = [min(a, b) for a, b in zip(k, n)]  # one top-k: capped at each layer's experts
+    if top_k is None:
+        k = [min(a, b) for a, b in zip(k, n)]  # the default top-k: capped at each layer's experts
+    else:
+        scalar = len(_int_csv("top-k", top_k)) == 1
+        for j, (a, b) in enumerate(zip(k, n)):
+            if a < 1:
+                raise AllocsearchError(f"--top-k {top_k}: layer {j} gets top-k {a}; fix: give top-k >= 1")
+            if a > b:
+                fix = (f"give --top-k {min(n)} or less" if scalar else f"give layer {j} a top-k of {b} or less")
+                more = "a larger --total-experts" if shape else "more --experts"
+                experts = f"{b} expert" + ("s" if b != 1 else "")
+                raise AllocsearchError(f"--top-k {top_k}: layer {j} has {experts} but top-k {a}; fix: {fix}, "
+                                       f"or {more}")
     return {"experts": n, "top_k": k, "rank": expand("rank", rank, 8)}
 
 

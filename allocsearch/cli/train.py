@@ -68,6 +68,11 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
         from allocsearch.train import TrainConfig
 
         spec.train = TrainConfig.from_dict({**spec.train.to_dict(), **overrides})
+    _check_allocation(spec.allocation)
+    from allocsearch.models import resolve_device
+
+    resolve_device(spec.train.device)  # an unknown or absent device is named before any data or model work
+    _check_model(spec.model)
     if data_dir and not Path(data_dir).is_dir():
         raise AllocsearchError(f"--data-dir {data_dir} is not a folder: pass the folder holding the data sets")
     out_dir = Path(out) if out else Path("allocsearch-runs") / "train" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -78,12 +83,11 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
+    plain = not console.is_terminal  # logs and CI: plain lines instead of a live bar
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console, transient=True) as bar:
+                  console=console, transient=True, disable=plain) as bar:
         task = bar.add_task("starting", total=spec.train.steps, info="")
-
-        plain = not console.is_terminal  # logs and CI: plain lines instead of a live bar
         started = time.perf_counter()
 
         def line(text):
@@ -101,18 +105,80 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
                  f"(balanced {metrics['macro_balanced_accuracy']:.3f})")
             return False
 
+        eval_task = bar.add_task("evaluation", total=1, info="", visible=False)
+        evals = {"stage": "", "calls": 0, "last": 0.0}
+
         def on_stage(stage):
             bar.update(task, description=stage)
+            evals.update(stage=stage, calls=0)
             line(stage)
 
-        result = run_trial(spec, data_dir=data_dir, out_dir=out_dir, on_step=on_step, on_checkpoint=on_checkpoint,
-                           on_stage=on_stage)
+        def on_eval(done, total):
+            """Per-batch progress of the zero-shot and final evaluations (run_trial evaluates validation,
+            then test); checkpoint evaluations during training show in the bar only."""
+            final = "evaluation" in evals["stage"]
+            if done == 0:
+                evals["calls"] += 1
+            split = ("validation", "test")[min(evals["calls"], 2) - 1] if final else "validation subset"
+            what = f"{evals['stage'] if final else 'checkpoint evaluation'} ({split})"
+            bar.update(eval_task, description=what, completed=done, total=max(total, 1), visible=done < total)
+            now = time.perf_counter()
+            if final and plain and (done == total or now - evals["last"] >= 10.0):
+                evals["last"] = now
+                line(f"{what}: {done}/{total} examples")
+
+        from allocsearch.evaluate import eval_progress
+
+        with eval_progress(on_eval):
+            result = run_trial(spec, data_dir=data_dir, out_dir=out_dir, on_step=on_step,
+                               on_checkpoint=on_checkpoint, on_stage=on_stage)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_summary(result, out_dir)
     if result.status == "failed":
         raise SystemExit(1)
+
+
+def _check_allocation(allocation) -> None:
+    """An unknown preset, method or option is named now, not after the data and the model have loaded."""
+    from allocsearch.allocation import _typed_options
+    from allocsearch.methods import PRESETS, get_method
+
+    if not isinstance(allocation, dict):
+        return
+    for key in ("preset", "method"):
+        if key in allocation and not isinstance(allocation[key], str):
+            raise AllocsearchError(f"allocation.{key}: expected a string, got {allocation[key]!r:.60}")
+    method = allocation.get("method")
+    if "preset" in allocation:
+        name = allocation["preset"]
+        if name not in PRESETS:
+            raise AllocsearchError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        method = method or PRESETS[name][1](1)["method"]
+    if method is not None:
+        spec = get_method(method)
+        if isinstance(allocation.get("options"), dict):  # unknown or mistyped options
+            spec.make_options(_typed_options(spec.options_cls, allocation["options"]))
+
+
+def _check_model(name: str) -> None:
+    """A model that cannot load is named now (one line), not after the data has loaded; load_model does the
+    full check."""
+    import re
+
+    from allocsearch.models import MODEL_NAMES, ModelError, _not_found
+
+    path = Path(name).expanduser()
+    if name in MODEL_NAMES or path.exists():
+        return
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise ModelError(f"no model directory at {name!r}: pass a directory with config.json, a .gguf file, "
+                         f"or one of {', '.join(MODEL_NAMES)}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise _not_found(name)
 
 
 def print_summary(result, out_dir: Path) -> None:

@@ -128,9 +128,6 @@ class Adapter:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
-            from allocsearch.fileio import dir_mode
-
-            tmp.chmod(dir_mode())  # mkdtemp makes it 0700; the files inside follow the umask
             self.allocation.save(tmp / CONFIG_FILE)
             (tmp / META_FILE).write_text(json.dumps({"train_modules": list(self.train_modules),
                                                      "format": "allocsearch-adapter"}, indent=2))
@@ -140,6 +137,10 @@ class Adapter:
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().contiguous().cpu() for k, v in self._state().items()}, tmp / ADAPTER_FILE)
+            from allocsearch.fileio import dir_mode, file_mode
+
+            for item in (tmp, *tmp.rglob("*")):  # mkdtemp and safetensors make 0700 / 0600: follow the umask
+                item.chmod(dir_mode() if item.is_dir() else file_mode())
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
