@@ -147,15 +147,12 @@ def _check_allocation(allocation) -> None:
 
     if not isinstance(allocation, dict):
         return
-    for key in ("preset", "method"):
-        if key in allocation and not isinstance(allocation[key], str):
-            raise AllocsearchError(f"allocation.{key}: expected a string, got {allocation[key]!r:.60}")
     method = allocation.get("method")
-    if "preset" in allocation:
+    if method is None and "preset" in allocation:  # with a method, a preset is provenance only
         name = allocation["preset"]
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise AllocsearchError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-        method = method or PRESETS[name][1](1)["method"]
+        method = PRESETS[name][1](1)["method"]
     if method is not None:
         spec = get_method(method)
         if isinstance(allocation.get("options"), dict):  # unknown or mistyped options

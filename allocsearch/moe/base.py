@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from allocsearch.moe.losses import switch_load_balance
+from allocsearch.moe.losses import SwitchStats, pooled_switch_load_balance, switch_stats
 from allocsearch.moe.routers import Route
 
 
@@ -31,6 +31,9 @@ class MoELoRALayer(nn.Module):
         self.options = options
         self.layer_index, self.num_layers, self.target = layer_index, num_layers, target
         self.aux_loss: torch.Tensor | None = None  # weighted auxiliary loss of the last training forward
+        # (coef, this module's Switch statistics) of the last training forward: pooled per decoder layer by
+        # pooled_load_balance, as MoLA does, rather than one loss per module
+        self.balance: tuple[float, SwitchStats] | None = None
         self.track_load = False
         self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64), persistent=False)
 
@@ -50,12 +53,13 @@ class MoELoRALayer(nn.Module):
 
     # ------------------------------------------------------------------ routing bookkeeping
     def _after_routing(self, route: Route, coef: float = 0.0) -> None:
-        """Record expert load and, while training, the Switch load-balance loss (weighted by ``coef``)."""
+        """Record expert load and, while training, this module's Switch load-balance statistics (weighted by
+        ``coef``; :func:`pooled_load_balance` turns a layer's modules into one loss)."""
         if self.track_load:
             with torch.no_grad():
                 self.load_counts += torch.bincount(route.index.reshape(-1), minlength=self.num_experts).double()
         if self.training and coef > 0:
-            self.aux_loss = coef * switch_load_balance(route.probs, route.index)
+            self.balance = (coef, switch_stats(route.probs, route.index))
 
     def expert_load(self) -> list[float]:
         """Fraction of routed token slots each expert received since the last reset."""
@@ -87,3 +91,20 @@ class MoELoRALayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, target={self.target}, experts={self.num_experts}, "
                 f"top_k={self.top_k}, rank={self.rank}, scaling={self.scaling:g}")
+
+
+def pooled_load_balance(layers) -> torch.Tensor | float:
+    """MoLA's load balance: ``sum_l coef * N_l * sum_i f_i P_i``, ONE term per decoder layer ``l`` over the
+    tokens of all its routed modules (MoLA's code concatenates their router logits), not one per module:
+    at uniform routing each layer gives ``coef`` however many targets it has. Modules of a layer pool when
+    they have the same number of experts; targets with one expert (outside ``moe_targets``) have no router
+    and take no part. Reads and clears each layer's ``balance``; 0.0 when none has any."""
+    pools: dict[tuple[int, int], list] = {}
+    for layer in layers:
+        if layer.balance is not None:
+            pools.setdefault((layer.layer_index, layer.num_experts), []).append(layer.balance)
+            layer.balance = None
+    total = 0.0
+    for parts in pools.values():
+        total = total + parts[0][0] * pooled_switch_load_balance([stats for _, stats in parts])
+    return total

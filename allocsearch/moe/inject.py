@@ -22,7 +22,7 @@ from torch import nn
 
 from allocsearch.allocation import MODEL_FAMILIES, AllocationConfig, AllocationError
 from allocsearch.methods import get_method
-from allocsearch.moe.base import MoELoRALayer
+from allocsearch.moe.base import MoELoRALayer, pooled_load_balance
 
 FAMILY_TARGETS: dict[str, dict[str, str]] = {
     "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -93,8 +93,9 @@ class Adapter:
         return sum(p.numel() for p in self.model.parameters())
 
     def aux_loss(self) -> torch.Tensor | float:
-        """Sum of the layers' weighted auxiliary losses from the last training forward (then cleared)."""
-        total = 0.0
+        """Sum of the layers' weighted auxiliary losses from the last training forward (then cleared); the
+        Switch load balance is pooled per decoder layer (``pooled_load_balance``)."""
+        total = pooled_load_balance(self.layers.values())
         for layer in self.layers.values():
             if layer.aux_loss is not None:
                 total = total + layer.aux_loss

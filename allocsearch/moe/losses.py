@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -12,9 +13,33 @@ def switch_load_balance(probs: torch.Tensor, index: torch.Tensor) -> torch.Tenso
     ``f_i``: share of the layer's top-k selections that went to expert i (sums to 1); ``P_i``: mean router
     probability of expert i over the tokens. Uniform routing gives 1.
     """
+    return pooled_switch_load_balance([switch_stats(probs, index)])
+
+
+class SwitchStats(NamedTuple):
+    """One module's part of its decoder layer's Switch loss (summed over its tokens, so parts pool)."""
+
+    counts: torch.Tensor  # (N,) top-k selections per expert (no gradient)
+    probs_sum: torch.Tensor  # (N,) router probabilities summed over the tokens (carries the gradient)
+    tokens: int
+
+
+def switch_stats(probs: torch.Tensor, index: torch.Tensor) -> SwitchStats:
     n = probs.shape[-1]
-    f = torch.bincount(index.reshape(-1), minlength=n).to(probs.dtype) / index.numel()
-    return n * (f * probs.mean(0)).sum()
+    counts = torch.bincount(index.reshape(-1), minlength=n).to(probs.dtype)
+    return SwitchStats(counts, probs.sum(0), probs.shape[0])
+
+
+def pooled_switch_load_balance(parts: list[SwitchStats]) -> torch.Tensor:
+    """MoLA's per-layer loss over several modules: their tokens concatenated, as MoLA's code concatenates
+    the router logits of all target modules of a layer. ``f_i`` = share of all the modules' top-k picks
+    that went to expert i, ``P_i`` = mean probability over all their tokens; ``L = N sum_i f_i P_i`` (1 at
+    uniform routing however many modules pool). The parts must have the same N."""
+    counts = sum(p.counts for p in parts)
+    probs_sum = sum(p.probs_sum for p in parts)
+    tokens = sum(p.tokens for p in parts)
+    f = counts / counts.sum().clamp_min(1)
+    return counts.shape[0] * (f * probs_sum / tokens).sum()
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
