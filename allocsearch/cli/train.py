@@ -10,6 +10,7 @@ import click
 
 from allocsearch.errors import AllocsearchError
 
+EVAL_LINE_SECONDS = 10.0  # off a terminal: a progress line this often during a long evaluation
 
 
 @click.command()
@@ -106,7 +107,7 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
             return False
 
         eval_task = bar.add_task("evaluation", total=1, info="", visible=False)
-        evals = {"stage": "", "calls": 0, "last": 0.0}
+        evals = {"stage": "", "calls": 0, "last": 0.0, "shown": False}
 
         def on_stage(stage):
             bar.update(task, description=stage)
@@ -115,16 +116,17 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
 
         def on_eval(done, total):
             """Per-batch progress of the zero-shot and final evaluations (run_trial evaluates validation,
-            then test); checkpoint evaluations during training show in the bar only."""
+            then test) in the bar; off a terminal a line every EVAL_LINE_SECONDS of a long evaluation (and
+            its end). Checkpoint evaluations during training show in the bar only."""
             final = "evaluation" in evals["stage"]
+            now = time.perf_counter()
             if done == 0:
-                evals["calls"] += 1
+                evals.update(calls=evals["calls"] + 1, last=now, shown=False)
             split = ("validation", "test")[min(evals["calls"], 2) - 1] if final else "validation subset"
             what = f"{evals['stage'] if final else 'checkpoint evaluation'} ({split})"
             bar.update(eval_task, description=what, completed=done, total=max(total, 1), visible=done < total)
-            now = time.perf_counter()
-            if final and plain and (done == total or now - evals["last"] >= 10.0):
-                evals["last"] = now
+            if final and plain and (now - evals["last"] >= EVAL_LINE_SECONDS or done == total and evals["shown"]):
+                evals.update(last=now, shown=True)
                 line(f"{what}: {done}/{total} examples")
 
         from allocsearch.evaluate import eval_progress
