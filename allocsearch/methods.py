@@ -243,7 +243,7 @@ PRESETS: dict[str, tuple[str, Callable[..., dict]]] = {
                 lambda n, **kw: dict(method="loracoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
     "graphlora": ("GraphLoRA paper best: 8 experts, top-2, r2, beta 0.1",
                   lambda n, **kw: dict(method="graphlora", experts=8, top_k=2, rank=2, alpha=4.0, **kw)),
-    "omoe": ("OMoE paper: 2 experts, soft routing, r16, alpha32, orthogonal in the low third",
+    "omoe": ("OMoE paper: 2 experts, soft routing, r16, alpha32, orthogonal in the low level (layers 1-10 of 32)",
              lambda n, **kw: dict(method="omoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
 }
 
