@@ -211,11 +211,11 @@ def _ensure_smollm2_cache(cache_dir) -> tuple[Path, str]:
         kw = dict(gguf_file=ggufs[0].name, local_files_only=True)
         with _gguf_progress_off_a_terminal():
             model = AutoModelForCausalLM.from_pretrained(pkg, dtype=torch.float32, **kw)
-        model.hf_quantizer = None  # the weights are plain dequantized tensors; this lets save_pretrained run
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(pkg, **kw).save_pretrained(tmp)
+            model.hf_quantizer = None  # the weights are plain dequantized tensors; this lets save_pretrained run
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(pkg, **kw).save_pretrained(tmp)
 
     write_atomically(final, write)
     return final, "gguf -> cache"
@@ -223,25 +223,32 @@ def _ensure_smollm2_cache(cache_dir) -> tuple[Path, str]:
 
 @contextlib.contextmanager
 def _gguf_progress_off_a_terminal():
-    """transformers' GGUF conversion draws a tqdm bar it offers no switch for; off a terminal (logs, CI) its
-    carriage returns flood the log, so there the bar is disabled. On a terminal it stays."""
+    """transformers' GGUF conversion draws a tqdm bar it offers no switch for (and its load / save bars);
+    off a terminal (logs, CI) their carriage returns flood the log, so there they are disabled. On a
+    terminal they stay."""
     import sys
 
-    gguf_utils = None
-    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        try:
-            import transformers.modeling_gguf_pytorch_utils as gguf_utils
-        except ImportError:  # no gguf support: from_pretrained says so itself
-            gguf_utils = None
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
         yield
         return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support: from_pretrained says so itself
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    bars_on = hf_logging.is_progress_bar_enabled()
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        gguf_utils.tqdm = original
+        if original is not None:
+            gguf_utils.tqdm = original
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def _tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -241,10 +241,12 @@ def test_gguf_conversion_bar_is_off_off_a_terminal():
 
     from allocsearch.models import _gguf_progress_off_a_terminal
 
-    original = gguf_utils.tqdm
+    from transformers.utils import logging as hf_logging
+
+    original, bars_on = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
     with _gguf_progress_off_a_terminal():  # pytest's stderr is no terminal
-        assert gguf_utils.tqdm(range(3)).disable
-    assert gguf_utils.tqdm is original
+        assert gguf_utils.tqdm(range(3)).disable and not hf_logging.is_progress_bar_enabled()
+    assert gguf_utils.tqdm is original and hf_logging.is_progress_bar_enabled() == bars_on
 
 
 def test_train_shows_evaluation_progress_and_writes_with_the_umask(capsys, tmp_path, monkeypatch):
