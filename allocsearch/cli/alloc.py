@@ -44,8 +44,8 @@ def _int_csv(name: str, value: str | None) -> list[int] | None:
               help="MoLA shape: rectangle, triangle, inverted_triangle, hourglass, or group weights like 8,2,2,8.")
 @click.option("--total-experts", type=int, default=None, help="Total experts for --shape (default 5 per layer).")
 @click.option("--experts", default=None, help="Experts per layer: one number for all, or one per layer (2,4,...).")
-@click.option("--top-k", default=None, help="Top-k per layer: one number or one per layer, each at most the layer's experts "
-              "(default 2, capped at each layer's experts).")
+@click.option("--top-k", default=None, help="Top-k per layer: one number or one per layer, each at most the "
+              "layer's experts (default 2, capped at each layer's experts).")
 @click.option("--rank", default=None, help="LoRA rank: one number or one per layer.")
 @click.option("--targets", default=None, help="Comma-separated targets, e.g. q,k,v,o,gate,up,down.")
 @click.option("--moe-targets", default=None, help="Targets that get experts; the rest get plain LoRA (MixLoRA).")
@@ -91,9 +91,6 @@ def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, ran
         elif not method:
             raise AllocsearchError("give --method (mola, loracoe, graphlora, omoe, lora, dora) or --preset")
         elif method in PRESETS:  # the method's own defaults (MoLA: 5 experts, top-2, r8), not plain LoRA
-            from allocsearch.methods import get_method
-
-            get_method(method)  # an unknown method is named before anything else
             defaults = PRESETS[method][1](layers)
             fields = {key: [defaults[key]] * layers for key in ("experts", "top_k", "rank")}
         if method:
