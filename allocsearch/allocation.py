@@ -16,6 +16,11 @@ Fields
                   dotted path inside the block (e.g. "mlp.fc1")
     moe_targets   the targets that get experts; the others get one plain LoRA expert of the same rank
                   (MixLoRA: experts on the FFN, LoRA on attention). None: every target gets experts
+    router_scope  where a router sits: "linear" (default; every wrapped Linear has its own router and
+                  experts) or "ffn_block" (graphlora, mola: ONE router per decoder layer on its gated
+                  Llama-style MLP, expert i = down_i(act(gate_i(x)) * up_i(x)) with W + s B_i A_i on each
+                  adapted projection; the gate/up/down targets are the block's, every other target gets
+                  plain LoRA; the papers' placement for GraphLoRA and MixLoRA). Not for BERT-style encoders
     alpha         LoRA alpha; every expert's scaling is s = alpha / rank[j], applied on the r-sized side
     dropout       LoRA dropout on the expert input
     options       the method's options (see ``allocsearch.methods``): aux-loss coefficients, GraphLoRA's
@@ -38,6 +43,10 @@ SCHEMA_VERSION = 1
 LLAMA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 BERT_TARGETS = ("query", "key", "value", "dense", "intermediate", "output")
 KNOWN_TARGETS = LLAMA_TARGETS + BERT_TARGETS
+ROUTER_SCOPES = ("linear", "ffn_block")
+# targets that name a projection of a gated Llama-style MLP (router_scope ffn_block) -> its short name
+FFN_BLOCK_TARGETS = {"gate": "gate", "up": "up", "down": "down",
+                     "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
 # config.model_type -> family whose short target names apply ("llama": q/k/v/o_proj + gate/up/down_proj
 # decoders; "bert": BERT-style encoders)
 MODEL_FAMILIES = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma": "llama",
@@ -58,6 +67,7 @@ class AllocationConfig:
     rank: list[int]
     targets: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
     moe_targets: list[str] | None = None
+    router_scope: str = "linear"
     alpha: float = 16.0
     dropout: float = 0.05
     options: Any = None
@@ -120,10 +130,33 @@ class AllocationConfig:
             missing = [t for t in self.moe_targets if t not in self.targets]
             if missing:
                 raise AllocationError(f"moe_targets {missing} are not in targets {self.targets}")
+        self._validate_router_scope()
         if not self.alpha > 0:
             raise AllocationError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise AllocationError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _validate_router_scope(self) -> None:
+        if self.router_scope not in ROUTER_SCOPES:
+            raise AllocationError(f"router_scope must be one of {', '.join(ROUTER_SCOPES)}, got {self.router_scope!r}")
+        if self.router_scope == "linear":
+            return
+        from allocsearch.methods import METHOD_NAMES, get_method
+
+        if get_method(self.method).block_layer is None:
+            able = [m for m in METHOD_NAMES if get_method(m).block_layer]
+            raise AllocationError(f"router_scope ffn_block is for {', '.join(able)}: {self.method} wraps single "
+                                  f"Linears, use router_scope linear")
+        ffn = [t for t in self.targets if t in FFN_BLOCK_TARGETS]
+        if not ffn:
+            raise AllocationError(f"router_scope ffn_block puts the experts on a gated Llama-style MLP but targets "
+                                  f"{self.targets} name none of gate, up, down (BERT-style encoders: use "
+                                  f"router_scope linear)")
+        if len({FFN_BLOCK_TARGETS[t] for t in ffn}) != len(ffn):
+            raise AllocationError(f"targets {ffn} name the same MLP projection twice")
+        if self.moe_targets is not None and sorted(self.moe_targets) != sorted(ffn):
+            raise AllocationError(f"with router_scope ffn_block the experts sit on the FFN block ({', '.join(ffn)}) "
+                                  f"and every other target gets plain LoRA: set moe_targets to {ffn} or leave it out")
 
     # ----------------------------------------------------------------------------------- queries
     def layer(self, j: int) -> dict[str, int]:

@@ -174,6 +174,9 @@ class MethodSpec:
     layer: str | None  # "module:Class" of the wrapped-Linear layer; None for peft methods
     peft: bool = False
     phases: tuple[str, ...] = ()  # training phases the trainer steps through (LoRACoE: warmup, joint)
+    # "module:Class" of the FFN-block form (one router per decoder layer on a gated MLP, experts = the whole
+    # adapted MLP; allocation ``router_scope: ffn_block``); None: the method only wraps single Linears
+    block_layer: str | None = None
 
     def make_options(self, values: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(self.options_cls)}
@@ -185,8 +188,8 @@ class MethodSpec:
         except TypeError as exc:
             _fail(f"bad options for method {self.name!r}: {exc}")
 
-    def layer_class(self):
-        module, attr = self.layer.split(":")
+    def layer_class(self, router_scope: str = "linear"):
+        module, attr = (self.block_layer if router_scope == "ffn_block" else self.layer).split(":")
         return getattr(importlib.import_module(module), attr)
 
 
@@ -203,11 +206,13 @@ def register(spec: MethodSpec) -> MethodSpec:
 register(MethodSpec("lora", "plain LoRA through peft", PeftOptions, None, peft=True))
 register(MethodSpec("dora", "DoRA through peft (use_dora=True)", PeftOptions, None, peft=True))
 register(MethodSpec("mola", "MoLA: per-layer LoRA experts, top-k softmax router",
-                    MoLAOptions, "allocsearch.moe.mola:MoLALinear"))
+                    MoLAOptions, "allocsearch.moe.mola:MoLALinear",
+                    block_layer="allocsearch.moe.ffn_block:MoLAFFNBlock"))
 register(MethodSpec("loracoe", "LoRACoE: rank-level composition experts", LoRACoEOptions,
                     "allocsearch.moe.loracoe:LoRACoELinear", phases=("warmup", "joint")))
 register(MethodSpec("graphlora", "GraphLoRA: GCN graph router over token and expert nodes",
-                    GraphLoRAOptions, "allocsearch.moe.graphlora:GraphLoRALinear"))
+                    GraphLoRAOptions, "allocsearch.moe.graphlora:GraphLoRALinear",
+                    block_layer="allocsearch.moe.ffn_block:GraphLoRAFFNBlock"))
 register(MethodSpec("omoe", "OMoE: Gram-Schmidt orthogonal experts in placed layers",
                     OMoEOptions, "allocsearch.moe.omoe:OMoELinear"))
 
@@ -226,8 +231,10 @@ FFN_TARGETS = ["gate", "up", "down"]
 
 
 def _mixlora(num_layers: int, **kw):
-    # MixLoRA: top-2 of 8 rank-16 experts on the FFN projections, plain LoRA on attention
-    return dict(method="mola", experts=8, top_k=2, rank=16, alpha=32.0, moe_targets=FFN_TARGETS, **kw)
+    # MixLoRA: top-2 of 8 rank-16 experts on the FFN block (one router per decoder layer, each expert the
+    # whole MLP with its own LoRA on gate/up/down), plain LoRA on attention
+    return dict(method="mola", experts=8, top_k=2, rank=16, alpha=32.0, moe_targets=FFN_TARGETS,
+                router_scope="ffn_block", **kw)
 
 
 PRESETS: dict[str, tuple[str, Callable[..., dict]]] = {
@@ -236,13 +243,15 @@ PRESETS: dict[str, tuple[str, Callable[..., dict]]] = {
     "dora": ("DoRA r8 alpha16 (peft)", lambda n, **kw: dict(method="dora", experts=1, top_k=1, rank=8, **kw)),
     "mola": ("MoLA paper default: 5 experts per layer, top-2, r8, alpha16",
              lambda n, **kw: dict(method="mola", experts=5, top_k=2, rank=8, **kw)),
-    "mixlora": ("MixLoRA: top-2 of 8 r16 experts on FFN, LoRA r16 on attention", _mixlora),
+    "mixlora": ("MixLoRA: top-2 of 8 r16 experts on the FFN block (one router per layer), LoRA r16 on attention",
+                _mixlora),
     "loramoe": ("LoRAMoE: dense router over 4 r8 experts on the FFN projections",
                 lambda n, **kw: dict(method="mola", experts=4, top_k=4, rank=8, targets=FFN_TARGETS, **kw)),
     "loracoe": ("LoRACoE paper: r16, alpha32, E=2",
                 lambda n, **kw: dict(method="loracoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
-    "graphlora": ("GraphLoRA paper best: 8 experts, top-2, r2, beta 0.1",
-                  lambda n, **kw: dict(method="graphlora", experts=8, top_k=2, rank=2, alpha=4.0, **kw)),
+    "graphlora": ("GraphLoRA paper best: one graph router per FFN block, 8 experts, top-2, r2, beta 0.1, LoRA on "
+                  "attention", lambda n, **kw: dict(method="graphlora", experts=8, top_k=2, rank=2, alpha=4.0,
+                                                     router_scope="ffn_block", **kw)),
     "omoe": ("OMoE paper: 2 experts, soft routing, r16, alpha32, orthogonal in the low level (layers 1-10 of 32)",
              lambda n, **kw: dict(method="omoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
 }

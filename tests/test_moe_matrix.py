@@ -99,10 +99,15 @@ def test_injection_wraps_exactly_the_allocated_modules(name):
     alloc = CASES[name]()
     adapter = inject(tiny_llama(), alloc)
     layers = [m for m in adapter.model.modules() if isinstance(m, MoELoRALayer)]
-    assert len(layers) == len(adapter.layers) == L * len(alloc.targets)
+    if alloc.router_scope == "ffn_block":  # gate/up/down are one block layer with one router per decoder layer
+        blocks = [m for m in adapter.model.modules() if type(m).__name__.endswith("FFNBlock")]
+        assert len(blocks) == L and all(b.num_experts == alloc.experts[b.layer_index] for b in blocks)
+        assert len(layers) == L * (len(alloc.targets) - 3) and len(adapter.layers) == len(layers) + L
+    else:
+        assert len(layers) == len(adapter.layers) == L * len(alloc.targets)
     for layer in layers:
         j = layer.layer_index
-        moe = alloc.is_moe_target(layer.target)
+        moe = alloc.is_moe_target(layer.target) and alloc.router_scope == "linear"
         assert layer.num_experts == (alloc.experts[j] if moe else 1)
         assert layer.top_k == (alloc.top_k[j] if moe else 1)
         assert layer.rank == alloc.rank[j]

@@ -57,15 +57,17 @@ def normalized_adjacency(num_experts: int, edges: torch.Tensor) -> torch.Tensor:
     return d[:, None] * adj * d[None, :]
 
 
-class GraphLoRALinear(MoELoRALayer):
-    def __init__(self, base: nn.Linear, **kwargs):
-        super().__init__(base, **kwargs)
-        o, fac, n = self.options, self._factory, self.num_experts
-        self.experts = LoRAExperts(n, self.rank, self.in_features, self.out_features, **fac)
+class GraphRouter:
+    """The graph router's parameters, logits and aux losses, set up on a module by ``_build_graph_router``:
+    shared by the per-Linear form (``GraphLoRALinear``, our variant) and the paper's FFN-block form
+    (``allocsearch.moe.ffn_block.GraphLoRAFFNBlock``). The module keeps ``options`` and ``layer_index``."""
+
+    def _build_graph_router(self, n: int, in_features: int, fac: dict) -> None:
+        o = self.options
         seed = o.graph_seed + 1000 * self.layer_index  # fixed per layer, reproducible from the config
         self.register_buffer("edges", expert_edges(n, o.edge_density, seed))
         self.register_buffer("adjacency", normalized_adjacency(n, self.edges).to(fac["dtype"]).to(fac["device"]))
-        self.token_in = nn.Parameter(torch.empty(o.node_dim, self.in_features, **fac))  # W_in
+        self.token_in = nn.Parameter(torch.empty(o.node_dim, in_features, **fac))  # W_in
         self.expert_emb = nn.Parameter(torch.empty(n, o.node_dim, **fac))
         self.gcn1 = nn.Parameter(torch.empty(o.node_dim, o.gcn_hidden, **fac))
         self.readout = nn.Parameter(torch.empty(o.gcn_hidden, 1, **fac))  # W2 F
@@ -137,12 +139,26 @@ class GraphLoRALinear(MoELoRALayer):
             out = adj @ h1 @ self.readout + h1 @ self.readout_self
         return out[:, 1:].squeeze(-1)
 
+    def graph_logits(self, tok: torch.Tensor) -> torch.Tensor:
+        """``router_logits``, recomputed in backward when ``recompute_router`` is on (training)."""
+        if self.options.recompute_router and self.training and torch.is_grad_enabled():
+            return checkpoint(self.router_logits, tok, use_reentrant=False)
+        return self.router_logits(tok)
+
+
+class GraphLoRALinear(GraphRouter, MoELoRALayer):
+    """GraphLoRA with its own graph router on each wrapped Linear (our variant; the paper's placement is
+    one router per FFN block: ``allocation.router_scope: ffn_block``)."""
+
+    def __init__(self, base: nn.Linear, **kwargs):
+        super().__init__(base, **kwargs)
+        self.experts = LoRAExperts(self.num_experts, self.rank, self.in_features, self.out_features,
+                                   **self._factory)
+        self._build_graph_router(self.num_experts, self.in_features, self._factory)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         z, tok = self.experts.project(x, self.lora_dropout, self.token_in)  # [A; W_in] x, one matmul
-        if self.options.recompute_router and self.training and torch.is_grad_enabled():
-            logits = checkpoint(self.router_logits, tok, use_reentrant=False)
-        else:
-            logits = self.router_logits(tok)
+        logits = self.graph_logits(tok)
         route = topk_route(logits, self.top_k)
         self._after_routing(route)
         if self.training:

@@ -163,6 +163,10 @@ def inject(model: nn.Module, allocation: AllocationConfig, *, train_modules: tup
     ``train_modules``: module names kept trainable and saved with the adapter (e.g. a classifier head).
     """
     spec = get_method(allocation.method)
+    if allocation.router_scope == "ffn_block":  # one router per decoder layer on its MLP (GraphLoRA, MixLoRA)
+        from allocsearch.moe.ffn_block import inject_ffn_blocks
+
+        return inject_ffn_blocks(model, allocation, train_modules=tuple(train_modules))
     targets = resolve_targets(model, allocation)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,273 @@
+"""The FFN-block form (allocation ``router_scope: ffn_block``): ONE router per decoder layer on its MLP.
+
+Where GraphLoRA (seeds/graphlora.txt §3) and MixLoRA put the mixture: the router reads the FFN's input
+``x`` (the token after attention + norm), and expert i is the whole gated MLP with its own LoRA on each
+adapted projection (METHODS.md, GraphLoRA "Where")::
+
+    E_i(x) = down_i(act(gate_i(x)) * up_i(x)),   proj_i(v) = W_proj v + s B^proj_i A^proj_i dropout(v)
+    y      = sum_{i in topK} R_i E_i(x)          (R renormalised over the top K, summing to 1)
+
+Attention (every target that is not gate/up/down) gets plain LoRA of the same rank (``LoRALinear``).
+Computed as MoE-PEFT does, without running the frozen MLP once per expert:
+  * ``W_gate x`` and ``W_up x`` once, shared by all experts; each chosen expert adds its delta;
+  * ``W_down`` is linear, so ``sum_i R_i W_down h_i = W_down (sum_i R_i h_i)``: one frozen down matmul;
+  * per top-K slot, the chosen expert's delta as "a wide LoRA with a sparse middle" (all experts' A in one
+    matmul, the unchosen experts' r-slices zeroed, all B in one matmul; see ``experts.py``).
+The only per-slot tensors are the (tokens, K, d_ff) intermediates ``h_i = act(gate_i x) * up_i x``.
+
+Two routers: ``MoLAFFNBlock`` (softmax top-k, MixLoRA; Switch load balance per block router) and
+``GraphLoRAFFNBlock`` (the graph router of ``graphlora.py`` with its Poisson / Normal losses, once per
+block). Both keep the wrapped-Linear layers' interface (aux loss, expert load, adapter parameters and
+state found by visiting the layer objects), so the Adapter, the trainer and the analysis need no changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allocsearch.allocation import FFN_BLOCK_TARGETS, AllocationConfig, AllocationError
+from allocsearch.methods import get_method
+from allocsearch.moe.base import MoELoRALayer
+from allocsearch.moe.experts import LoRAExperts
+from allocsearch.moe.graphlora import GraphRouter
+from allocsearch.moe.mola import make_router
+from allocsearch.moe.routers import Route, topk_route
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+class LoRALinear(MoELoRALayer):
+    """Plain LoRA, ``h = W0 x + s B A dropout(x)`` (one expert, no router): attention in the block form."""
+
+    def __init__(self, base: nn.Linear, **kwargs):
+        super().__init__(base, **kwargs)
+        self.experts = LoRAExperts(1, self.rank, self.in_features, self.out_features, **self._factory)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        z, _ = self.experts.project(x, self.lora_dropout)
+        return self.experts.combine(z, self.scaling)
+
+
+def gated_mlp(block: nn.Module) -> nn.Module | None:
+    """The block's Llama-style MLP (``gate_proj``, ``up_proj``, ``down_proj`` Linears and ``act_fn``), or None."""
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or not callable(getattr(mlp, "act_fn", None)):
+        return None
+    if not all(isinstance(getattr(mlp, f"{p}_proj", None), nn.Linear) for p in PROJECTIONS):
+        return None
+    return mlp
+
+
+class FFNBlockMoE(nn.Module):
+    """Base of the block form: experts on ``projections`` of a frozen gated MLP; subclasses route."""
+
+    target = "ffn"
+
+    def __init__(self, mlp: nn.Module, *, experts: int, top_k: int, rank: int, alpha: float, dropout: float,
+                 options, layer_index: int, num_layers: int, projections: tuple[str, ...]):
+        super().__init__()
+        self.base = mlp  # the original MLP: frozen, excluded from the adapter's parameters and state
+        for p in mlp.parameters():
+            p.requires_grad_(False)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.in_features = self.out_features = mlp.gate_proj.in_features
+        self.intermediate = mlp.gate_proj.out_features
+        self.num_experts, self.top_k, self.rank = experts, top_k, rank
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.options, self.layer_index, self.num_layers = options, layer_index, num_layers
+        self.projections = tuple(p for p in PROJECTIONS if p in projections)
+        self.aux_loss: torch.Tensor | None = None
+        self.balance = None  # Switch statistics for the per-layer pooling (MoLA); see MoELoRALayer
+        self.track_load = False
+        w = mlp.gate_proj.weight
+        fac = {"device": w.device, "dtype": w.dtype}
+        self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64, device=w.device),
+                             persistent=False)
+        sizes = {"gate": (self.in_features, self.intermediate), "up": (self.in_features, self.intermediate),
+                 "down": (self.intermediate, self.out_features)}
+        self.lora = nn.ModuleDict({p: LoRAExperts(experts, rank, *sizes[p], **fac) for p in self.projections})
+
+    def _factory(self) -> dict:
+        w = self.gate_proj.weight
+        return {"device": w.device, "dtype": w.dtype}
+
+    # the wrapped-Linear interface, shared with MoELoRALayer (it reads only attributes set above)
+    _after_routing = MoELoRALayer._after_routing
+    expert_load = MoELoRALayer.expert_load
+    reset_load = MoELoRALayer.reset_load
+    set_phase = MoELoRALayer.set_phase
+    adapter_parameters = MoELoRALayer.adapter_parameters
+    adapter_state_dict = MoELoRALayer.adapter_state_dict
+    extra_repr = MoELoRALayer.extra_repr
+
+    def redundancy(self) -> float:
+        """MoLA §5.1 redundancy, averaged over the adapted projections."""
+        return sum(e.redundancy() for e in self.lora.values()) / len(self.lora)
+
+    # ------------------------------------------------------------------ routing (subclasses)
+    def router_weight(self) -> torch.Tensor | None:
+        """The matrix applied to x for the router's input (fused with the experts' A); None: no router."""
+        return None
+
+    def route(self, r: torch.Tensor | None, t: int, device) -> Route:
+        """The route of ``t`` tokens from ``router_weight() @ x``; records aux loss and expert load."""
+        ones = torch.ones(t, 1, device=device)
+        return Route(ones, ones, torch.zeros(t, 1, dtype=torch.long, device=device))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.mix(x.reshape(-1, shape[-1])).view(*shape[:-1], self.out_features)
+
+    def _project(self, x: torch.Tensor):
+        """``{proj: A_proj dropout(x)}`` for gate/up and the router's input, in one matmul when possible."""
+        names = [p for p in ("gate", "up") if p in self.lora]
+        mats = [self.lora[p].lora_A for p in names]
+        rw = self.router_weight()
+        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
+        if no_dropout:
+            mats = mats + ([rw.to(x.dtype)] if rw is not None else [])
+            if not mats:
+                return {}, None
+            parts = F.linear(x, torch.cat(mats)).split([m.shape[0] for m in mats], dim=-1)
+            return dict(zip(names, parts)), (parts[-1] if rw is not None else None)
+        xd = self.lora_dropout(x)
+        z = {p: F.linear(xd, self.lora[p].lora_A) for p in names}
+        return z, (F.linear(x, rw.to(x.dtype)) if rw is not None else None)
+
+    def _slot_delta(self, proj: str, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """``s B_e A_e x`` of each slot's chosen expert e, shape (T, K, d_out): the slot's expert keeps its
+        r-slice of ``z`` (T, N r), the others are zeroed, then all B in one matmul."""
+        t, (n, r) = z.shape[0], (self.num_experts, self.rank)
+        zs = z.view(t, 1, n, r) * (onehot * self.scaling).unsqueeze(-1)  # (T, K, N, r)
+        return F.linear(zs.reshape(t, onehot.shape[1], n * r), self.lora[proj].lora_B)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        z, r = self._project(x)
+        route = self.route(r, t, x.device)
+        w = route.gates.gather(1, route.index).to(x.dtype)  # (T, K): the chosen experts' weights, sum 1
+        onehot = F.one_hot(route.index, self.num_experts).to(x.dtype)  # (T, K, N)
+        gate = self.gate_proj(x).unsqueeze(1)  # frozen W_gate x, once for all experts
+        up = self.up_proj(x).unsqueeze(1)
+        if "gate" in z:
+            gate = gate + self._slot_delta("gate", z["gate"], onehot)
+        if "up" in z:
+            up = up + self._slot_delta("up", z["up"], onehot)
+        h = self.act_fn(gate) * up  # (T, K, d_ff), or (T, 1, d_ff) when no expert touches gate/up
+        h_mix = (w.unsqueeze(-1) * h).sum(1) if h.shape[1] > 1 else h[:, 0] * w.sum(1, keepdim=True)
+        y = self.down_proj(h_mix)  # sum_i R_i W_down h_i = W_down sum_i R_i h_i
+        if "down" in self.lora:
+            n, rank = self.num_experts, self.rank
+            zd = F.linear(self.lora_dropout(h), self.lora["down"].lora_A).view(t, h.shape[1], n, rank)
+            mask = (onehot * w.unsqueeze(-1) * self.scaling).unsqueeze(-1)  # (T, K, N, 1)
+            if h.shape[1] == 1:  # one h for every slot: weight each expert's slice by its gate
+                mask = mask.sum(1, keepdim=True)
+            zd = (zd * mask).sum(1).reshape(t, n * rank)
+            y = y + F.linear(zd, self.lora["down"].lora_B)
+        return y
+
+    def mix_reference(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """The same output by running each chosen expert's whole adapted MLP separately (for tests)."""
+        out = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for slot in range(route.index.shape[1]):
+            e = route.index[:, slot]
+            w = route.gates.gather(1, e[:, None]).to(x.dtype)
+            out = out + w * self.expert_forward(x, e)
+        return out
+
+    def expert_forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``E_{e_t}(x_t)`` for every token t (no dropout): the adapted MLP of expert ``e[t]``."""
+        def proj(name, v):
+            lin = getattr(self, f"{name}_proj")
+            out = lin(v)
+            if name in self.lora:
+                n, r = self.num_experts, self.rank
+                a = self.lora[name].lora_A.view(n, r, -1)[e]  # (T, r, d_in)
+                b = self.lora[name].lora_B.view(-1, n, r).permute(1, 0, 2)[e]  # (T, d_out, r)
+                out = out + self.scaling * torch.einsum("tor,tri,ti->to", b, a, v)
+            return out
+
+        return proj("down", self.act_fn(proj("gate", x)) * proj("up", x))
+
+
+class MoLAFFNBlock(FFNBlockMoE):
+    """MixLoRA's form: softmax top-k router ``W_r: N x d`` on the FFN input; Switch balance per block."""
+
+    def __init__(self, mlp: nn.Module, **kwargs):
+        super().__init__(mlp, **kwargs)
+        self.router = make_router(self.num_experts, self.in_features, self._factory())
+
+    def router_weight(self):
+        return self.router
+
+    def route(self, r, t, device):
+        if self.router is None:
+            return super().route(r, t, device)
+        route = topk_route(r, self.top_k)
+        self._after_routing(route, self.options.load_balance_coef)
+        return route
+
+
+class GraphLoRAFFNBlock(GraphRouter, FFNBlockMoE):
+    """GraphLoRA as in the paper: one graph router per decoder layer; Poisson + Normal losses per block."""
+
+    def __init__(self, mlp: nn.Module, **kwargs):
+        super().__init__(mlp, **kwargs)
+        self._build_graph_router(self.num_experts, self.in_features, self._factory())
+
+    def router_weight(self):
+        return self.token_in  # W_in: the token node's features act(W_in x)
+
+    def route(self, r, t, device):
+        route = topk_route(self.graph_logits(r), self.top_k)
+        self._after_routing(route)
+        if self.training:
+            self.aux_loss = self.graph_aux_loss(route)
+        return route
+
+
+def inject_ffn_blocks(model: nn.Module, allocation: AllocationConfig, *, train_modules: tuple[str, ...] = ()):
+    """``inject`` for ``router_scope: ffn_block``: each decoder layer's MLP becomes the method's block
+    layer; every other target gets plain LoRA (``LoRALinear``). Returns the Adapter."""
+    from allocsearch.moe.inject import Adapter, find_blocks, resolve_targets
+
+    prefix, blocks = find_blocks(model)
+    if any(gated_mlp(b) is None for b in blocks):
+        raise AllocationError(f"router_scope ffn_block needs a gated Llama-style MLP (mlp.gate_proj, up_proj, "
+                              f"down_proj, act_fn) in every block; {type(model).__name__} has none: use "
+                              f"router_scope linear (BERT-style encoders stay per-Linear)")
+    targets = resolve_targets(model, allocation)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    block_cls = get_method(allocation.method).layer_class("ffn_block")
+    projections = tuple(FFN_BLOCK_TARGETS[t] for t in allocation.targets if t in FFN_BLOCK_TARGETS)
+    common = dict(alpha=allocation.alpha, dropout=allocation.dropout, options=allocation.options,
+                  num_layers=allocation.num_layers)
+    layers: dict[str, nn.Module] = {}
+    for j, block in enumerate(blocks):
+        for jj, target, path in targets:
+            if jj != j or target in FFN_BLOCK_TARGETS:
+                continue
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = LoRALinear(getattr(parent, child), experts=1, top_k=1, rank=allocation.rank[j],
+                               layer_index=j, target=target, **common)
+            layer.train(model.training)
+            setattr(parent, child, layer)
+            layers[path] = layer
+        block_layer = block_cls(block.mlp, experts=allocation.experts[j], top_k=allocation.top_k[j],
+                                rank=allocation.rank[j], layer_index=j, projections=projections, **common)
+        block_layer.train(model.training)
+        block.mlp = block_layer
+        layers[f"{prefix}.{j}.mlp"] = block_layer
+    for name in train_modules:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return Adapter(model, allocation, layers, tuple(train_modules))
+
+
+__all__ = ["FFNBlockMoE", "GraphLoRAFFNBlock", "LoRALinear", "MoLAFFNBlock", "gated_mlp", "inject_ffn_blocks"]
