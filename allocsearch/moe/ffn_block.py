@@ -70,8 +70,6 @@ class FFNBlockMoE(nn.Module):
         self.base = mlp  # the original MLP: frozen, excluded from the adapter's parameters and state
         for p in mlp.parameters():
             p.requires_grad_(False)
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.act_fn = mlp.act_fn
         self.in_features = self.out_features = mlp.gate_proj.in_features
         self.intermediate = mlp.gate_proj.out_features
         self.num_experts, self.top_k, self.rank = experts, top_k, rank
@@ -91,7 +89,7 @@ class FFNBlockMoE(nn.Module):
         self.lora = nn.ModuleDict({p: LoRAExperts(experts, rank, *sizes[p], **fac) for p in self.projections})
 
     def _factory(self) -> dict:
-        w = self.gate_proj.weight
+        w = self.base.gate_proj.weight
         return {"device": w.device, "dtype": w.dtype}
 
     # the wrapped-Linear interface, shared with MoELoRALayer (it reads only attributes set above)
@@ -151,15 +149,16 @@ class FFNBlockMoE(nn.Module):
         route = self.route(r, t, x.device)
         w = route.gates.gather(1, route.index).to(x.dtype)  # (T, K): the chosen experts' weights, sum 1
         onehot = F.one_hot(route.index, self.num_experts).to(x.dtype)  # (T, K, N)
-        gate = self.gate_proj(x).unsqueeze(1)  # frozen W_gate x, once for all experts
-        up = self.up_proj(x).unsqueeze(1)
+        mlp = self.base
+        gate = mlp.gate_proj(x).unsqueeze(1)  # frozen W_gate x, once for all experts
+        up = mlp.up_proj(x).unsqueeze(1)
         if "gate" in z:
             gate = gate + self._slot_delta("gate", z["gate"], onehot)
         if "up" in z:
             up = up + self._slot_delta("up", z["up"], onehot)
-        h = self.act_fn(gate) * up  # (T, K, d_ff), or (T, 1, d_ff) when no expert touches gate/up
+        h = mlp.act_fn(gate) * up  # (T, K, d_ff), or (T, 1, d_ff) when no expert touches gate/up
         h_mix = (w.unsqueeze(-1) * h).sum(1) if h.shape[1] > 1 else h[:, 0] * w.sum(1, keepdim=True)
-        y = self.down_proj(h_mix)  # sum_i R_i W_down h_i = W_down sum_i R_i h_i
+        y = mlp.down_proj(h_mix)  # sum_i R_i W_down h_i = W_down sum_i R_i h_i
         if "down" in self.lora:
             n, rank = self.num_experts, self.rank
             zd = F.linear(self.lora_dropout(h), self.lora["down"].lora_A).view(t, h.shape[1], n, rank)
@@ -169,29 +168,6 @@ class FFNBlockMoE(nn.Module):
             zd = (zd * mask).sum(1).reshape(t, n * rank)
             y = y + F.linear(zd, self.lora["down"].lora_B)
         return y
-
-    def mix_reference(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        """The same output by running each chosen expert's whole adapted MLP separately (for tests)."""
-        out = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        for slot in range(route.index.shape[1]):
-            e = route.index[:, slot]
-            w = route.gates.gather(1, e[:, None]).to(x.dtype)
-            out = out + w * self.expert_forward(x, e)
-        return out
-
-    def expert_forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """``E_{e_t}(x_t)`` for every token t (no dropout): the adapted MLP of expert ``e[t]``."""
-        def proj(name, v):
-            lin = getattr(self, f"{name}_proj")
-            out = lin(v)
-            if name in self.lora:
-                n, r = self.num_experts, self.rank
-                a = self.lora[name].lora_A.view(n, r, -1)[e]  # (T, r, d_in)
-                b = self.lora[name].lora_B.view(-1, n, r).permute(1, 0, 2)[e]  # (T, d_out, r)
-                out = out + self.scaling * torch.einsum("tor,tri,ti->to", b, a, v)
-            return out
-
-        return proj("down", self.act_fn(proj("gate", x)) * proj("up", x))
 
 
 class MoLAFFNBlock(FFNBlockMoE):
