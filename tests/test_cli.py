@@ -102,7 +102,7 @@ def test_cli_import_and_alloc_do_not_load_torch():
 
 def test_alloc_prints_valid_yaml_and_draws_on_stderr():
     r = CliRunner().invoke(cli, ["alloc", "--method", "mola", "--layers", "4", "--experts", "1,2,3,4",
-                                 "--top-k", "2", "--rank", "4"])
+                                 "--top-k", "1,2,2,2", "--rank", "4"])
     assert r.exit_code == 0, r.output
     config = AllocationConfig.from_dict(yaml.safe_load(r.stdout))
     assert (config.method, config.num_layers) == ("mola", 4)

@@ -148,7 +148,7 @@ def chart_rows(err: str) -> dict[int, list[str]]:
 
 def test_alloc_chart_draws_every_layer(capsys):
     code, out, err = run_main(["alloc", "--method", "mola", "--layers", "4", "--experts", "1,2,3,5",
-                               "--top-k", "2", "--rank", "2,4,4,8"], capsys)
+                               "--top-k", "1,2,2,2", "--rank", "2,4,4,8"], capsys)
     assert code == 0, err
     config = AllocationConfig.from_dict(yaml.safe_load(out))
     assert err.splitlines()[0] == ("mola allocation: 4 layers, 11 experts, targets "
