@@ -101,6 +101,7 @@ class TrialSpec:
             raise type(exc)(f"{path}: {exc}") from None
         if spec.data.data_dir and not Path(spec.data.data_dir).is_absolute():
             spec.data.data_dir = str((path.parent / spec.data.data_dir).resolve())
+        spec.data.resolve_paths(path.parent)  # user tasks' files, relative to the config like data_dir
         return spec
 
     def to_dict(self) -> dict:

@@ -362,3 +362,17 @@ def test_a_user_task_runs_through_run_trial(tmp_path, one_thread):
     assert r.status == "completed", r.failure
     assert r.steps == 4 and r.validation["tasks"]["reviews"]["n"] == 4 and r.test["tasks"]["reviews"]["n"] == 4
     assert r.spec["data"]["tasks"][0]["path"] == str(path)
+
+
+def test_a_trial_configs_user_task_paths_are_relative_to_the_config(tmp_path, monkeypatch):
+    from allocsearch.trial import TrialSpec
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "reviews.jsonl").write_text("")
+    (tmp_path / "cfg" / "trial.yaml").write_text(
+        "model: tiny-llama\nallocation: {preset: lora}\ndata:\n  tasks:\n"
+        "    - {name: reviews, path: reviews.jsonl, format: classification, labels: [neg, pos],"
+        " test_ratio: 0.2, train: 4, validation: 2, test: 2}\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere than the config's folder
+    spec = TrialSpec.from_yaml(tmp_path / "cfg" / "trial.yaml")
+    assert spec.data.tasks[0].path == str((tmp_path / "cfg" / "reviews.jsonl").resolve())
