@@ -81,10 +81,24 @@ def test_corrupt_study_is_one_line(capsys, tmp_path):
     assert code == 2 and "corrupt" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("command", ["start", "status", "stop"])
-def test_help_has_examples(capsys, command):
-    code, out, _ = run_cli(capsys, command, "--help")
-    assert code == 0 and "Example" in out and f"allocsearch {command}" in out
+def _all_commands():
+    import click
+
+    from allocsearch.cli import _COMMANDS, cli
+
+    out = []
+    for name in _COMMANDS:
+        cmd = cli.get_command(None, name)
+        out.append((name,))
+        if isinstance(cmd, click.Group):
+            out += [(name, sub) for sub in cmd.list_commands(None)]
+    return out
+
+
+@pytest.mark.parametrize("command", _all_commands(), ids=" ".join)
+def test_every_help_has_an_example(capsys, command):
+    code, out, _ = run_cli(capsys, *command, "--help")
+    assert code == 0 and "Example" in out and f"allocsearch {command[0]}" in out
 
 
 def test_status_of_a_study_made_without_ray(capsys, tmp_path):

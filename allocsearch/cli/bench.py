@@ -20,7 +20,13 @@ def _run_with_progress(first: str, verb: str, run):
 
 @click.group()
 def bench():
-    """Measure speed (and memory) of allocsearch's parts against plain LoRA, side by side."""
+    """Measure speed (and memory) of allocsearch's parts against plain LoRA, side by side.
+
+    \b
+    Examples:
+      allocsearch bench layers --repeats 20
+      allocsearch bench trial --methods mola,omoe --steps 5
+    """
 
 
 @bench.command()
@@ -39,6 +45,10 @@ def layers(tokens, repeats, warmup, shapes, device, dtype, threads, as_json):
     \b
     Targets (issue 2): MoLA top-2 of 8 <= 1.2x LoRA of rank 2r; LoRACoE fused <= 1.1x LoRA of the same
     rank and >= 20% faster than unfused; GraphLoRA <= 1.5x MoLA with the same experts.
+
+    \b
+    Example:
+      allocsearch bench layers --repeats 20 --shape 576x576 --threads 2
     """
     import torch
 
@@ -94,6 +104,10 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
     Each configuration trains in a fresh subprocess (so peak memory is its own), rounds alternate the
     configurations, and ratios compare medians measured in this one run. Targets (issue 3): <= 1.3x
     step time and <= 1.2x peak memory of LoRA at equal trainable parameters.
+
+    \b
+    Example:
+      allocsearch bench trial --json
     """
     from allocsearch.bench import trial as trial_bench_mod
     from allocsearch.methods import PRESETS

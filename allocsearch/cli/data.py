@@ -54,7 +54,13 @@ def _balance(examples) -> str:
 def check(spec, data_dir):
     """Read every task of the data spec SPEC (a data spec YAML, a trial config YAML, or `demo`), build
     its splits and print the tasks, split sizes, label balance and one rendered prompt per task. Bad data
-    fails with one line naming the file, the record and the fix."""
+    fails with one line naming the file, the record and the fix.
+
+    \b
+    Examples:
+      allocsearch data check demo
+      allocsearch data check my_data.yaml
+    """
     from allocsearch.data import load_splits
     from allocsearch.data.files import describe, read_user_task
     from allocsearch.data.tasks import get_task, read_task

@@ -18,7 +18,12 @@ def space():
 
 @space.command("list")
 def list_spaces():
-    """List the shipped spaces (pass a name to --space or to `space check`)."""
+    """List the shipped spaces (pass a name to --space or to `space check`).
+
+    \b
+    Example:
+      allocsearch space list
+    """
     from allocsearch.search.space import load_space, shipped_spaces, spaces_dir
 
     click.echo(f"shipped spaces in {spaces_dir()}:")
@@ -31,7 +36,13 @@ def list_spaces():
 @click.option("--model", default=None, help="Check for this model's depth instead of the space's model.")
 def check(file, model):
     """Validate a space FILE (a path or a shipped name) and print its dimensions, their conditions,
-    the grid size and the papers' priors it enqueues first."""
+    the grid size and the papers' priors it enqueues first.
+
+    \b
+    Examples:
+      allocsearch space check joint
+      allocsearch space check my_space.yaml --model smollm2-135m
+    """
     from allocsearch.search.space import load_space, model_depth, resolve_space_path
     from allocsearch.search.space_dims import fmt
 
