@@ -251,6 +251,8 @@ def _typed_options(options_cls, values: dict) -> dict:
     expected type and the value); numbers written as strings are read where a float is expected."""
     import numbers
 
+    from allocsearch.config_values import as_float
+
     kinds = {f.name: str(f.type) for f in dataclasses.fields(options_cls)}
     out = dict(values)
     for name, value in values.items():
@@ -258,14 +260,10 @@ def _typed_options(options_cls, values: dict) -> dict:
         if kind is None or (value is None and "None" in kind):
             continue  # unknown options are named by make_options
         if kind.startswith("float"):
-            if isinstance(value, str):
-                try:
-                    value = float(value.strip())
-                except ValueError:
-                    pass
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            number = as_float(value)
+            if number is None:
                 raise AllocationError(f"options.{name}: expected a number, got {value!r:.60}")
-            out[name] = float(value)
+            out[name] = number
         elif kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise AllocationError(f"options.{name}: expected a whole number, got {value!r:.60}")
         elif kind == "bool" and not isinstance(value, bool):

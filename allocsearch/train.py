@@ -71,19 +71,17 @@ class TrainConfig:
         written as strings (``"1e-3"`` from JSON) are accepted where a float is expected."""
         import numbers
 
+        from allocsearch.config_values import as_float
+
         for f in fields(self):
             value, kind = getattr(self, f.name), str(f.type)
             if value is None and "None" in kind:
                 continue
             if kind.startswith("float"):
-                if isinstance(value, str):
-                    try:
-                        value = float(value.strip())
-                    except ValueError:
-                        pass
-                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                number = as_float(value)
+                if number is None:
                     _type_error(f.name, "a number", value)
-                setattr(self, f.name, float(value))
+                setattr(self, f.name, number)
             elif kind.startswith("int"):
                 if isinstance(value, float) and value.is_integer() and f.name not in _WHOLE:
                     value = int(value)

@@ -40,7 +40,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from allocsearch.data.formats import LETTERS, DataError, Example, mc_example
+from allocsearch.data.formats import LETTERS, DataError, Example, iter_jsonl_text, mc_example
 
 FORMATS = ("multiple_choice", "classification", "generation")
 FORMAT_ALIASES = {"mc": "multiple_choice", "multiple-choice": "multiple_choice", "instruction": "generation",
@@ -176,16 +176,7 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, dict]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: bad JSON ({exc.msg}); fix: each line must be one JSON object") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected an object, got {_short(rec)}; fix: each line must be one JSON object")
+    for _, where, rec in iter_jsonl_text(path, text):
         yield where, rec
 
 

@@ -95,8 +95,13 @@ def iter_json_list(path: Path) -> Iterator[tuple[int, str, dict]]:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, str, dict]]:
     """Records of a JSON-lines file; blank lines are skipped."""
+    return iter_jsonl_text(path, _open_text(path))
+
+
+def iter_jsonl_text(path: Path, text: str) -> Iterator[tuple[int, str, dict]]:
+    """Records of JSON-lines ``text`` read from ``path`` (named in errors): (index, where, record)."""
     i = 0
-    for lineno, line in enumerate(_open_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {lineno}"
