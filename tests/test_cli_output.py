@@ -19,8 +19,8 @@ model: tiny-llama
 allocation: {method: mola, experts: 2, top_k: 1, rank: 2}
 data:
   tasks:
-    - {name: sst2, train: 8, validation: 4, test: 2}
-    - {name: arc_easy, train: 8, validation: 4, test: 2}
+    - {name: sst2, train: 8, validation: 6, test: 5}
+    - {name: arc_easy, train: 8, validation: 6, test: 5}
 train: {steps: 50, batch_size: 2, max_length: 96, warmup_ratio: 0.0, lr: LR, eval_every: 2, eval_batch_size: 8}
 """
 
@@ -87,6 +87,10 @@ def test_train_summary_reports_what_results_json_holds(tmp_path, capsys):
     assert "accuracy (balanced accuracy)" in out
     assert table_row(out, "task") == ["zero-shot test", "validation", "test"]
     zero, val, test = r["zero_shot"]["test"], r["validation"], r["test"]
+    # the data are chosen so that swapped columns or cells would show: the splits and the two metrics differ
+    assert any(cell(val["tasks"][t]) != cell(test["tasks"][t]) for t in ("sst2", "arc_easy"))
+    assert any(m["tasks"][t]["accuracy"] != m["tasks"][t]["balanced_accuracy"] for m in (val, test)
+               for t in ("sst2", "arc_easy"))
     for task in ("sst2", "arc_easy"):
         assert table_row(out, task) == [cell(zero["tasks"][task]), cell(val["tasks"][task]), cell(test["tasks"][task])]
     assert table_row(out, "macro") == [macro(zero), macro(val), macro(test)]

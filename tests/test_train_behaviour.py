@@ -282,3 +282,17 @@ def test_checkpoints_evaluate_the_capped_validation_split_at_every_eval_every(sp
     assert seen == [(2, True, 3), (4, True, 3), (6, True, 3)]
     assert [c["step"] for c in log.checkpoints] == [2, 4, 6] and not log.stopped_early
     assert log.eval_seconds > 0 and log.train_seconds > 0
+
+
+def test_every_optimizer_step_sees_only_its_own_gradient(splits, monkeypatch):
+    """Full-batch steps at a negligible lr: each step's gradient is the same batch's gradient again, not the
+    sum of all steps so far (gradients are zeroed between optimizer steps)."""
+    with record_optimizer_steps(monkeypatch) as calls:
+        adapter, enc = build(b_std=0.05)
+        n = len(splits["train"])
+        train(adapter, enc, splits["train"], [], cfg(steps=3, lr=1e-12, batch_size=n, max_grad_norm=0.0,
+                                                     warmup_ratio=0.0, schedule="constant"), device=CPU)
+    first = grads_by_name(adapter, calls[0])
+    for call in calls[1:]:
+        for name, g in grads_by_name(adapter, call).items():
+            torch.testing.assert_close(g, first[name], rtol=1e-4, atol=1e-8, msg=name)
