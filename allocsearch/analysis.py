@@ -5,7 +5,6 @@ summarised as far as it can be, and problems come back as one-line ``StudyError`
 """
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -128,12 +127,6 @@ def list_studies(workdir: str | Path) -> list[str]:
 def objective_names(objectives: list[str]) -> list[str]:
     return metric_names(objectives)
 
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------ the dashboard

@@ -22,7 +22,6 @@ from decimal import Decimal
 from typing import Callable
 
 from allocsearch.errors import AllocsearchError
-from allocsearch.search.ledger import Ledger  # noqa: F401 - also importable from here
 
 ACCEPTED = ("use a number and a unit: 64gpu-h, 90gpu-min, 0.5cpu-h, 3cpu-min (device-hours/minutes of "
             "trials) or 2h, 30min (wall-clock of the search)")

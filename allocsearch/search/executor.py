@@ -77,14 +77,14 @@ def trainable(config: dict) -> None:
     def on_built(result) -> None:
         state["params"] = result.trainable_params
 
-    payload, failure = None, None
+    result, failure = None, None
     try:
         spec = TrialSpec.from_dict(config["spec"])
         spec.train.threads = int(config["threads"])
         result = run_trial(spec, data_dir=config.get("data_dir"), out_dir=config.get("trial_dir"),
                            on_checkpoint=on_checkpoint, on_step=over_cap, on_built=on_built,
                            final_eval_on_stop=False)
-        payload, failure = result.to_dict(), result.failure
+        failure = result.failure
     except Exception as exc:  # noqa: BLE001 - a trial that raises is recorded failed; the search goes on
         first = str(exc).splitlines()[0] if str(exc) else ""
         failure = f"{type(exc).__name__}: {first}"[:500]
@@ -92,17 +92,10 @@ def trainable(config: dict) -> None:
         _release_memory()
     if state["scheduler_stop"]:
         return  # Tune has already ended this trial; its last checkpoint is its result
-    objective = None
-    if payload is not None:
-        checkpoints = payload["checkpoints"]
-        objective = (payload["validation"] or {}).get("macro_balanced_accuracy") if payload["validation"] \
-            else (checkpoints[-1]["metrics"]["macro_balanced_accuracy"] if checkpoints else None)
-    if failure:
-        objective = None
     try:
-        report(payload["steps"] if payload else 0, objective, final=True, failure=failure,
-               status=payload["status"] if payload else "failed",
-               result_json=json.dumps(payload) if payload else None)
+        report(result.steps if result else 0, None if failure else result.objective, final=True, failure=failure,
+               status=result.status if result else "failed",
+               result_json=json.dumps(result.to_dict()) if result else None)
     except SystemExit:
         pass
 

@@ -5,7 +5,7 @@ Optuna's own tools, and the only state a resumed search needs.
       study.json        the settings (model, data, space fingerprint, objectives, budget, sampler, ...)
       space.yaml        the resolved search space the study samples
       optuna.db         the Optuna study (sqlite; or any Optuna storage URL kept in study.json)
-      ledger.jsonl      the spend, appended and fsync'd as trials run (see ``budget.Ledger``)
+      ledger.jsonl      the spend, appended and fsync'd as trials run (see ``ledger.Ledger``)
       trials/0007/      one folder per Optuna trial number: trial.yaml, results.json, adapter/
       ray/              Ray Tune's own experiment folders, one per controller session
       controller.lock   held (flock) by the running controller; STOP asks it to stop
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.fileio import write_text_atomic
-from allocsearch.search.budget import Ledger
+from allocsearch.search.ledger import Ledger
 
 STUDY_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
