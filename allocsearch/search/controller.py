@@ -54,7 +54,6 @@ class Controller:
         self.pending = None  # (optuna trial, params): sampled, waiting for budget
         self.failures_in_row = 0
         self.end_reason: str | None = None
-        self.concurrency = 1
         self._last_beat = -math.inf
         self._user_stop = False
         study.clear_stop()

@@ -234,7 +234,6 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
         controller.cluster_ready(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
         slots = _slots(resources, cpus_per_trial, gpus_per_trial)
         concurrency = min(slots, max_concurrent) if max_concurrent else slots
-        controller.concurrency = concurrency
         plan = controller.schedule()
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
