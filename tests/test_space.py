@@ -20,7 +20,7 @@ from allocsearch.trial import TrialSpec, resolve_allocation
 from allocsearch.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ["baselines", "demo", "graphlora", "joint", "loracoe", "mola", "omoe"]
+SHIPPED = ["baselines", "decoder", "demo", "graphlora", "joint", "loracoe", "mola", "omoe"]
 BASE = """\
 version: 1
 model: tiny-llama
@@ -59,7 +59,8 @@ def test_every_shipped_space_loads_and_round_trips():
         assert again.to_dict() == space.to_dict() and again.fingerprint() == space.fingerprint()
         from_yaml = SearchSpace.from_dict(load_yaml_text(yaml.safe_dump(space.to_dict(), sort_keys=False)))
         assert from_yaml.fingerprint() == space.fingerprint()
-        assert space.with_overrides(model="smollm2-135m").fingerprint() != space.fingerprint()
+        other = "tiny-llama" if space.model == "smollm2-135m" else "smollm2-135m"
+        assert space.with_overrides(model=other).fingerprint() != space.fingerprint()
     assert load_space("joint").methods == ["mola", "graphlora", "omoe", "loracoe", "lora", "dora"]
 
 
@@ -199,6 +200,12 @@ def test_grid_size_matches_hand_count_and_brute_force(tmp_path, methods, expecte
     ("methods: {mola: {}}\nobjective: loss\n", "objective", "unknown objective"),
     ("methods: {mola: {}}\ndata: {tasks: [{name: nope, train: 1, validation: 1, test: 1}]}\n", "data", "nope"),
     ("extends: nope.yaml\nmethods: {mola: {}}\n", "extends", "nope.yaml does not exist"),
+    ("methods: {omoe: {router_scope: ffn_block}}\n", "methods.omoe.router_scope", "no FFN-block form"),
+    ("methods: {graphlora: {router_scope: {choice: [linear, block]}}}\n", "methods.graphlora.router_scope",
+     "one of linear, ffn_block"),
+    ("methods: {graphlora: {router_scope: {int: [0, 1]}}}\n", "methods.graphlora.router_scope", "one of linear"),
+    ("methods: {mola: {router_scope: {choice: [linear, ffn_block]}, moe_targets: [q, v]}}\n",
+     "methods.mola.router_scope", "set moe_targets"),
 ])
 def test_bad_space_is_one_line_naming_file_key_and_fix(tmp_path, text, key, needle):
     path = write(tmp_path, "bad.yaml", BASE.replace("train: {steps: 10, lr: 1.0e-3}\n", "") + text)
@@ -237,7 +244,7 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
 def test_names_paths_and_model_depth(tmp_path, monkeypatch):
     assert spaces_dir() == REPO / "search_spaces"
     assert resolve_space_path("mola") == REPO / "search_spaces" / "mola.yaml"
-    with pytest.raises(SpaceError, match="fix: give a YAML path or one of baselines, demo, graphlora"):
+    with pytest.raises(SpaceError, match="fix: give a YAML path or one of baselines, decoder, demo, graphlora"):
         resolve_space_path("nope")
     assert [model_depth(m) for m in ("smollm2-135m", "minilm-l6", "tiny-llama")] == [30, 6, 4]
     (tmp_path / "model").mkdir()

@@ -51,6 +51,7 @@ def check(file, model):
     if model:
         sp = sp.with_overrides(model=model)
     depth = model_depth(sp.model)
+    sp.check_model()
     rows = sp.dimensions(depth)
     tasks = ", ".join(f"{t['name']} {t['train']}/{t['validation']}/{t['test']}" for t in sp.data["tasks"])
     click.echo(f"{path}: valid ({', '.join(sp.methods)}; fingerprint {sp.fingerprint()[:12]})")

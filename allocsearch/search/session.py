@@ -90,12 +90,14 @@ def prepare(opts: StartOptions):
         new.update(_execution(opts, study.settings))
         study.check_resume(new)
         num_layers = model_depth(study.settings["model"])
+        space.with_overrides(model=study.settings["model"]).check_model()
         _check_local_gpus(study.settings)
         return study, space, num_layers, False
     if budget is None:
         raise StudyError(f"study {name!r} is new: give --budget, e.g. --budget 0.25cpu-h or --budget 64gpu-h")
     space = _with(load_space(resolve_space_path(opts.space or DEFAULT_SPACE)), opts.model, data)
     num_layers = model_depth(space.model)
+    space.check_model()
     objectives = parse_objectives(opts.objectives or "accuracy")
     sampler = opts.sampler or ("nsga2" if len(objectives) > 1 else "tpe")
     if sampler == "grid" and space.grid_size(num_layers) is None:

@@ -18,22 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from allocsearch.errors import AllocsearchError
-from allocsearch.search.space_dims import Bad, Dim, extremes, first, fmt, parse_value
+from allocsearch.search.space_dims import Bad, Dim, SpaceError, extremes, first, fmt, parse_value
+from allocsearch.search.space_models import MODEL_DEPTHS, model_depth, model_family
 from allocsearch.shapes import group_sizes
 from allocsearch.search.space_methods import MethodSection, paper_priors
 
 VERSION = 1
 TOP_KEYS = ("version", "extends", "model", "data", "objective", "priors", "train", "methods")
 OBJECTIVES = ("validation_macro_balanced_accuracy", "validation_macro_accuracy")
-MODEL_DEPTHS = {"smollm2-135m": 30, "minilm-l6": 6, "tiny-llama": 4}  # allocsearch.models' registry
 # mappings merged key by key along extends; everything else is a value, replaced whole
 _SECTIONS = (("data",), ("train",), ("methods",), ("methods", "*"), ("methods", "*", "options"),
              ("methods", "*", "train"))
-
-
-class SpaceError(AllocsearchError, ValueError):
-    """A search space that cannot be used; one line naming the file, the key and the fix."""
 
 
 def spaces_dir() -> Path:
@@ -68,24 +63,6 @@ def resolve_space_path(name_or_path: str | os.PathLike) -> Path:
             return shipped
     raise SpaceError(f"search space {name!r} not found: no such file and no shipped space of that name in "
                      f"{spaces_dir()}; fix: give a YAML path or one of {', '.join(shipped_spaces()) or '(none)'}")
-
-
-def model_depth(model: str) -> int:
-    """Transformer blocks of a known model name, or ``num_hidden_layers`` of a local folder's config.json."""
-    if model in MODEL_DEPTHS:
-        return MODEL_DEPTHS[model]
-    config = Path(model).expanduser() / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-            depth = data.get("num_hidden_layers", data.get("n_layer", data.get("num_layers")))
-        except (OSError, ValueError, AttributeError):
-            depth = None
-        if isinstance(depth, int) and depth > 0:
-            return depth
-        raise SpaceError(f"model {model}: {config} has no num_hidden_layers; fix: point at a transformers model folder")
-    raise SpaceError(f"model {model!r} is not a known model or a local folder with config.json; fix: use "
-                     f"{', '.join(MODEL_DEPTHS)} or the path of a local model folder")
 
 
 # ----------------------------------------------------------------------------------- files and extends
@@ -264,6 +241,17 @@ class SearchSpace:
             d["data"] = data
         return SearchSpace.from_dict(d, source=self.source)
 
+    def check_model(self) -> None:
+        """The FFN-block form needs a gated Llama-style MLP: refuse a space that samples it on another model
+        (a BERT-style encoder, or a local model whose family is unknown), before any trial runs."""
+        family = model_family(self.model)
+        for name, s in self.sections.items():
+            if "ffn_block" in s.scopes() and family != "llama":
+                kind = f"a {family.upper()}-style encoder" if family else "of an unknown family"
+                raise SpaceError(f"{self.source}: methods.{name}.router_scope: ffn_block needs a gated Llama-style "
+                                 f"MLP but model {self.model} is {kind}; fix: use router_scope linear or a "
+                                 "Llama-style model (e.g. --model smollm2-135m)")
+
     # ----------------------------------------------------------------------------------- dimensions
     def _check_depth(self, num_layers: int) -> None:
         for name, s in self.sections.items():
@@ -388,5 +376,5 @@ class SearchSpace:
         return " ".join([text] + shared)
 
 
-__all__ = ["SearchSpace", "SpaceError", "load_space", "model_depth", "resolve_space_path", "shipped_spaces",
+__all__ = ["SearchSpace", "SpaceError", "load_space", "model_depth", "model_family", "resolve_space_path", "shipped_spaces",
            "spaces_dir"]

@@ -11,10 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from allocsearch.errors import AllocsearchError
 from allocsearch.shapes import SHAPES, group_sizes, shape_experts
 
 DIM_KINDS = ("choice", "int", "float")
 _PRIMITIVES = (str, int, float, bool, type(None))
+
+
+class SpaceError(AllocsearchError, ValueError):
+    """A search space that cannot be used; one line naming the file, the key and the fix."""
 
 
 class Bad(Exception):

@@ -6,23 +6,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from allocsearch.allocation import AllocationConfig, AllocationError
+from allocsearch.allocation import ROUTER_SCOPES, AllocationConfig, AllocationError
 from allocsearch.methods import METHOD_NAMES, PRESETS, get_method
 from allocsearch.search.space_dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
                                           is_int, parse_value, to_node)
 from allocsearch.shapes import SHAPES, group_sizes, shape_experts
 
-SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "options", "train")
+SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "router_scope", "options",
+                "train")
 DENSE = ("loracoe",)  # every expert is active: top_k == experts by construction
 THIRDS = ("low", "middle", "high")
 
 # The papers' settings: (label, method, values). Experts as a MoLA shape + average, or a count per layer.
+_MOLA = {"per_layer": 5, "top_k": 2, "rank": 8, "router_scope": "linear"}  # MoLA routes per Linear
 PAPER_PRIORS: list[tuple[str, str, dict]] = [
-    ("MoLA 2468", "mola", {"shape": "inverted_triangle", "per_layer": 5, "top_k": 2, "rank": 8}),
-    ("MoLA 8642", "mola", {"shape": "triangle", "per_layer": 5, "top_k": 2, "rank": 8}),
-    ("MoLA 5555", "mola", {"shape": "rectangle", "per_layer": 5, "top_k": 2, "rank": 8}),
-    ("MoLA 8228", "mola", {"shape": "hourglass", "per_layer": 5, "top_k": 2, "rank": 8}),
-    ("GraphLoRA best", "graphlora", {"experts": 8, "top_k": 2, "rank": 2, "edge_density": 0.1}),
+    ("MoLA 2468", "mola", {"shape": "inverted_triangle", **_MOLA}),
+    ("MoLA 8642", "mola", {"shape": "triangle", **_MOLA}),
+    ("MoLA 5555", "mola", {"shape": "rectangle", **_MOLA}),
+    ("MoLA 8228", "mola", {"shape": "hourglass", **_MOLA}),
+    ("GraphLoRA best", "graphlora", {"experts": 8, "top_k": 2, "rank": 2, "edge_density": 0.1,
+                                     "router_scope": "ffn_block"}),
     ("OMoE low", "omoe", {"experts": 2, "top_k": 2, "rank": 16, "placement": "low"}),
     ("OMoE middle", "omoe", {"experts": 2, "top_k": 2, "rank": 16, "placement": "middle"}),
     ("LoRACoE", "loracoe", {"experts": 2, "rank": 16}),
@@ -42,6 +45,8 @@ class MethodSection:
     placement_groups: int = 0  # OMoE: placement is one of this many contiguous groups
     fixed: dict = field(default_factory=dict)  # targets, moe_targets
     train: dict = field(default_factory=dict)  # train setting -> value or Dim
+    # "linear" | "ffn_block" or a choice Dim of them; None: not set (the allocation's default, linear)
+    router_scope: Any = None
 
     @property
     def prefix(self) -> str:
@@ -97,7 +102,8 @@ class MethodSection:
                     raise Bad(f"{key}.{k}", f"{k} must be a list of module names, got {node[k]!r:.40}",
                               "write e.g. [q, v] (it is not a searched dimension)")
                 fixed[k] = list(node[k])
-        section = cls(name, experts, top_k, rank, alpha, dropout, fixed=fixed)
+        section = cls(name, experts, top_k, rank, alpha, dropout, fixed=fixed,
+                      router_scope=_parse_scope(f"{key}.router_scope", spec, node.get("router_scope")))
         section._parse_options(key, spec, node.get("options") or {})
         train = node.get("train") or {}
         if not isinstance(train, dict):
@@ -138,10 +144,15 @@ class MethodSection:
                       "rename or drop one of them")
         depth = self.min_depth()
         corner = {n: first(v) for n, v in self.spots().items()}
-        try:
-            AllocationConfig.from_dict(self.allocation(corner, depth))
-        except AllocationError as exc:
-            raise Bad(key, str(exc), "fix the method's fixed settings") from None
+        scopes = self.router_scope.values if isinstance(self.router_scope, Dim) else [self.router_scope]
+        for scope in scopes:  # every routing scope must build with the fixed targets
+            if scope is not None:
+                corner[self.prefix + "router_scope"] = scope
+            try:
+                AllocationConfig.from_dict(self.allocation(corner, depth))
+            except AllocationError as exc:
+                where = f"{key}.router_scope" if scope == "ffn_block" else key
+                raise Bad(where, str(exc), "fix the method's fixed settings") from None
 
     def to_node(self) -> dict:
         node: dict = {}
@@ -150,6 +161,8 @@ class MethodSection:
         if self.top_k is not None:
             node["top_k"] = to_node(self.top_k)
         node.update(rank=self.rank.to_node(), alpha=to_node(self.alpha), dropout=to_node(self.dropout), **self.fixed)
+        if self.router_scope is not None:  # absent when not set: older spaces keep their fingerprint
+            node["router_scope"] = to_node(self.router_scope)
         options = {k: to_node(v) for k, v in self.options.items()}
         if self.placement_groups:
             options["placement"] = {"groups": self.placement_groups}
@@ -170,6 +183,8 @@ class MethodSection:
             out[p + "top_k"] = self.top_k
         out.update(self.rank.spots(p))
         out.update({p + "alpha": self.alpha, p + "dropout": self.dropout})
+        if self.router_scope is not None:
+            out[p + "router_scope"] = self.router_scope
         out.update({p + k: v for k, v in self.options.items()})
         if self.placement_groups:
             out[p + "placement"] = Dim("int", (), 0, self.placement_groups - 1, 1)
@@ -226,9 +241,15 @@ class MethodSection:
             sizes = group_sizes(num_layers, self.placement_groups)
             g = int(get(p + "placement"))
             options["placement"] = list(range(sum(sizes[:g]), sum(sizes[:g + 1])))
+        scope = {"router_scope": get(p + "router_scope")} if self.router_scope is not None else {}
         return {"method": self.name, "num_layers": num_layers, "experts": experts, "top_k": top_k,
                 "rank": self.rank.layers(params, p, num_layers), "alpha": float(get(p + "alpha")),
-                "dropout": float(get(p + "dropout")), "options": options, **self.fixed}
+                "dropout": float(get(p + "dropout")), "options": options, **scope, **self.fixed}
+
+    def scopes(self) -> set[str]:
+        """The routing scopes this section's trials can have."""
+        scope = self.router_scope
+        return set(scope.values) if isinstance(scope, Dim) else {scope or "linear"}
 
     def train_values(self, params: dict) -> dict:
         return {k: params[self.prefix + k] if isinstance(v, Dim) else v for k, v in self.train.items()}
@@ -287,6 +308,10 @@ class MethodSection:
                     params[name] = _as_domain(spot, v)
                 else:
                     notes.append(f"{name}={fmt(v)} left out (outside {spot}): Optuna samples it")
+            elif spot is _ABSENT and name == p + "router_scope":
+                if v != "linear":  # linear is what a space without router_scope does
+                    notes.append(f"{name}={v} left out (this space routes per Linear; add router_scope to "
+                                 "search it)")
             elif spot is _ABSENT:
                 default = self._option_default(name[len(p):])
                 if default != v:
@@ -302,6 +327,21 @@ class MethodSection:
 
 
 _ABSENT = object()
+
+
+def _parse_scope(key: str, spec, node):
+    """``router_scope``: one of ROUTER_SCOPES or a choice of them; ffn_block only for methods with a block form."""
+    if node is None:
+        return None
+    value = parse_value(key, node)
+    values = value.values if isinstance(value, Dim) and value.kind == "choice" else [value]
+    if isinstance(value, Dim) and value.kind != "choice" or any(v not in ROUTER_SCOPES for v in values):
+        raise Bad(key, f"router_scope is {node!r:.40}", f"write one of {', '.join(ROUTER_SCOPES)} or "
+                  "{choice: [linear, ffn_block]}")
+    if "ffn_block" in values and spec.block_layer is None:
+        raise Bad(key, f"{spec.name} has no FFN-block form (it wraps single Linears)",
+                  "remove router_scope (ffn_block exists for mola and graphlora)")
+    return value
 
 
 def _as_domain(dim: Dim, v):
