@@ -316,6 +316,17 @@ def test_cost_model_stopped_trials_count_their_steps_done():
     assert model.predict(features) == pytest.approx(20 + 400 * 0.5)
 
 
+def test_cost_model_learns_no_overhead_from_trials_stopped_before_their_final_evaluation():
+    model = CostModel(1.0, 10.0, ref_tokens=1024)
+    features = {"method": "lora", "steps": 400, "tokens_per_step": 1024, "eval_examples": 100}
+    model.observe(features, wall_seconds=3 + 25, steps_done=50, train_seconds=25, complete=False)
+    assert model.overhead_seconds == 10.0 and model.predict(features) == pytest.approx(10 + 400 * 0.5)
+    model.observe(features, wall_seconds=30 + 100, steps_done=200, train_seconds=100)  # a completed one
+    assert model.overhead_seconds == pytest.approx(30.0)
+    restored = CostModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert restored.predict(features) == model.predict(features) == pytest.approx(30 + 400 * 0.5)
+
+
 def test_budget_module_is_pure_python():
     heavy = {"torch", "ray", "optuna", "numpy", "transformers"}
     import subprocess

@@ -86,6 +86,25 @@ def test_priors_come_first_and_a_completed_trial_is_told_with_its_value(tmp_path
     assert ctl.cost.n_observed == 1
 
 
+def test_a_pruned_trial_teaches_the_step_time_but_not_the_overhead(tmp_path):
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock)
+    overhead, step = ctl.cost.overhead_seconds, ctl.cost.step_seconds
+    c = ctl.propose()
+    ctl.on_start(c["number"])
+    clock.t += 9.0
+    # stopped by the scheduler at step 4 after 2 s of training (0.5 s a step): no final evaluation ran
+    ctl.on_complete(c["number"], {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
+    assert ctl.cost.n_observed == 1 and ctl.cost.overhead_seconds == overhead  # 9 - 2 s is not a whole overhead
+    method = c["spec"]["allocation"]["method"]
+    features = {"method": method, "steps": 1, "tokens_per_step": ctl.cost.ref_tokens, "eval_examples": 8}
+    assert ctl.cost.step_cost(features) == pytest.approx(0.5) and ctl.cost.step_seconds != step
+    # resumed: the stored trial teaches the same
+    again = make(tmp_path, clock=clock)
+    assert again.cost.n_observed == 1 and again.cost.overhead_seconds == overhead
+    assert again.cost.step_cost(features) == pytest.approx(0.5)
+
+
 def test_every_way_a_trial_ends(tmp_path):
     clock = Clock()
     ctl = make(tmp_path, clock=clock, max_failures=10)

@@ -61,6 +61,23 @@ def test_a_scheduler_stop_ends_the_trial_cleanly(monkeypatch, tmp_path, one_thre
     assert result["validation"] is None and result["test"] is None  # no final evaluation for a stopped trial
 
 
+def test_checkpoint_reports_time_the_training_steps_without_the_evaluations(monkeypatch, tmp_path, one_thread):
+    """A trial the scheduler stops teaches the cost model through its checkpoint reports' train_seconds:
+    steps slowed to >= 50 ms each, evaluations to >= 0.5 s: the estimate counts the steps, not the evaluations."""
+    import time
+
+    from allocsearch import evaluate as ev, train
+
+    step_loss, evaluate = train._task_loss, ev.evaluate
+    monkeypatch.setattr(train, "_task_loss", lambda *a: (time.sleep(0.05), step_loss(*a))[1])
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: (time.sleep(0.5), evaluate(*a, **k))[1])
+    checkpoints = run(monkeypatch, tmp_path, Recorder())[:-1]
+    assert [r["step"] for r in checkpoints] == [2, 4]
+    for r in checkpoints:  # step x (>= 50 ms); with an evaluation counted, step 4 would be >= 4 x 0.22 s
+        assert r["step"] * 0.05 <= r["train_seconds"] < r["step"] * 0.05 + 0.4, r
+        assert r["train_seconds"] < r["wall_seconds"]
+
+
 def test_the_budget_cap_stops_the_trial_and_its_partial_result_comes_back(monkeypatch, tmp_path, one_thread):
     reports = run(monkeypatch, tmp_path, Recorder(), cap=1e-6)
     last = reports[-1]

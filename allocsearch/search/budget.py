@@ -223,7 +223,8 @@ class CostModel:
     (``eval_examples`` is carried but not yet modelled: evaluation is part of the overhead). Until a trial
     is observed the priors and METHOD_FACTORS hold; then step_seconds is the median observed step time
     (normalised by tokens and the table's factor), overhead the median of wall - train seconds, and a
-    method's factor the median ratio of its own step times to step_seconds.
+    method's factor the median ratio of its own step times to step_seconds. Trials stopped before their
+    final evaluation (pruned, capped) teach the step time only: their wall lacks part of the overhead.
     """
 
     def __init__(self, prior_step_seconds: float, prior_overhead_seconds: float, *, ref_tokens: int = 1024):
@@ -241,11 +242,14 @@ class CostModel:
     def n_observed(self) -> int:
         return len(self._observations)
 
-    def observe(self, features: dict, wall_seconds: float, steps_done: int, train_seconds: float) -> None:
-        """Learn from a finished (or stopped) trial: its wall seconds, steps run and training seconds."""
+    def observe(self, features: dict, wall_seconds: float, steps_done: int, train_seconds: float, *,
+                complete: bool = True) -> None:
+        """Learn from a finished (or stopped) trial: its wall seconds, steps run and training seconds.
+        ``complete``: it ran its final evaluation, so its wall minus training is a whole overhead."""
         _check(features)
         self._observations.append({"features": dict(features), "wall_seconds": float(wall_seconds),
-                                   "steps_done": int(steps_done), "train_seconds": float(train_seconds)})
+                                   "steps_done": int(steps_done), "train_seconds": float(train_seconds),
+                                   "complete": bool(complete)})
         self._fit()
 
     def _fit(self) -> None:
@@ -253,8 +257,9 @@ class CostModel:
         self.step_seconds, self.overhead_seconds = self.prior_step_seconds, self.prior_overhead_seconds
         if not self._observations:
             return
-        self.overhead_seconds = max(0.0, statistics.median(o["wall_seconds"] - o["train_seconds"]
-                                                           for o in self._observations))
+        whole = [o["wall_seconds"] - o["train_seconds"] for o in self._observations if o.get("complete", True)]
+        if whole:
+            self.overhead_seconds = max(0.0, statistics.median(whole))
         rates: dict[str, list[float]] = {}  # method -> step seconds at ref_tokens
         for o in self._observations:
             if o["steps_done"] > 0 and o["train_seconds"] > 0:

@@ -65,7 +65,7 @@ class Controller:
         for t in self.ostudy.get_trials(deepcopy=False):  # a resumed study: learn from what already ran
             if "train_seconds" in t.user_attrs and t.user_attrs.get("steps", 0) > 0:
                 model.observe(t.user_attrs["features"], t.user_attrs["wall_seconds"], t.user_attrs["steps"],
-                              t.user_attrs["train_seconds"])
+                              t.user_attrs["train_seconds"], complete=t.user_attrs.get("state") == "completed")
         return model
 
     def tune_metrics(self) -> tuple[list[str], list[str]]:
@@ -186,10 +186,11 @@ class Controller:
                 write_text_atomic(self.study.trial_dir(number) / "results.json", json.dumps(payload, indent=2))
             attrs["train_seconds"] = payload.get("train_seconds", 0.0)
             if attrs["steps"] and payload.get("train_seconds"):
-                self.cost.observe(info["features"], wall, attrs["steps"], payload["train_seconds"])
-        elif last.get("train_seconds") and attrs["steps"]:
+                self.cost.observe(info["features"], wall, attrs["steps"], payload["train_seconds"],
+                                  complete=payload.get("status") == "completed")
+        elif last.get("train_seconds") and attrs["steps"]:  # pruned at a checkpoint: its step time so far
             attrs["train_seconds"] = last["train_seconds"]
-            self.cost.observe(info["features"], wall, attrs["steps"], last["train_seconds"])
+            self.cost.observe(info["features"], wall, attrs["steps"], last["train_seconds"], complete=False)
         attrs["state"] = state
         for key, value in attrs.items():
             trial.set_user_attr(key, value)

@@ -54,6 +54,9 @@ def trainable(config: dict) -> None:
     start = time.monotonic()
     devices, deadline = float(config["devices"]), config.get("deadline")
     state: dict[str, Any] = {"params": None, "scheduler_stop": False}
+    # training time between steps, checkpoint evaluations left out, so a trial the scheduler stops still
+    # teaches the cost model its step time (the first step, which includes set-up, is not timed)
+    clock: dict[str, Any] = {"mark": None, "seconds": 0.0, "steps": 0}
 
     def report(step: int, objective: float | None, **extra) -> None:
         wall = time.monotonic() - start
@@ -64,15 +67,22 @@ def trainable(config: dict) -> None:
         tune.report(metrics)
 
     def over_cap(step: int, loss: float) -> str | None:
+        now = time.perf_counter()
+        if clock["mark"] is not None:
+            clock["seconds"] += now - clock["mark"]
+            clock["steps"] += 1
+        clock["mark"] = now
         return "budget" if deadline is not None and time.time() >= deadline else None
 
     def on_checkpoint(step: int, metrics: dict) -> str | None:
+        timed = {"train_seconds": clock["seconds"] / clock["steps"] * step} if clock["steps"] else {}
         try:
-            report(step, metrics["macro_balanced_accuracy"], checkpoint=metrics)
+            report(step, metrics["macro_balanced_accuracy"], checkpoint=metrics, **timed)
         except SystemExit:  # Tune's scheduler (or a stop request) ended this trial: stop cleanly
             state["scheduler_stop"] = True
             return "scheduler"
-        return over_cap(step, 0.0)
+        clock["mark"] = time.perf_counter()  # the evaluation just run is not training time
+        return "budget" if deadline is not None and time.time() >= deadline else None
 
     def on_built(result) -> None:
         state["params"] = result.trainable_params
