@@ -1,5 +1,5 @@
 """Benchmark data for fine-tuning trials: readers, the task registry, user tasks from files
-(:mod:`allocsearch.data.files`), the data spec and its splits.
+(:mod:`allocsearch.data.files`, read by :mod:`allocsearch.data.records`), the data spec and its splits.
 
 Light on purpose: no torch here. The bundled demo subset lives in ``allocsearch/data/demo`` (see NOTICE).
 """

@@ -32,15 +32,14 @@ the task name only (every seed is tested on the same examples, never trained on 
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from allocsearch.data.formats import LETTERS, DataError, Example, iter_jsonl_text, mc_example
+from allocsearch.data.formats import LETTERS, DataError, Example, mc_example
+from allocsearch.data.records import iter_records, short
 
 FORMATS = ("multiple_choice", "classification", "generation")
 FORMAT_ALIASES = {"mc": "multiple_choice", "multiple-choice": "multiple_choice", "instruction": "generation",
@@ -52,13 +51,7 @@ FIELDS = {
     "generation": (("prompt", "completion"), ("id",)),
 }
 USER_KEYS = ("path", "format", "labels", "fields", "test_path", "test_ratio", "instruction")
-SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 _NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
-
-
-def _short(value: Any, n: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # --- spec checks (no file access) -------------------------------------------------------------------
@@ -69,14 +62,14 @@ def check_user_task(t) -> None:
     if not isinstance(t.name, str) or not _NAME.match(t.name):
         raise DataError(f"{where}: name must be letters, digits, '_', '.' or '-'; fix: e.g. name: reviews")
     if not isinstance(t.path, (str, Path)) or not str(t.path).strip():
-        raise DataError(f"{where}: path is {_short(t.path)}; fix: give the data file, e.g. path: reviews.jsonl")
+        raise DataError(f"{where}: path is {short(t.path)}; fix: give the data file, e.g. path: reviews.jsonl")
     t.path = str(t.path)
     fmt = t.format
     if fmt is None:
         raise DataError(f"{where}: missing key 'format'; fix: add format: {' | '.join(FORMATS)}")
     fmt = FORMAT_ALIASES.get(fmt, fmt) if isinstance(fmt, str) else fmt
     if fmt not in FORMATS:
-        raise DataError(f"{where}: format is {_short(t.format)}; fix: use one of {', '.join(FORMATS)}")
+        raise DataError(f"{where}: format is {short(t.format)}; fix: use one of {', '.join(FORMATS)}")
     t.format = fmt
     if t.fields is not None:
         if not isinstance(t.fields, dict):
@@ -91,7 +84,7 @@ def check_user_task(t) -> None:
             if key == "choices" and isinstance(value, list):
                 ok = len(value) >= 2 and all(isinstance(v, str) and v.strip() for v in value)
             if not ok:
-                raise DataError(f"{where}: fields.{key} is {_short(value)}; fix: give the field's name in your "
+                raise DataError(f"{where}: fields.{key} is {short(value)}; fix: give the field's name in your "
                                 "file" + (" (or for choices a list of 2+ column names)" if key == "choices" else ""))
         if fmt == "classification" and "text" in t.fields and ("text_a" in t.fields or "text_b" in t.fields):
             raise DataError(f"{where}: fields maps both text and text_a/text_b; fix: map text for one input, "
@@ -102,10 +95,10 @@ def check_user_task(t) -> None:
         raise DataError(f"{where}: labels is only for format: classification; fix: remove it")
     if t.instruction is not None and (not isinstance(t.instruction, str) or not t.instruction.strip()
                                       or "\n" in t.instruction.strip()):
-        raise DataError(f"{where}: instruction is {_short(t.instruction)}; fix: give one line of text")
+        raise DataError(f"{where}: instruction is {short(t.instruction)}; fix: give one line of text")
     if t.test_path is not None:
         if not isinstance(t.test_path, (str, Path)) or not str(t.test_path).strip():
-            raise DataError(f"{where}: test_path is {_short(t.test_path)}; fix: give the test file's path")
+            raise DataError(f"{where}: test_path is {short(t.test_path)}; fix: give the test file's path")
         t.test_path = str(t.test_path)
         if t.test_ratio is not None:
             raise DataError(f"{where}: both test_path and test_ratio are given; fix: keep one (a test file, or "
@@ -113,7 +106,7 @@ def check_user_task(t) -> None:
     if t.test_ratio is not None:
         r = t.test_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
-            raise DataError(f"{where}: test_ratio is {_short(r)}; fix: give a fraction between 0 and 1, e.g. 0.2")
+            raise DataError(f"{where}: test_ratio is {short(r)}; fix: give a fraction between 0 and 1, e.g. 0.2")
     elif t.test_path is None and t.test > 0:
         raise DataError(f"{where}: asks for {t.test} test examples but has no test_path or test_ratio; fix: add "
                         "test_path: <file> or test_ratio: 0.2 (or set test: 0)")
@@ -128,20 +121,20 @@ def _check_labels(labels: Any, where: str) -> list[str] | dict[str, str]:
         for k, v in labels.items():
             if isinstance(k, bool) or not isinstance(k, (str, int)) or not isinstance(v, (str, int)) \
                     or isinstance(v, bool) or not str(v).strip():
-                raise DataError(f"{where}: labels entry {_short(k)}: {_short(v)} is not value: word; {fix}")
+                raise DataError(f"{where}: labels entry {short(k)}: {short(v)} is not value: word; {fix}")
             out[str(k).strip()] = str(v).strip()
         words = list(dict.fromkeys(out.values()))
     elif isinstance(labels, list):
         if any(isinstance(v, bool) or not isinstance(v, (str, int)) or not str(v).strip() for v in labels):
-            raise DataError(f"{where}: labels {_short(labels)} must be words or numbers; {fix}")
+            raise DataError(f"{where}: labels {short(labels)} must be words or numbers; {fix}")
         out = [str(v).strip() for v in labels]
         if len(set(out)) != len(out):
-            raise DataError(f"{where}: labels {_short(labels)} lists a label twice; fix: list each label once")
+            raise DataError(f"{where}: labels {short(labels)} lists a label twice; fix: list each label once")
         words = out
     elif labels is None:
         raise DataError(f"{where}: format classification needs labels; {fix}")
     else:
-        raise DataError(f"{where}: labels is {_short(labels)}; {fix}")
+        raise DataError(f"{where}: labels is {short(labels)}; {fix}")
     if len(words) < 2:
         raise DataError(f"{where}: labels has {len(words)} label; fix: declare at least two labels")
     if len(words) > 64:
@@ -162,115 +155,6 @@ def describe(t) -> str:
     test = f"test file {t.test_path}" if t.test_path else (
         f"test: {t.test_ratio:.0%} of it held out" if t.test_ratio else "no test")
     return f"{t.format} from {t.path}; {test}"
-
-
-# --- records ----------------------------------------------------------------------------------------
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); fix: save the file as UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); fix: check its permissions") from None
-
-
-def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, dict]]:
-    for _, where, rec in iter_jsonl_text(path, text):
-        yield where, rec
-
-
-def _iter_json(path: Path, text: str) -> Iterator[tuple[str, dict]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # JSON lines saved as .json (datasets' to_json does this)
-            yield from _iter_jsonl(path, text)
-            return
-        raise DataError(f"{path}: bad JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-                        "fix: repair the file (a list of objects, or one object a line)") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]}
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}; "
-                        "fix: write [{...}, {...}] or one object a line (.jsonl)")
-    for i, rec in enumerate(data):
-        where = f"{path} record {i}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected an object, got {_short(rec)}; fix: each record must be a JSON object")
-        yield where, rec
-
-
-def _iter_csv(path: Path, text: str, delimiter: str) -> Iterator[tuple[str, dict]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        header = [h.strip() for h in header]
-        if len(set(header)) != len(header) or "" in header:
-            raise DataError(f"{path} line 1: header {_short(header)} has an empty or repeated column name; "
-                            "fix: give every column a distinct name")
-        start = reader.line_num + 1
-        for row in reader:
-            where = f"{path} line {start}"
-            start = reader.line_num + 1
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{where}: {len(row)} columns, the header has {len(header)}; fix: quote values "
-                                "holding the delimiter, or repair the row")
-            yield where, {h: c for h, c in zip(header, row) if c.strip() != ""}
-    except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num}: bad CSV ({exc}); fix: repair the quoting") from None
-
-
-def _iter_hf(path: Path) -> Iterator[tuple[str, dict]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path}: reading parquet/arrow/datasets folders needs Hugging Face datasets; "
-                        "fix: pip install datasets (or convert the data to .jsonl or .csv)") from None
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-        elif path.suffix == ".arrow":
-            ds = datasets.Dataset.from_file(str(path))
-        else:
-            ds = datasets.Dataset.from_parquet(str(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is one line naming the file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: datasets cannot read it ({first[:160]}); fix: point at a save_to_disk folder "
-                        "or a .parquet/.arrow file") from None
-    if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"{path}: is a DatasetDict with splits {', '.join(ds)}; fix: point path at one split "
-                        f"folder (e.g. {path / next(iter(ds), 'train')}) and test_path at another")
-    for i, rec in enumerate(ds):
-        yield f"{path} row {i}", {k: v for k, v in rec.items() if v is not None and v != ""}
-
-
-def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each record of a user data file (see the module docstring for the types)."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found; fix: check path / test_path (relative paths are taken "
-                        "from the data spec's folder)")
-    if path.is_dir():
-        yield from _iter_hf(path)
-        return
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unknown file type {suffix or '(none)'!r}; fix: use one of {', '.join(SUFFIXES)} "
-                        "or a datasets save_to_disk folder")
-    if suffix in (".parquet", ".arrow"):
-        yield from _iter_hf(path)
-        return
-    text = _read_text(path)
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _iter_jsonl(path, text)
-    elif suffix == ".json":
-        yield from _iter_json(path, text)
-    else:
-        yield from _iter_csv(path, text, "," if suffix == ".csv" else "\t")
 
 
 # --- records -> Examples ----------------------------------------------------------------------------
@@ -295,7 +179,7 @@ def _get(rec: dict, t, key: str, where: str, required: bool = True) -> Any:
 
 def _text(value: Any, name: str, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{where}: field {name!r} is {_short(value)}, expected text; fix: repair the record")
+        raise DataError(f"{where}: field {name!r} is {short(value)}, expected text; fix: repair the record")
     return " ".join(str(value).split())
 
 
@@ -311,7 +195,7 @@ def _choices(rec: dict, t, where: str) -> list[str]:
                 try:
                     options = json.loads(options)
                 except json.JSONDecodeError:
-                    raise DataError(f"{where}: choices {_short(options)} is not a JSON list; fix: write "
+                    raise DataError(f"{where}: choices {short(options)} is not a JSON list; fix: write "
                                     '["a", "b"] or a|b') from None
             else:
                 options = options.split("|")
@@ -319,7 +203,7 @@ def _choices(rec: dict, t, where: str) -> list[str]:
             options = options.tolist()
     if not isinstance(options, (list, tuple)) or not 2 <= len(options) <= len(LETTERS) or \
             any(isinstance(o, (dict, list, bool)) or o is None or not str(o).strip() for o in options):
-        raise DataError(f"{where}: choices must be 2..{len(LETTERS)} non-empty texts, got {_short(options)}; "
+        raise DataError(f"{where}: choices must be 2..{len(LETTERS)} non-empty texts, got {short(options)}; "
                         "fix: repair the record")
     return [" ".join(str(o).split()) for o in options]
 
@@ -341,7 +225,7 @@ def _answer(value: Any, options: list[str], where: str) -> int:
             return LETTERS.index(text.upper())
         if text.isdigit() and int(text) < n:
             return int(text)
-    raise DataError(f"{where}: answer {_short(value)} is not one of the {n} choices (their text, a letter "
+    raise DataError(f"{where}: answer {short(value)} is not one of the {n} choices (their text, a letter "
                     f"A-{LETTERS[n - 1]}, or an index 0-{n - 1}); fix: repair the record")
 
 
@@ -360,7 +244,7 @@ def _label(value: Any, t, where: str) -> int:
         if not numeric and key is not None and key.isdigit() and int(key) < len(words):
             return int(key)
     allowed = sorted(t.labels) if isinstance(t.labels, dict) else words
-    raise DataError(f"{where}: label {_short(value)} is not in the declared labels {allowed}; fix: correct the "
+    raise DataError(f"{where}: label {short(value)} is not in the declared labels {allowed}; fix: correct the "
                     "record or add the label to labels")
 
 
@@ -402,7 +286,7 @@ def to_example(t, uid: str, rec: dict, where: str) -> Example:
     prompt = _get(rec, t, "prompt", where)
     completion = _get(rec, t, "completion", where)
     if not isinstance(prompt, str) or not isinstance(completion, (str, int, float)) or isinstance(completion, bool):
-        raise DataError(f"{where}: prompt and completion must be text, got {_short(prompt)} / {_short(completion)}; "
+        raise DataError(f"{where}: prompt and completion must be text, got {short(prompt)} / {short(completion)}; "
                         "fix: repair the record")
     lines = ([t.instruction.strip()] if t.instruction else []) + [prompt.strip()]
     if not prompt.rstrip().endswith("Answer:"):
@@ -452,7 +336,7 @@ def _read_file(t, path: Path, role: str):
         if use_ids:
             raw = _get(rec, t, "id", where)
             if isinstance(raw, (dict, list, bool)):
-                raise DataError(f"{where}: id {_short(raw)} is not text or a number; fix: use plain ids")
+                raise DataError(f"{where}: id {short(raw)} is not text or a number; fix: use plain ids")
             rid = str(raw).strip()
             if rid in seen:
                 raise DataError(f"{where}: id {rid!r} is already used at {seen[rid]}; fix: give every record "
