@@ -36,6 +36,10 @@ class MoELoRALayer(nn.Module):
         self.balance: tuple[float, SwitchStats] | None = None
         self.track_load = False
         self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64), persistent=False)
+        # (tokens,) bool of the batch being run: its real, non-padding positions (the Adapter sets it from the
+        # model's attention_mask). Expert load and the routing losses count only these, as the Switch loss
+        # with an attention mask does (transformers' load_balancing_loss_func); None: every position counts
+        self.token_mask: torch.Tensor | None = None
 
     # factory kwargs for new parameters: same device and dtype as W0
     @property
@@ -52,14 +56,22 @@ class MoELoRALayer(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ routing bookkeeping
-    def _after_routing(self, route: Route, coef: float = 0.0) -> None:
+    def _real(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (one per position of the batch) without the padding positions, when the mask fits."""
+        mask = self.token_mask
+        return rows[mask] if mask is not None and mask.shape[0] == rows.shape[0] else rows
+
+    def _after_routing(self, route: Route, coef: float = 0.0) -> Route:
         """Record expert load and, while training, this module's Switch load-balance statistics (weighted by
-        ``coef``; :func:`pooled_load_balance` turns a layer's modules into one loss)."""
+        ``coef``; :func:`pooled_load_balance` turns a layer's modules into one loss), over the real tokens
+        only; returns the route of those tokens (for the method's own routing losses)."""
+        route = Route(self._real(route.gates), self._real(route.probs), self._real(route.index))
         if self.track_load:
             with torch.no_grad():
                 self.load_counts += torch.bincount(route.index.reshape(-1), minlength=self.num_experts).double()
         if self.training and coef > 0:
             self.balance = (coef, switch_stats(route.probs, route.index))
+        return route
 
     def expert_load(self) -> list[float]:
         """Fraction of routed token slots each expert received since the last reset."""

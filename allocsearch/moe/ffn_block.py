@@ -80,6 +80,7 @@ class FFNBlockMoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.balance = None  # Switch statistics for the per-layer pooling (MoLA); see MoELoRALayer
         self.track_load = False
+        self.token_mask: torch.Tensor | None = None  # real (non-padding) positions; see MoELoRALayer
         w = mlp.gate_proj.weight
         fac = {"device": w.device, "dtype": w.dtype}
         self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64, device=w.device),
@@ -93,6 +94,7 @@ class FFNBlockMoE(nn.Module):
         return {"device": w.device, "dtype": w.dtype}
 
     # the wrapped-Linear interface, shared with MoELoRALayer (it reads only attributes set above)
+    _real = MoELoRALayer._real
     _after_routing = MoELoRALayer._after_routing
     expert_load = MoELoRALayer.expert_load
     reset_load = MoELoRALayer.reset_load
@@ -200,9 +202,9 @@ class GraphLoRAFFNBlock(GraphRouter, FFNBlockMoE):
 
     def route(self, r, t, device):
         route = topk_route(self.graph_logits(r), self.top_k)
-        self._after_routing(route)
+        real = self._after_routing(route)  # the non-padding tokens' routing, for the losses
         if self.training:
-            self.aux_loss = self.graph_aux_loss(route)
+            self.aux_loss = self.graph_aux_loss(real)
         return route
 
 

@@ -160,7 +160,7 @@ class GraphLoRALinear(GraphRouter, MoELoRALayer):
         z, tok = self.experts.project(x, self.lora_dropout, self.token_in)  # [A; W_in] x, one matmul
         logits = self.graph_logits(tok)
         route = topk_route(logits, self.top_k)
-        self._after_routing(route)
+        real = self._after_routing(route)  # the non-padding tokens' routing, for the losses
         if self.training:
-            self.aux_loss = self.graph_aux_loss(route)
+            self.aux_loss = self.graph_aux_loss(real)
         return self.experts.combine(z, route.gates * self.scaling)

@@ -66,6 +66,21 @@ def resolve_targets(model: nn.Module, allocation: AllocationConfig) -> list[tupl
     return out
 
 
+class _PaddingMask:
+    """Forward pre-hook on the adapted model: the batch's ``attention_mask`` (batch, positions), flattened in
+    the order the layers flatten their input, becomes every MoE layer's ``token_mask``. Anything else (no
+    mask, a 4-D mask, a generation step whose mask also covers the cache) sets None: every position counts."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    def __call__(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        flat = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for layer in self.layers:
+            layer.token_mask = flat
+
+
 @dataclass
 class Adapter:
     """An injected adapter: run ``adapter.model``, optimise ``adapter.trainable_parameters()``."""
@@ -74,6 +89,10 @@ class Adapter:
     allocation: AllocationConfig
     layers: dict[str, MoELoRALayer] = field(default_factory=dict)  # module path -> layer; empty for peft
     train_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.layers:  # routers count only real tokens: hand each forward's attention_mask to the layers
+            self.model.register_forward_pre_hook(_PaddingMask(list(self.layers.values())), with_kwargs=True)
 
     @property
     def uses_peft(self) -> bool:

@@ -41,7 +41,7 @@ class LoRACoELinear(MoELoRALayer):
         g = torch.softmax(logits.float().view(-1, self.num_experts, self.rank), dim=-1).mean(1)
         if self.track_load:
             with torch.no_grad():
-                self.load_counts += g.sum(0).double()  # composition weight mass per rank
+                self.load_counts += self._real(g).sum(0).double()  # composition weight mass per rank
         return g * self.rank if self.options.composition_scale == "rank" else g
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
