@@ -43,6 +43,9 @@ FILES = {
     "model-missing.yaml": "model: no/such/model\n",
     "lr-json.json": json.dumps({"train": {"lr": "fast"}}),
     "space-inverted.yaml": "version: 1\nmodel: tiny-llama\nmethods: {lora: {rank: {int: [8, 2]}}}\n",
+    "space-block-bert.yaml": "version: 1\nmodel: minilm-l6\nmethods: {graphlora: {router_scope: ffn_block}}\n",
+    "space-scope-omoe.yaml": "version: 1\nmodel: tiny-llama\nmethods: {omoe: {router_scope: ffn_block}}\n",
+    "scope-bert.yaml": "model: minilm-l6\nallocation: {preset: graphlora}\n",
 }
 
 TRAIN = [  # (arguments after `train`, text the one error line must hold)
@@ -68,6 +71,7 @@ TRAIN = [  # (arguments after `train`, text the one error line must hold)
     (["--config", "preset-nope.yaml"], "unknown preset 'nope'"),
     (["--config", "method-nope.yaml"], "unknown method 'nope'"),
     (["--config", "options-abc.yaml"], "options.edge_density: expected a number, got 'abc'"),
+    (["--config", "scope-bert.yaml"], "ffn_block"),
     (["--config", "data-int.yaml"], "data must be 'demo'"),
     (["--config", "data-task.yaml"], "unknown task 'nope'"),
     (["--config", "data-negative.yaml"], "train is -1"),
@@ -127,6 +131,10 @@ OTHER = [  # data specs, budgets, spaces: (full arguments, text of the one error
     (["start", "--budget", "banana", "--workdir", "out"], "budget 'banana'"),
     (["start", "--budget", "0cpu-h", "--workdir", "out"], "0cpu-h"),
     (["start", "--budget", "1cpu-h", "--space", "space-inverted.yaml", "--workdir", "out"], "inverted"),
+    (["space", "check", "space-block-bert.yaml"], "router_scope: ffn_block needs a gated Llama-style MLP"),
+    (["start", "--budget", "1cpu-h", "--space", "space-block-bert.yaml", "--workdir", "out"], "Llama-style"),
+    (["space", "check", "space-scope-omoe.yaml"], "omoe has no FFN-block form"),
+    (["alloc", "--method", "omoe", "--layers", "2", "--router-scope", "ffn_block"], "router_scope ffn_block is for"),
 ]
 
 CASES = ([pytest.param(["train", *a, "--out", "out/run"], n, id="train " + " ".join(a)) for a, n in TRAIN]

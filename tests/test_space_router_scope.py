@@ -8,7 +8,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from allocsearch.search.space import SearchSpace, SpaceError, load_space, model_family
+from allocsearch.allocation import model_family
+from allocsearch.search.space import SearchSpace, SpaceError, load_space
 from allocsearch.trial import resolve_allocation
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

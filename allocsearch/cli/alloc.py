@@ -49,6 +49,9 @@ def _int_csv(name: str, value: str | None) -> list[int] | None:
 @click.option("--rank", default=None, help="LoRA rank: one number or one per layer.")
 @click.option("--targets", default=None, help="Comma-separated targets, e.g. q,k,v,o,gate,up,down.")
 @click.option("--moe-targets", default=None, help="Targets that get experts; the rest get plain LoRA (MixLoRA).")
+@click.option("--router-scope", type=click.Choice(["linear", "ffn_block"]), default=None,
+              help="linear: a router per wrapped Linear; ffn_block: one per decoder layer on its gated MLP "
+                   "(GraphLoRA's and MixLoRA's form; mola and graphlora on Llama-style models).")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (scaling s = alpha / rank).")
 @click.option("--dropout", type=float, default=None, help="LoRA dropout.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -58,8 +61,8 @@ def _int_csv(name: str, value: str | None) -> list[int] | None:
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the YAML (or .json) here.")
 @click.option("--list-presets", is_flag=True, help="List the presets and exit.")
 @click.option("--quiet", is_flag=True, help="Do not draw the per-layer chart.")
-def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, rank, targets, moe_targets, alpha,
-          dropout, options, check_file, out, list_presets, quiet):
+def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, rank, targets, moe_targets,
+          router_scope, alpha, dropout, options, check_file, out, list_presets, quiet):
     """Build an allocation config (experts / top-k / rank for every layer) and draw it.
 
     \b
@@ -68,6 +71,7 @@ def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, ran
       allocsearch alloc --method mola --experts 2,4,6,8 --layers 4 --top-k 2 --rank 8
       allocsearch alloc --preset mixlora --out mixlora.yaml
       allocsearch alloc --method graphlora --experts 8 --top-k 2 --rank 2 --option edge_density=0.2
+      allocsearch alloc --preset graphlora --router-scope linear     # the per-Linear variant
       allocsearch alloc --check best.yaml
     The YAML goes to stdout (or --out); the chart goes to stderr.
     """
@@ -98,7 +102,7 @@ def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, ran
         fields["num_layers"] = layers
         fields.update(_per_layer(fields, layers, shape, total_experts, experts, top_k, rank))
         for key, value in (("targets", _csv(targets)), ("moe_targets", _csv(moe_targets)),
-                           ("alpha", alpha), ("dropout", dropout)):
+                           ("router_scope", router_scope), ("alpha", alpha), ("dropout", dropout)):
             if value is not None:
                 fields[key] = value
         if options:

@@ -69,7 +69,7 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
         from allocsearch.train import TrainConfig
 
         spec.train = TrainConfig.from_dict({**spec.train.to_dict(), **overrides})
-    _check_allocation(spec.allocation)
+    _check_allocation(spec.allocation, spec.model)
     from allocsearch.models import resolve_device
 
     resolve_device(spec.train.device)  # an unknown or absent device is named before any data or model work
@@ -142,19 +142,25 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
         raise SystemExit(1)
 
 
-def _check_allocation(allocation) -> None:
-    """An unknown preset, method or option is named now, not after the data and the model have loaded."""
-    from allocsearch.allocation import _typed_options
+def _check_allocation(allocation, model: str) -> None:
+    """An unknown preset, method or option, or the FFN-block form on a model without gated MLPs, is named
+    now, not after the data and the model have loaded."""
+    from allocsearch.allocation import _typed_options, model_family
     from allocsearch.methods import PRESETS, get_method
 
     if not isinstance(allocation, dict):
         return
-    method = allocation.get("method")
+    method, scope = allocation.get("method"), allocation.get("router_scope")
     if method is None and "preset" in allocation:  # with a method, a preset is provenance only
         name = allocation["preset"]
         if not isinstance(name, str) or name not in PRESETS:
             raise AllocsearchError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
         method = PRESETS[name][1](1)["method"]
+        scope = scope or PRESETS[name][1](1).get("router_scope")
+    if scope == "ffn_block" and model_family(model) == "bert":
+        raise AllocsearchError(f"allocation.router_scope: ffn_block needs a gated Llama-style MLP but {model} is a "
+                               "BERT-style encoder; fix: set router_scope: linear in the allocation or use a "
+                               "Llama-style model")
     if method is not None:
         spec = get_method(method)
         if isinstance(allocation.get("options"), dict):  # unknown or mistyped options

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from allocsearch.allocation import model_family
 from allocsearch.search.space_dims import Bad, Dim, SpaceError, extremes, first, fmt, parse_value
-from allocsearch.search.space_models import MODEL_DEPTHS, model_depth, model_family
-from allocsearch.shapes import group_sizes
 from allocsearch.search.space_methods import MethodSection, paper_priors
+from allocsearch.search.space_models import MODEL_DEPTHS, model_depth
+from allocsearch.shapes import group_sizes
 
 VERSION = 1
 TOP_KEYS = ("version", "extends", "model", "data", "objective", "priors", "train", "methods")

@@ -233,7 +233,7 @@ class PerLayer:
             extra = sorted(set(node) - {"groups", "each"})
             if extra or "each" not in node:
                 raise Bad(key, f"the groups form takes groups and each, got {sorted(node)}",
-                          f"write {{groups: 4, each: {{int: [1, 8]}}}}")
+                          "write {groups: 4, each: {int: [1, 8]}}")
             if not is_int(node["groups"]) or node["groups"] < 1:
                 raise Bad(f"{key}.groups", f"groups is {node['groups']!r}", "give a whole number >= 1")
             each = parse_value(f"{key}.each", node["each"])

@@ -1,4 +1,5 @@
-"""What a search space needs to know of its model before anything loads: its depth and its family."""
+"""What a search space needs to know of its model before anything loads: its depth (and its family,
+``allocation.model_family``)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ from pathlib import Path
 from allocsearch.search.space_dims import SpaceError
 
 MODEL_DEPTHS = {"smollm2-135m": 30, "minilm-l6": 6, "tiny-llama": 4}  # allocsearch.models' registry
-MODEL_KINDS = {"smollm2-135m": "llama", "minilm-l6": "bert", "tiny-llama": "llama"}  # family, as in allocation.py
 
 
 def model_depth(model: str) -> int:
@@ -26,17 +26,3 @@ def model_depth(model: str) -> int:
         raise SpaceError(f"model {model}: {config} has no num_hidden_layers; fix: point at a transformers model folder")
     raise SpaceError(f"model {model!r} is not a known model or a local folder with config.json; fix: use "
                      f"{', '.join(MODEL_DEPTHS)} or the path of a local model folder")
-
-
-def model_family(model: str) -> str | None:
-    """"llama" (gated MLPs: the FFN-block form applies), "bert", or None when unknown (a local folder's
-    ``config.json`` ``model_type`` decides; see allocation.MODEL_FAMILIES)."""
-    from allocsearch.allocation import MODEL_FAMILIES
-
-    if model in MODEL_KINDS:
-        return MODEL_KINDS[model]
-    try:
-        data = json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8"))
-        return MODEL_FAMILIES.get(data.get("model_type"))
-    except (OSError, ValueError, AttributeError):
-        return None
