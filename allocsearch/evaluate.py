@@ -2,8 +2,9 @@
 
 Choice tasks (multiple choice, yes/no, GLUE) are scored from one forward pass per batch: the prediction is
 the choice whose first distinct token has the highest next-token log-probability after the prompt (causal
-LMs) or the highest class logit (encoders). Math tasks are scored by short greedy generation and the first
-number in the output. Short CPU trials swing between always-"yes" and always-"no", so next to accuracy
+LMs) or the highest class logit (encoders). Generation tasks are scored by short greedy generation: a
+numeric target (math) by the first number in the output, a text target by normalised exact match
+(``generation_correct``). Short CPU trials swing between always-"yes" and always-"no", so next to accuracy
 every task reports balanced accuracy (mean recall over the gold classes), which is 1/C for any constant
 predictor; macro averages weight the tasks equally.
 """
@@ -11,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 from collections import defaultdict
 
 import torch
 
 from allocsearch.data import Example
 from allocsearch.encode import Encoder
+from allocsearch.scoring import accuracy, balanced_accuracy, generation_correct
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _PROGRESS: contextvars.ContextVar = contextvars.ContextVar("allocsearch_eval_progress", default=None)
 
 
@@ -33,35 +33,6 @@ def eval_progress(callback):
         yield
     finally:
         _PROGRESS.reset(token)
-
-
-def accuracy(gold: list[int], pred: list[int]) -> float:
-    return sum(g == p for g, p in zip(gold, pred)) / len(gold) if gold else float("nan")
-
-
-def balanced_accuracy(gold: list[int], pred: list[int]) -> float:
-    """Mean over gold classes of the recall of that class."""
-    per_class: dict[int, list[bool]] = defaultdict(list)
-    for g, p in zip(gold, pred):
-        per_class[g].append(g == p)
-    return sum(sum(v) / len(v) for v in per_class.values()) / len(per_class) if per_class else float("nan")
-
-
-def first_number(text: str) -> str | None:
-    m = _NUMBER.search(text)
-    if not m:
-        return None
-    value = m.group(0).replace(",", "")
-    if "." in value:  # 8.00 -> 8, 2.50 -> 2.5
-        value = value.rstrip("0").rstrip(".")
-    return value
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    try:
-        return a is not None and b is not None and abs(float(a) - float(b)) < 1e-6
-    except ValueError:
-        return False
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -97,7 +68,7 @@ def evaluate(model, encoder: Encoder, examples: list[Example], *, batch_size: in
                 chunk = gen[i:i + batch_size]
                 for ex, text in zip(chunk, _generate(model, encoder, chunk, device, max_new_tokens)):
                     gold[ex.task].append(1)
-                    pred[ex.task].append(int(same_number(first_number(text), ex.target)))
+                    pred[ex.task].append(int(generation_correct(text, ex.target)))
                 report(len(choice) + i + len(chunk), len(choice) + len(gen))
     finally:
         model.train(was_training)

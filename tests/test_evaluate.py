@@ -15,7 +15,8 @@ from torch import nn
 
 from allocsearch.data import Example
 from allocsearch.encode import Encoder
-from allocsearch.evaluate import accuracy, balanced_accuracy, evaluate, first_number
+from allocsearch.evaluate import evaluate
+from allocsearch.scoring import accuracy, balanced_accuracy, first_number, generation_correct
 from conftest import ex
 
 
@@ -51,6 +52,25 @@ def test_accuracy_and_balanced_accuracy_by_hand():
 ])
 def test_first_number(text, expected):
     assert first_number(text) == expected
+
+
+@pytest.mark.parametrize("text, target, expected", [
+    (" 72\nQuestion: ...", "72", True),  # numeric target: the first number generated
+    ("She has 1,000 apples", "1000", True),
+    ("8.00 dollars", "8", True),
+    ("about 71 or 72", "72", False),
+    (" Paris. It is the capital", "Paris", True),  # text target: normalised, at a word boundary
+    ("PARIS", "paris", True),
+    (" New  York, NY", "new york", True),
+    (" Parisian food", "Paris", False),  # a longer word is not the answer
+    (" The answer is Paris", "Paris", False),  # the answer must come first
+    ("", "Paris", False),
+    (" anything", "", False),  # an empty target never matches
+    (" positive\n", "positive", True),
+    ("negative", "positive", False),
+])
+def test_generation_scoring_numbers_and_text(text, target, expected):
+    assert generation_correct(text, target) is expected
 
 
 # ----------------------------------------------------------------------------------------------- evaluate (fakes)
@@ -207,6 +227,17 @@ def test_evaluate_generation_with_a_fake_generator(byte_tok):
     assert t["n"] == 4 and t["accuracy"] == 0.75 and t["balanced_accuracy"] == 0.75
     assert t["predicted"] == {"0": 1, "1": 3}
     assert out["macro_accuracy"] == 0.75
+
+
+def test_evaluate_generation_scores_text_targets_by_exact_match(byte_tok):
+    """A user's instruction task with text completions: scored by normalised exact match, not by numbers."""
+    enc = Encoder(byte_tok, "causal-lm", max_length=64)
+    cases = [("Capital of France?", "Paris", " Paris. Famous for"), ("Capital of Italy?", "Rome", " rome"),
+             ("Capital of Spain?", "Madrid", " Barcelona"), ("Opposite of hot?", "cold", " Cold, cold")]
+    examples = [Example("qa", f"q/{i}", p + "\nAnswer:", (), None, t, p) for i, (p, t, _) in enumerate(cases)]
+    answers = {enc.score_features(e).input_ids: a for e, (_, _, a) in zip(examples, cases)}
+    out = evaluate(FakeGenerator(byte_tok, answers), enc, examples, batch_size=16, max_new_tokens=7)
+    assert out["tasks"]["qa"]["accuracy"] == 0.75 and out["tasks"]["qa"]["predicted"] == {"0": 1, "1": 3}
 
 
 def test_evaluate_generation_with_tiny_llama(tiny):

@@ -335,6 +335,22 @@ def test_data_check_prints_tasks_splits_balance_and_a_prompt(tmp_path, capsys):
     assert "task sst2: built-in classification, GLUE SST-2 sentiment (from the bundled demo)" in lines
 
 
+def test_data_check_says_how_generation_is_scored(tmp_path, capsys):
+    write(tmp_path / "math.jsonl", SHAPES["generation"])
+    write(tmp_path / "qa.jsonl", [{"prompt": f"Say word {i}", "completion": f"word {i}"} for i in range(20)])
+    spec = tmp_path / "data.yaml"
+    spec.write_text("tasks:\n"
+                    "  - {name: math, path: math.jsonl, format: generation, test_ratio: 0.2, train: 4, validation: 2, "
+                    "test: 2}\n"
+                    "  - {name: qa, path: qa.jsonl, format: generation, test_ratio: 0.2, train: 4, validation: 2, "
+                    "test: 2}\n")
+    code, out, err = run_main(["data", "check", spec], capsys)
+    assert code == 0 and err == ""
+    math_part, qa_part = out.split("task qa:")
+    assert "(scored by the first number generated)" in math_part and "exact match" not in math_part
+    assert "(scored by normalised exact match)" in qa_part
+
+
 def test_data_check_bad_data_is_one_line(tmp_path, capsys):
     write(tmp_path / "r.jsonl", [{"text": "a", "label": "negative"}, {"text": "b", "label": "neutral"}])
     spec = tmp_path / "data.yaml"

@@ -94,15 +94,7 @@ def check(spec, data_dir):
         if ex.choices:
             click.echo(f"  choices  {' | '.join(repr(c) for c in ex.choices)}; target {ex.target!r}")
         else:
-            numeric = _is_number(ex.target)
-            click.echo(f"  target   {ex.target!r}" + ("" if numeric else
-                       "  (note: generation is scored on the first number generated, so non-numeric "
-                       "completions train but score 0)"))
+            from allocsearch.scoring import is_number
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace(",", ""))
-        return True
-    except ValueError:
-        return False
+            how = "the first number generated" if is_number(ex.target) else "normalised exact match"
+            click.echo(f"  target   {ex.target!r}  (scored by {how})")
