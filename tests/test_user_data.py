@@ -339,11 +339,8 @@ def test_data_check_says_how_generation_is_scored(tmp_path, capsys):
     write(tmp_path / "math.jsonl", SHAPES["generation"])
     write(tmp_path / "qa.jsonl", [{"prompt": f"Say word {i}", "completion": f"word {i}"} for i in range(20)])
     spec = tmp_path / "data.yaml"
-    spec.write_text("tasks:\n"
-                    "  - {name: math, path: math.jsonl, format: generation, test_ratio: 0.2, train: 4, validation: 2, "
-                    "test: 2}\n"
-                    "  - {name: qa, path: qa.jsonl, format: generation, test_ratio: 0.2, train: 4, validation: 2, "
-                    "test: 2}\n")
+    spec.write_text("tasks:\n" + "".join(f"  - {{name: {n}, path: {n}.jsonl, format: generation, test_ratio: 0.2, "
+                                          "train: 4, validation: 2, test: 2}\n" for n in ("math", "qa")))
     code, out, err = run_main(["data", "check", spec], capsys)
     assert code == 0 and err == ""
     math_part, qa_part = out.split("task qa:")

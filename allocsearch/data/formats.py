@@ -86,6 +86,11 @@ def iter_json_list(path: Path) -> Iterator[tuple[int, str, dict]]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}; "
                         "fix: use the LLM-Adapters format [{instruction, input, output, answer}, ...]")
+    yield from json_objects(path, data)
+
+
+def json_objects(path: Path, data: list) -> Iterator[tuple[int, str, dict]]:
+    """(index, where, record) of a parsed JSON list; a record that is not an object is one line naming it."""
     for i, rec in enumerate(data):
         where = f"{path} record {i}"
         if not isinstance(rec, dict):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from allocsearch.data.formats import DataError, iter_jsonl_text
+from allocsearch.data.formats import DataError, iter_jsonl_text, json_objects
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 
@@ -48,10 +48,7 @@ def _iter_json(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}; "
                         "fix: write [{...}, {...}] or one object a line (.jsonl)")
-    for i, rec in enumerate(data):
-        where = f"{path} record {i}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected an object, got {short(rec)}; fix: each record must be a JSON object")
+    for _, where, rec in json_objects(path, data):
         yield where, rec
 
 
