@@ -269,6 +269,8 @@ def test_space_check_cli_grid_list_and_errors(tmp_path, capsys):
     assert r.exit_code == 0 and "grid: 4 points" in r.output and "LoRA r8" in r.output, r.output
     r = CliRunner().invoke(cli, ["space", "list"])
     assert r.exit_code == 0 and "joint" in r.output and "defaults" not in r.output
+    rows = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[1:]}
+    assert rows["decoder"] == "smollm2-135m" and rows["demo"] == "minilm-l6"  # each space's model
     bad = write(tmp_path, "bad.yaml", BASE + "methods: {mola: {rank: {int: [16, 4]}}}\n")
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:

@@ -28,7 +28,8 @@ def list_spaces():
 
     click.echo(f"shipped spaces in {spaces_dir()}:")
     for name in shipped_spaces():
-        click.echo(f"  {name:10s} methods: {', '.join(load_space(name).methods)}")
+        space = load_space(name)
+        click.echo(f"  {name:10s} {space.model:13s} methods: {', '.join(space.methods)}")
 
 
 @space.command("check")
