@@ -191,13 +191,19 @@ LAYER_ROWS = [
      "tokens": 8, "device": "cpu", "dtype": "fp32", "repeats": 3},
     {"shape": "32->48", "case": "MoLA top-2 of 8, r8", "median_ms": 2.5, "reference": "LoRA r16 (peft)",
      "ratio": 2.0, "note": "target <= 1.2x", "tokens": 8, "device": "cpu", "dtype": "fp32", "repeats": 3},
+    {"shape": "ffn 32x64", "case": "MixLoRA block: MoLA top-2 of 8, r8", "median_ms": 3.0,
+     "reference": "MoLA top-2 of 8, r8, per-Linear", "ratio": 0.75, "also": {"LoRA r16 (peft)": 1.5},
+     "note": "1 router", "tokens": 8, "device": "cpu", "dtype": "fp32", "repeats": 3},
 ]
 
 
 def test_bench_layers_table_and_json_show_the_benchmark_rows(capsys, monkeypatch):
     import allocsearch.bench.layers as layer_bench
 
-    monkeypatch.setattr(layer_bench, "run", lambda *a, **k: [dict(r) for r in LAYER_ROWS])
+    import allocsearch.bench.ffn as ffn_bench
+
+    monkeypatch.setattr(layer_bench, "run", lambda *a, **k: [dict(r) for r in LAYER_ROWS[:2]])
+    monkeypatch.setattr(ffn_bench, "run", lambda *a, **k: [json.loads(json.dumps(r)) for r in LAYER_ROWS[2:]])
     code, out, err = run_main(["bench", "layers", "--tokens", "8", "--repeats", "3", "--threads", "1"], capsys)
     assert code == 0, err
     assert "allocsearch bench layers" in out and "8 tokens, cpu fp32, 1 threads, median of 3" in out
@@ -207,20 +213,27 @@ def test_bench_layers_table_and_json_show_the_benchmark_rows(capsys, monkeypatch
     second = [c.strip() for c in re.split(r"[│┃]", rows[1]) if c.strip()]
     assert first == ["32->48", "LoRA r16 (peft)", "1.25"]
     assert second == ["32->48", "MoLA top-2 of 8, r8", "2.50", "2.00x", "LoRA r16 (peft)", "target <= 1.2x"]
+    (block,) = [line for line in out.splitlines() if "ffn 32x64" in line]
+    assert [c.strip() for c in re.split(r"[│┃]", block) if c.strip()] == [
+        "ffn 32x64", "MixLoRA block: MoLA top-2 of 8, r8", "3.00", "0.75x", "MoLA top-2 of 8, r8, per-Linear",
+        "1 router; 1.50x vs LoRA r16 (peft)"]
     code, out, _ = run_main(["bench", "layers", "--json"], capsys)
     assert code == 0 and json.loads(out) == LAYER_ROWS
 
 
 def test_bench_layers_real_run_prints_a_row_per_case(capsys):
+    from allocsearch.bench import ffn
     from allocsearch.bench.layers import default_cases
 
     code, out, err = run_main(["bench", "layers", "--tokens", "16", "--repeats", "1", "--warmup", "0",
-                               "--shape", "16x24", "--threads", "1"], capsys)
+                               "--shape", "16x24", "--ffn", "16x32", "--threads", "1"], capsys)
     assert code == 0, err
-    rows = [line for line in out.splitlines() if "16->24" in line]
-    assert len(rows) == len(default_cases())
-    for case, line in zip(default_cases(), rows):
-        assert case.name in line and (("x" in line.split(case.name)[1]) == bool(case.reference))
+    for shape, cases in (("16->24", default_cases()), ("ffn 16x32", ffn.default_cases())):
+        rows = [line for line in out.splitlines() if shape in line]
+        assert len(rows) == len(cases)
+        for case, line in zip(cases, rows):
+            assert case.name in line and (("x" in line.split(case.name)[1]) == bool(case.reference))
+            assert ("x vs LoRA r16 (peft)" in line) == bool(case.also) == (case.also == ("LoRA r16 (peft)",))
 
 
 TRIAL_ROW = {"method": "mola", "reference": "LoRA r42 (peft)",
@@ -242,3 +255,16 @@ def test_bench_trial_table_and_json_show_the_benchmark_rows(capsys, monkeypatch)
                                       "1.02x (4738/4632 MB)", "1.14x (800/700 MB)"]
     code, out, _ = run_main(["bench", "trial", "--methods", "mola", "--json"], capsys)
     assert code == 0 and json.loads(out) == [TRIAL_ROW]
+
+
+def test_bench_trial_table_names_the_router_scope(capsys, monkeypatch):
+    import allocsearch.bench.trial as trial_bench
+
+    rows = [{**TRIAL_ROW, "method": "graphlora", "router_scope": scope, "label": f"graphlora ({scope})",
+             "reference": ref} for scope, ref in (("ffn_block", "LoRA r20 (peft)"), ("linear", "LoRA r64 (peft)"))]
+    monkeypatch.setattr(trial_bench, "run", lambda *a, **k: json.loads(json.dumps(rows)))
+    code, out, err = run_main(["bench", "trial", "--model", "tiny-llama", "--methods", "graphlora,graphlora:linear",
+                               "--rounds", "1"], capsys)
+    assert code == 0, err
+    assert table_row(out, "graphlora (ffn_block)")[2] == "LoRA r20 (peft)"
+    assert table_row(out, "graphlora (linear)")[2] == "LoRA r64 (peft)"

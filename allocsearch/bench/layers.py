@@ -4,7 +4,8 @@ Each case wraps the same frozen ``d_in -> d_out`` Linear (SmolLM2's shapes by de
 forward + backward on ``tokens`` tokens (the input requires grad, as inside a model whose earlier layers
 are adapted). Cases run round-robin, one timing each per round, so machine noise hits all of them alike;
 the table reports medians and ratios of medians against the named reference measured in the same run.
-Dropout is 0 everywhere: the benchmark times the math, not the RNG.
+Dropout is 0 everywhere: the benchmark times the math, not the RNG. The FFN-block section (one whole
+gated MLP, ``router_scope`` linear vs ffn_block) lives in :mod:`allocsearch.bench.ffn` and shares the timer.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Case:
     build: Callable[[nn.Linear], Callable[[torch.Tensor], torch.Tensor]]
     reference: str | None = None  # ratio against this case
     note: str = ""
+    also: tuple[str, ...] = ()  # further cases to report a ratio against (row "also": {case: ratio})
 
 
 def _ours(method: str, experts: int, top_k: int, rank: int, *, unfused: bool = False, **options):
@@ -102,21 +104,37 @@ def run(shapes=((576, 576), (576, 1536)), tokens: int = 2048, repeats: int = 20,
             fns[case.name] = case.build(base).to(dev, dt).train()
         x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=dev, dtype=dt)
-        times: dict[str, list[float]] = {c.name: [] for c in cases}
-        for rnd in range(warmup + repeats):
-            for case in cases:
-                ms = _time_once(fns[case.name], x, grad, dev)
-                if rnd >= warmup:
-                    times[case.name].append(ms)
-            if progress:
-                progress(rnd + 1, warmup + repeats, f"{d_in}->{d_out}")
-        med = {name: statistics.median(v) for name, v in times.items()}
-        for case in cases:
-            ref = med.get(case.reference) if case.reference else None
-            rows.append({"shape": f"{d_in}->{d_out}", "case": case.name, "median_ms": med[case.name],
-                         "reference": case.reference, "ratio": med[case.name] / ref if ref else None,
-                         "note": case.note, "tokens": tokens, "device": device, "dtype": dtype,
-                         "repeats": repeats})
+        med = time_round_robin(fns, x, grad, dev, repeats=repeats, warmup=warmup, progress=progress,
+                               label=f"{d_in}->{d_out}")
+        rows += result_rows(cases, med, shape=f"{d_in}->{d_out}", tokens=tokens, device=device, dtype=dtype,
+                            repeats=repeats)
+    return rows
+
+
+def time_round_robin(fns: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, dev: torch.device, *,
+                     repeats: int, warmup: int, progress=None, label: str = "") -> dict[str, float]:
+    """Median forward+backward ms of every module in ``fns``: each round times every module once, in order,
+    so machine noise hits them alike; the first ``warmup`` rounds are not kept."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rnd in range(warmup + repeats):
+        for name, fn in fns.items():
+            ms = _time_once(fn, x, grad, dev)
+            if rnd >= warmup:
+                times[name].append(ms)
+        if progress:
+            progress(rnd + 1, warmup + repeats, label)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def result_rows(cases: list[Case], med: dict[str, float], **common) -> list[dict]:
+    """One row per case: its median, the ratio to its reference and to each of its ``also`` cases."""
+    rows = []
+    for case in cases:
+        ref = med.get(case.reference) if case.reference else None
+        rows.append({"shape": common["shape"], "case": case.name, "median_ms": med[case.name],
+                     "reference": case.reference, "ratio": med[case.name] / ref if ref else None,
+                     "also": {name: med[case.name] / med[name] for name in case.also},
+                     "note": case.note, **{k: v for k, v in common.items() if k != "shape"}})
     return rows
 
 

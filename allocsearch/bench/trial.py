@@ -6,6 +6,10 @@ peak memory belongs to that configuration alone; rounds alternate the configurat
 them alike. Reported: median step seconds over all timed steps of all rounds, the ratio to the matched
 LoRA, and peak memory: the process peak (CUDA: max allocated) and the growth over the loaded model
 ("training memory": activations, gradients, optimizer state), each as a ratio to LoRA's.
+
+A method is a preset name, or ``PRESET:SCOPE`` for the preset with its ``router_scope`` set to SCOPE
+(``graphlora:linear``: GraphLoRA's experts and graph router on every wrapped Linear instead of the preset's
+one router per FFN block), so both forms of one method run side by side, each against its own matched LoRA.
 """
 from __future__ import annotations
 
@@ -18,6 +22,29 @@ import time
 from allocsearch.errors import AllocsearchError
 
 DEFAULT_METHODS = ("mola", "loracoe", "graphlora", "omoe")
+
+
+def method_entry(entry: str) -> dict:
+    """One ``--methods`` entry, ``PRESET`` or ``PRESET:SCOPE``, checked without a model: returns ``label``
+    ("graphlora (linear)"), ``preset``, ``router_scope`` (the preset's own when no scope is given) and
+    ``allocation`` (the spec a worker resolves: ``{"preset": ..., "router_scope": ...}``)."""
+    from allocsearch.allocation import ROUTER_SCOPES, AllocationError
+    from allocsearch.methods import PRESETS, preset
+
+    name, sep, scope = (part.strip() for part in str(entry).strip().partition(":"))
+    if name not in PRESETS:
+        raise AllocsearchError(f"--methods {entry!r}: unknown preset {name!r}: use presets from {', '.join(PRESETS)}, "
+                               f"optionally as PRESET:SCOPE with SCOPE one of {', '.join(ROUTER_SCOPES)}")
+    if sep and scope not in ROUTER_SCOPES:
+        raise AllocsearchError(f"--methods {entry!r}: unknown router scope {scope!r}: write {name}:linear or "
+                               f"{name}:ffn_block, or {name} alone for the preset's own scope")
+    allocation = {"preset": name, **({"router_scope": scope} if sep else {})}
+    try:
+        scope = preset(name, 1, **{k: v for k, v in allocation.items() if k != "preset"}).router_scope
+    except AllocationError as exc:
+        raise AllocsearchError(f"--methods {entry!r}: preset {name} cannot take router_scope {scope} ({exc}): "
+                               f"write {name} or {name}:linear") from None
+    return {"label": f"{name} ({scope})", "preset": name, "router_scope": scope, "allocation": allocation}
 
 
 def worker(config: dict) -> dict:
@@ -84,19 +111,23 @@ def matched_lora_rank(loaded, allocation: dict) -> tuple[int, int, int]:
 def run(methods=DEFAULT_METHODS, *, model: str = "smollm2-135m", steps: int = 5, warmup: int = 2,
         rounds: int = 3, batch_size: int = 8, max_length: int = 256, threads: int = 2, device: str = "cpu",
         dtype: str = "fp32", progress=None) -> list[dict]:
-    """Benchmark each method's preset against LoRA of matched trainable parameters."""
+    """Benchmark each method (a preset, or ``PRESET:SCOPE``: see :func:`method_entry`) against LoRA of
+    matched trainable parameters; an entry naming the same configuration as an earlier one is dropped."""
     from allocsearch import models
 
+    entries = {}
+    for method in methods:
+        entry = method_entry(method)
+        entries.setdefault(entry["label"], entry)
     loaded = models.load_model(model, task="causal-lm", device="cpu", dtype="fp32")  # for counting only
     configs: dict[str, dict] = {}
     pairs = []
-    for method in methods:
-        alloc = {"preset": method}
-        rank, _, _ = matched_lora_rank(loaded, alloc)
+    for label, entry in entries.items():
+        rank, _, _ = matched_lora_rank(loaded, entry["allocation"])
         lora_name = f"LoRA r{rank} (peft)"
-        configs[method] = alloc
+        configs[label] = entry["allocation"]
         configs[lora_name] = {"method": "lora", "experts": 1, "top_k": 1, "rank": rank}
-        pairs.append((method, lora_name))
+        pairs.append((entry, lora_name))
     del loaded
     common = {"model": model, "steps": steps, "warmup": warmup, "batch_size": batch_size,
               "max_length": max_length, "threads": threads, "device": device, "dtype": dtype}
@@ -110,7 +141,8 @@ def run(methods=DEFAULT_METHODS, *, model: str = "smollm2-135m", steps: int = 5,
             if progress:
                 progress(done, total, name)
     rows = []
-    for moe, lora in pairs:
+    for entry, lora in pairs:
+        moe = entry["label"]
         stats = {}
         for name in (moe, lora):
             runs = samples[name]
@@ -119,7 +151,8 @@ def run(methods=DEFAULT_METHODS, *, model: str = "smollm2-135m", steps: int = 5,
                            "train_mb": statistics.median(r["peak_mb"] - r["base_mb"] for r in runs),
                            "trainable": runs[0]["trainable"]}
         m, l = stats[moe], stats[lora]
-        rows.append({"method": moe, "reference": lora, "moe": m, "lora": l,
+        rows.append({"method": entry["preset"], "router_scope": entry["router_scope"], "label": moe,
+                     "reference": lora, "moe": m, "lora": l,
                      "time_ratio": m["step_s"] / l["step_s"], "peak_ratio": m["peak_mb"] / l["peak_mb"],
                      "train_memory_ratio": m["train_mb"] / max(l["train_mb"], 1e-9),
                      "params_ratio": m["trainable"] / l["trainable"], **common, "rounds": rounds})

@@ -35,38 +35,51 @@ def bench():
 @click.option("--warmup", default=3, show_default=True, help="Untimed rounds first.")
 @click.option("--shape", "shapes", multiple=True, default=("576x576", "576x1536"), show_default=True,
               help="d_in x d_out of the wrapped Linear; repeat for several (SmolLM2: 576x576, 576x1536).")
+@click.option("--ffn", "ffns", multiple=True, default=("576x1536",), show_default=True,
+              help="d x d_ff of the Llama-style gated MLP (gate/up/down, SiLU) timed whole in the FFN-block "
+                   "section: router_scope linear (3 routers) vs ffn_block (1 router); repeat for several; "
+                   "'none' skips the section (SmolLM2: 576x1536).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
-def layers(tokens, repeats, warmup, shapes, device, dtype, threads, as_json):
-    """Forward+backward time of one wrapped Linear for every method, with ratios against LoRA.
+def layers(tokens, repeats, warmup, shapes, ffns, device, dtype, threads, as_json):
+    """Forward+backward time of one wrapped Linear for every method, with ratios against LoRA, then of one
+    whole gated MLP with MoLA / GraphLoRA per Linear and as one FFN block (MixLoRA's and GraphLoRA's form).
 
     \b
     Targets (issue 2): MoLA top-2 of 8 <= 1.2x LoRA of rank 2r; LoRACoE fused <= 1.1x LoRA of the same
     rank and >= 20% faster than unfused; GraphLoRA <= 1.5x MoLA with the same experts.
 
     \b
-    Example:
+    Examples:
       allocsearch bench layers --repeats 20 --shape 576x576 --threads 2
+      allocsearch bench layers --ffn 576x1536 --ffn 960x2560 --json
+      allocsearch bench layers --ffn none      # wrapped Linears only
     """
     import torch
 
+    from allocsearch.bench import ffn as ffn_bench
     from allocsearch.bench import layers as layer_bench
 
-    parsed = []
-    for s in shapes:
-        try:
-            d_in, d_out = (int(v) for v in s.lower().split("x"))
-        except ValueError:
-            raise AllocsearchError(f"--shape {s!r} is not d_inxd_out: write e.g. 576x1536") from None
-        parsed.append((d_in, d_out))
+    parsed = [_pair("--shape", s, "d_inxd_out", "576x1536") for s in shapes]
+    if any(s.strip().lower() == "none" for s in ffns):
+        if len(ffns) > 1:
+            raise AllocsearchError(f"--ffn none skips the FFN-block section: give it alone, not with {list(ffns)}")
+        ffn_shapes = []
+    else:
+        ffn_shapes = [_pair("--ffn", s, "dxd_ff", "576x1536") for s in ffns]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AllocsearchError(f"--device {device} but CUDA is not available here: use --device cpu")
     if threads:
         torch.set_num_threads(threads)
-    rows = _run_with_progress("timing", "timing", lambda progress: layer_bench.run(
-        parsed, tokens=tokens, repeats=repeats, warmup=warmup, device=device, dtype=dtype, progress=progress))
+    common = dict(tokens=tokens, repeats=repeats, warmup=warmup, device=device, dtype=dtype)
+
+    def run(progress):
+        rows = layer_bench.run(parsed, progress=progress, **common)
+        return rows + (ffn_bench.run(ffn_shapes, progress=progress, **common) if ffn_shapes else [])
+
+    rows = _run_with_progress("timing", "timing", run)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -74,20 +87,35 @@ def layers(tokens, repeats, warmup, shapes, device, dtype, threads, as_json):
                        f"median of {repeats}")
 
 
+def _pair(option: str, text: str, form: str, example: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise AllocsearchError(f"{option} {text!r} is not {form}: write e.g. {example}") from None
+    if a < 1 or b < 1:
+        raise AllocsearchError(f"{option} {text!r}: sizes must be >= 1, e.g. {example}")
+    return a, b
+
+
 def _print_table(rows, caption):
-    table = Table(title="allocsearch bench layers: forward+backward of one wrapped Linear", caption=caption)
+    table = Table(title="allocsearch bench layers: forward+backward of one wrapped Linear (shape d_in->d_out) "
+                        "or one gated MLP (shape ffn dxd_ff)", caption=caption)
     for col in ("shape", "case", "median ms", "ratio", "vs", "note"):
         table.add_column(col, justify="right" if col in ("median ms", "ratio") else "left",
                          no_wrap=col in ("shape", "case", "median ms", "ratio"))
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
-        table.add_row(r["shape"], r["case"], f"{r['median_ms']:.2f}", ratio, r["reference"] or "", r["note"])
+        also = "; ".join(f"{v:.2f}x vs {k}" for k, v in (r.get("also") or {}).items())
+        note = "; ".join(part for part in (r["note"], also) if part)
+        table.add_row(r["shape"], r["case"], f"{r['median_ms']:.2f}", ratio, r["reference"] or "", note)
     Console().print(table)
 
 
 @bench.command("trial")
 @click.option("--methods", default="mola,loracoe,graphlora,omoe", show_default=True,
-              help="Comma-separated presets to compare, each against LoRA of matched trainable parameters.")
+              help="Comma-separated presets to compare, each against LoRA of matched trainable parameters; "
+                   "PRESET:SCOPE sets the preset's router_scope (linear or ffn_block), e.g. "
+                   "graphlora,graphlora:linear compares GraphLoRA's FFN-block form with its per-Linear form.")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Model name or path.")
 @click.option("--steps", default=5, show_default=True, help="Timed training steps per round.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed steps first in every round.")
@@ -106,16 +134,18 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
     step time and <= 1.2x peak memory of LoRA at equal trainable parameters.
 
     \b
-    Example:
+    Examples:
       allocsearch bench trial --json
+      allocsearch bench trial --methods graphlora,graphlora:linear     # one router per FFN block vs per Linear
+      allocsearch bench trial --methods mixlora,mixlora:linear --steps 3
     """
     from allocsearch.bench import trial as trial_bench_mod
-    from allocsearch.methods import PRESETS
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in PRESETS]
-    if unknown:
-        raise AllocsearchError(f"--methods {unknown}: use presets from {', '.join(PRESETS)}")
+    if not names:
+        raise AllocsearchError("--methods is empty: name presets, e.g. --methods graphlora,graphlora:linear")
+    for name in names:
+        trial_bench_mod.method_entry(name)  # a bad preset or scope fails here, before any model loads
     rows = _run_with_progress("matching LoRA ranks", "training", lambda progress: trial_bench_mod.run(
         names, model=model, steps=steps, warmup=warmup, rounds=rounds, batch_size=batch_size,
         max_length=max_length, threads=threads, device=device, dtype=dtype, progress=progress))
@@ -129,7 +159,7 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
         table.add_column(col, justify="left" if col in ("method", "vs") else "right")
     for r in rows:
         m, l = r["moe"], r["lora"]
-        table.add_row(r["method"], f"{m['trainable']:,}", f"{m['step_s']:.3f}", r["reference"],
+        table.add_row(r.get("label", r["method"]), f"{m['trainable']:,}", f"{m['step_s']:.3f}", r["reference"],
                       f"{l['trainable']:,}", f"{l['step_s']:.3f}", f"{r['time_ratio']:.2f}x",
                       f"{r['peak_ratio']:.2f}x ({m['peak_mb']:.0f}/{l['peak_mb']:.0f} MB)",
                       f"{r['train_memory_ratio']:.2f}x ({m['train_mb']:.0f}/{l['train_mb']:.0f} MB)")
