@@ -158,10 +158,12 @@ class AllocationConfig:
             return
         from allocsearch.methods import METHOD_NAMES, get_method
 
-        if get_method(self.method).block_layer is None:
+        spec = get_method(self.method)
+        if spec.block_layer is None:
             able = [m for m in METHOD_NAMES if get_method(m).block_layer]
-            raise AllocationError(f"router_scope ffn_block is for {', '.join(able)}: {self.method} wraps single "
-                                  f"Linears, use router_scope linear")
+            why = "goes through peft, one adapter per Linear" if spec.peft else "wraps single Linears"
+            raise AllocationError(f"router_scope ffn_block is for {', '.join(able)}: {self.method} {why}, use "
+                                  "router_scope linear")
         ffn = [t for t in self.targets if t in FFN_BLOCK_TARGETS]
         if not ffn:
             raise AllocationError(f"router_scope ffn_block puts the experts on a gated Llama-style MLP but targets "
