@@ -249,9 +249,11 @@ PRESETS: dict[str, tuple[str, Callable[..., dict]]] = {
                 lambda n, **kw: dict(method="mola", experts=4, top_k=4, rank=8, targets=FFN_TARGETS, **kw)),
     "loracoe": ("LoRACoE paper: r16, alpha32, E=2",
                 lambda n, **kw: dict(method="loracoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
+    # experts on the FFN projections whatever the scope: router_scope linear (graphlora:linear) changes only
+    # where the graph routers sit (one per projection instead of one per block); attention gets plain LoRA
     "graphlora": ("GraphLoRA paper best: one graph router per FFN block, 8 experts, top-2, r2, beta 0.1, LoRA on "
                   "attention", lambda n, **kw: dict(method="graphlora", experts=8, top_k=2, rank=2, alpha=4.0,
-                                                     router_scope="ffn_block", **kw)),
+                                                     moe_targets=FFN_TARGETS, router_scope="ffn_block", **kw)),
     "omoe": ("OMoE paper: 2 experts, soft routing, r16, alpha32, orthogonal in the low level (layers 1-10 of 32)",
              lambda n, **kw: dict(method="omoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
 }
