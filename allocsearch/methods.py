@@ -41,6 +41,10 @@ class MoLAOptions:
     """MoLA (Gao et al. 2024): per-layer experts, softmax top-k router, optional Switch load balance."""
 
     load_balance_coef: float = 0.0  # MoLA ships it off; 0.001 is the usual value when on
+    # router_scope ffn_block only: recompute each top-k slot's (tokens x d_ff) intermediates (the chosen
+    # expert's gate/up, act, product) in backward instead of keeping them: the block form's extra memory
+    # over per-Linear routing, at the cost of running that part of the forward twice
+    recompute_experts: bool = False
 
     def __post_init__(self):
         if self.load_balance_coef < 0:
@@ -94,6 +98,10 @@ class GraphLoRAOptions:
     # them: that tensor is the largest a GraphLoRA layer saves (1600 tokens, 8 experts, width 256:
     # ~15 MB per wrapped Linear), at the cost of running the router forward twice.
     recompute_router: bool = True
+    # router_scope ffn_block only: recompute each top-k slot's (tokens x d_ff) intermediates (the chosen
+    # expert's gate/up, act, product) in backward instead of keeping them: the block form's extra memory
+    # over per-Linear routing, at the cost of running that part of the forward twice
+    recompute_experts: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.edge_density <= 1.0:

@@ -17,6 +17,7 @@ CASES = {
     "mola": lambda: AllocationConfig(method="mola", num_layers=L, experts=[2, 4, 3], top_k=[1, 2, 3],
                                      rank=[2, 4, 8], options={"load_balance_coef": 0.01}),
     "mixlora": lambda: preset("mixlora", L),
+    "mixlora-recompute": lambda: preset("mixlora", L, options={"recompute_experts": True}),
     "loramoe": lambda: preset("loramoe", L),
     "loracoe": lambda: preset("loracoe", L),
     "graphlora": lambda: preset("graphlora", L, options={"edge_density": 0.5, "gcn_hidden": 16, "node_dim": 8}),

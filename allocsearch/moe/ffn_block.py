@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from allocsearch.allocation import FFN_BLOCK_TARGETS, AllocationConfig, AllocationError
 from allocsearch.methods import get_method
@@ -146,30 +147,38 @@ class FFNBlockMoE(nn.Module):
         return F.linear(zs.reshape(t, onehot.shape[1], n * r), self.lora[proj].lora_B)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
         z, r = self._project(x)
-        route = self.route(r, t, x.device)
+        route = self.route(r, x.shape[0], x.device)
         w = route.gates.gather(1, route.index).to(x.dtype)  # (T, K): the chosen experts' weights, sum 1
         onehot = F.one_hot(route.index, self.num_experts).to(x.dtype)  # (T, K, N)
-        mlp = self.base
+        slots = (x, z.get("gate"), z.get("up"), onehot, w)
+        if getattr(self.options, "recompute_experts", False) and self.training and torch.is_grad_enabled():
+            h_mix, zd = checkpoint(self._slots, *slots, use_reentrant=False)  # dropout masks replayed
+        else:
+            h_mix, zd = self._slots(*slots)
+        y = self.base.down_proj(h_mix)  # sum_i R_i W_down h_i = W_down sum_i R_i h_i
+        return y if zd is None else y + F.linear(zd, self.lora["down"].lora_B)
+
+    def _slots(self, x, z_gate, z_up, onehot, w):
+        """Per top-K slot, the chosen expert's ``h_i = act(gate_i x) * up_i x`` (T, K, d_ff), mixed:
+        ``sum_i R_i h_i`` for the frozen down projection and the down experts' gated r-slices ``zd``."""
+        t, mlp = x.shape[0], self.base
         gate = mlp.gate_proj(x).unsqueeze(1)  # frozen W_gate x, once for all experts
         up = mlp.up_proj(x).unsqueeze(1)
-        if "gate" in z:
-            gate = gate + self._slot_delta("gate", z["gate"], onehot)
-        if "up" in z:
-            up = up + self._slot_delta("up", z["up"], onehot)
+        if z_gate is not None:
+            gate = gate + self._slot_delta("gate", z_gate, onehot)
+        if z_up is not None:
+            up = up + self._slot_delta("up", z_up, onehot)
         h = mlp.act_fn(gate) * up  # (T, K, d_ff), or (T, 1, d_ff) when no expert touches gate/up
         h_mix = (w.unsqueeze(-1) * h).sum(1) if h.shape[1] > 1 else h[:, 0] * w.sum(1, keepdim=True)
-        y = mlp.down_proj(h_mix)  # sum_i R_i W_down h_i = W_down sum_i R_i h_i
-        if "down" in self.lora:
-            n, rank = self.num_experts, self.rank
-            zd = F.linear(self.lora_dropout(h), self.lora["down"].lora_A).view(t, h.shape[1], n, rank)
-            mask = (onehot * w.unsqueeze(-1) * self.scaling).unsqueeze(-1)  # (T, K, N, 1)
-            if h.shape[1] == 1:  # one h for every slot: weight each expert's slice by its gate
-                mask = mask.sum(1, keepdim=True)
-            zd = (zd * mask).sum(1).reshape(t, n * rank)
-            y = y + F.linear(zd, self.lora["down"].lora_B)
-        return y
+        if "down" not in self.lora:
+            return h_mix, None
+        n, rank = self.num_experts, self.rank
+        zd = F.linear(self.lora_dropout(h), self.lora["down"].lora_A).view(t, h.shape[1], n, rank)
+        mask = (onehot * w.unsqueeze(-1) * self.scaling).unsqueeze(-1)  # (T, K, N, 1)
+        if h.shape[1] == 1:  # one h for every slot: weight each expert's slice by its gate
+            mask = mask.sum(1, keepdim=True)
+        return h_mix, (zd * mask).sum(1).reshape(t, n * rank)
 
 
 class MoLAFFNBlock(FFNBlockMoE):
