@@ -339,8 +339,9 @@ def _parse_scope(key: str, spec, node):
         raise Bad(key, f"router_scope is {node!r:.40}", f"write one of {', '.join(ROUTER_SCOPES)} or "
                   "{choice: [linear, ffn_block]}")
     if "ffn_block" in values and spec.block_layer is None:
+        able = ", ".join(m for m in METHOD_NAMES if get_method(m).block_layer)
         raise Bad(key, f"{spec.name} has no FFN-block form (it wraps single Linears)",
-                  "remove router_scope (ffn_block exists for mola and graphlora)")
+                  f"remove router_scope (ffn_block exists for {able})")
     return value
 
 
