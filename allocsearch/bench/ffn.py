@@ -11,10 +11,9 @@ The timed module is the block's ``mlp`` after injection; cases run round-robin i
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from allocsearch.bench.layers import Case, result_rows, time_round_robin
+from allocsearch.bench.layers import Case, time_cases
 
 FFN_TARGETS = ["gate", "up", "down"]
 LORA = "LoRA r16 (peft)"
@@ -79,20 +78,9 @@ def shape_label(d: int, d_ff: int) -> str:
 def run(shapes=((576, 1536),), tokens: int = 2048, repeats: int = 20, warmup: int = 3, device: str = "cpu",
         dtype: str = "fp32", cases: list[Case] | None = None, progress=None) -> list[dict]:
     """Time every case on a ``d x d_ff`` gated MLP per shape; one row per (shape, case), shape "ffn DxF"."""
-    dev = torch.device(device)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cases = cases or default_cases()
     rows = []
     for d, d_ff in shapes:
-        torch.manual_seed(0)
-        fns = {}
-        for case in cases:
-            model = mlp_model(d, d_ff).to(dev, dt)
-            fns[case.name] = case.build(model).to(dev, dt).train()
-        x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
-        grad = torch.randn(tokens, d, device=dev, dtype=dt)
-        label = shape_label(d, d_ff)
-        med = time_round_robin(fns, x, grad, dev, repeats=repeats, warmup=warmup, progress=progress, label=label)
-        rows += result_rows(cases, med, shape=label, tokens=tokens, device=device, dtype=dtype, repeats=repeats)
+        rows += time_cases(cases or default_cases(), lambda: mlp_model(d, d_ff), d, d, shape_label(d, d_ff),
+                           tokens=tokens, repeats=repeats, warmup=warmup, device=device, dtype=dtype,
+                           progress=progress)
     return rows
-

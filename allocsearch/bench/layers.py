@@ -92,23 +92,26 @@ def default_cases() -> list[Case]:
 def run(shapes=((576, 576), (576, 1536)), tokens: int = 2048, repeats: int = 20, warmup: int = 3,
         device: str = "cpu", dtype: str = "fp32", cases: list[Case] | None = None, progress=None) -> list[dict]:
     """Time every case at every shape; returns one row per (shape, case) with median ms and ratio."""
-    dev = torch.device(device)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    cases = cases or default_cases()
     rows = []
     for d_in, d_out in shapes:
-        torch.manual_seed(0)
-        fns = {}
-        for case in cases:
-            base = nn.Linear(d_in, d_out, bias=False).to(dev, dt)
-            fns[case.name] = case.build(base).to(dev, dt).train()
-        x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
-        grad = torch.randn(tokens, d_out, device=dev, dtype=dt)
-        med = time_round_robin(fns, x, grad, dev, repeats=repeats, warmup=warmup, progress=progress,
-                               label=f"{d_in}->{d_out}")
-        rows += result_rows(cases, med, shape=f"{d_in}->{d_out}", tokens=tokens, device=device, dtype=dtype,
-                            repeats=repeats)
+        rows += time_cases(cases or default_cases(), lambda: nn.Linear(d_in, d_out, bias=False), d_in, d_out,
+                           f"{d_in}->{d_out}", tokens=tokens, repeats=repeats, warmup=warmup, device=device,
+                           dtype=dtype, progress=progress)
     return rows
+
+
+def time_cases(cases: list[Case], make_base: Callable[[], nn.Module], d_in: int, d_out: int, label: str, *,
+               tokens: int, repeats: int, warmup: int, device: str, dtype: str, progress=None) -> list[dict]:
+    """Build every case on a fresh ``make_base()`` (same seed), time them round-robin on ``tokens`` inputs
+    of width ``d_in`` (gradients of width ``d_out``), and return the rows of shape ``label``."""
+    dev = torch.device(device)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch.manual_seed(0)
+    fns = {case.name: case.build(make_base().to(dev, dt)).to(dev, dt).train() for case in cases}
+    x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
+    grad = torch.randn(tokens, d_out, device=dev, dtype=dt)
+    med = time_round_robin(fns, x, grad, dev, repeats=repeats, warmup=warmup, progress=progress, label=label)
+    return result_rows(cases, med, shape=label, tokens=tokens, device=device, dtype=dtype, repeats=repeats)
 
 
 def time_round_robin(fns: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, dev: torch.device, *,
