@@ -1,7 +1,8 @@
 """MLflow tracking of a study: one parent run per study, one nested run per trial.
 
 The controller's events (``on_event(kind, **data)``) become MLflow calls in the controller process; the
-trial workers never talk to MLflow. Every call is an operation in an in-memory queue, run in order: a
+trial workers never talk to MLflow. Every call is an operation in an in-memory queue
+(:mod:`allocsearch.tracking_queue`), run in order: a
 tracking server that goes away costs one warning line per outage and a retry on later events (backing off
 up to a minute), never a trial or the search. What the study directory holds (trial.yaml, results.json,
 the Optuna storage, the ledger) is read when an operation runs, so on the next start after a controller
@@ -18,26 +19,22 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
 from allocsearch.tracking_data import (END_STATUS, OptunaReader, mask_uri, outcome, read_json, read_yaml,
                                        result_metrics, settings_params, summary_metrics, trial_artifacts,
                                        trial_params)
+from allocsearch.tracking_queue import OpQueue
+from allocsearch.tracking_queue import short as _short
+from allocsearch.tracking_queue import warn as _warn
 
 EXPERIMENT = "allocsearch"
 STATE_FILE = "mlflow.json"
 CHECKPOINT = "checkpoint.val_macro_balanced_accuracy"  # at each checkpoint's step; val.* are the final ones
 TICK_SECONDS = 30.0  # at most one parent "running_trials" point per this many seconds
-RETRY_FIRST, RETRY_MAX = 5.0, 60.0  # back-off between retries while the tracking server is unreachable
-MAX_QUEUE = 50_000  # beyond this, checkpoint and tick metrics are dropped (never trial starts and ends)
-# MLflow error codes a retry cannot fix: that one operation is dropped with a warning
-PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
-             "INVALID_STATE", "MALFORMED_REQUEST"}
 
 
 def default_tracking_uri(study_root: str | os.PathLike) -> str:
@@ -64,15 +61,13 @@ class Tracker:
         self.runs: dict[int, str] = {}  # trial number -> nested run id
         self._client = None
         self.optuna = OptunaReader(self.root, self.settings)  # read-only
-        self._ops: deque = deque()  # (function, args)
+        self._queue = OpQueue(mask_uri(self.uri), clock)
         self._open: set[int] = set()  # admitted in this session, not finished yet
         self._ending: set[str] = set()  # runs whose end is already queued
-        self._down_since: float | None = None
-        self._retry_at, self._backoff = -math.inf, RETRY_FIRST
         self._ledger = Ledger(self.root / "ledger.jsonl")
         self._best: tuple[float, int] | None = None
         self._user_stop = self._closed = False
-        self._last_tick, self._dropped = -math.inf, 0
+        self._last_tick = -math.inf
         self._push(self._op_open)
         self.flush()
 
@@ -83,48 +78,20 @@ class Tracker:
             handler = getattr(self, f"_on_{kind}", None)
             if handler is not None:
                 handler(data, _now_ms())
-            if self._ops:
+            if self.pending():
                 self.flush()
         except Exception as exc:  # noqa: BLE001 - tracking never costs the search
             _warn(f"mlflow: event {kind!r} not logged ({_short(exc)})")
 
     def flush(self, force: bool = False) -> bool:
-        """Run the queued operations in order; True when none is left. While the tracking server is down,
-        retries only when its back-off has passed (``force`` ignores it)."""
-        if not force and self.clock() < self._retry_at:
-            return False
-        while self._ops:
-            fn, args = self._ops[0]
-            try:
-                fn(*args)
-            except Exception as exc:  # noqa: BLE001
-                if _permanent(exc):
-                    self._ops.popleft()
-                    self._dropped += 1
-                    if self._dropped <= 5:
-                        _warn(f"mlflow: dropped {fn.__name__.lstrip('_')} ({_short(exc)})")
-                    continue
-                if self._down_since is None:
-                    self._down_since = self.clock()
-                    _warn(f"mlflow: tracking at {mask_uri(self.uri)} failed ({_short(exc)}); keeping "
-                          f"{len(self._ops)} operations in memory to retry; the search goes on")
-                self._retry_at = self.clock() + self._backoff
-                self._backoff = min(2 * self._backoff, RETRY_MAX)
-                return False
-            self._ops.popleft()
-        if self._down_since is not None:
-            _warn(f"mlflow: tracking at {mask_uri(self.uri)} is back; the queued operations are logged")
-            self._down_since = None
-        self._retry_at, self._backoff = -math.inf, RETRY_FIRST
-        return True
+        """Run the queued operations (see :class:`OpQueue`); True when none is left."""
+        return self._queue.flush(force)
 
     def pending(self) -> int:
-        return len(self._ops)
+        return len(self._queue)
 
     def _push(self, fn, *args, droppable: bool = False) -> None:
-        if droppable and len(self._ops) >= MAX_QUEUE:
-            return
-        self._ops.append((fn, args))
+        self._queue.push(fn, *args, droppable=droppable)
 
     # ------------------------------------------------------------------------------ events
     def _on_study(self, data, ts):
@@ -185,7 +152,7 @@ class Tracker:
             self._push(self._op_sweep, True)
             self._push(self._op_final, end_reason, summary or {}, status, _now_ms())
             if not self.flush(force=True):
-                _warn(f"mlflow: {len(self._ops)} operations could not be logged to {mask_uri(self.uri)}; "
+                _warn(f"mlflow: {self.pending()} operations could not be logged to {mask_uri(self.uri)}; "
                       f"the study directory keeps everything they would have logged")
         except Exception as exc:  # noqa: BLE001
             _warn(f"mlflow: closing the study's runs failed ({_short(exc)})")
@@ -416,15 +383,6 @@ class Tracker:
         return (self.settings.get("budget") or {}).get("unit", "cpu")
 
 
-def _permanent(exc: Exception) -> bool:
-    """True: a retry cannot help (bad request, or a bug here): drop the operation. False: retry later."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code in PERMANENT
-    return not isinstance(exc, (OSError, ConnectionError, TimeoutError))
-
-
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -440,11 +398,3 @@ def _q(value) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _short(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-
-
-def _warn(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
