@@ -35,6 +35,10 @@ def test_expert_load_counts_only_real_tokens(make, targets):
         assert float(layer.load_counts.sum()) == 2 * REAL
     adapter.track_load(True)
     with torch.no_grad():
+        adapter.model(IDS, MASK)  # the mask as transformers' second positional argument
+    assert all(float(layer.load_counts.sum()) == 2 * REAL for layer in adapter.layers.values())
+    adapter.track_load(True)
+    with torch.no_grad():
         adapter.model(input_ids=IDS)  # no mask: every position is real
     assert all(float(layer.load_counts.sum()) == 2 * IDS.numel() for layer in adapter.layers.values())
 

@@ -75,7 +75,8 @@ class _PaddingMask:
         self.layers = layers
 
     def __call__(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
+        # transformers' forward(input_ids, attention_mask, ...): a keyword, or the second positional argument
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         flat = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for layer in self.layers:
             layer.token_mask = flat
