@@ -81,15 +81,6 @@ def gram_schmidt_weights(gram: torch.Tensor, coef: torch.Tensor, eps: float, mag
     return torch.bmm(coef.unsqueeze(1), weights).squeeze(1)
 
 
-def gram64(experts: LoRAExperts, z: torch.Tensor) -> torch.Tensor:
-    """``G[t, i, j] = <e_i, e_j>`` in float64 (see ``LoRAExperts.gram``; fp32 loses near-collinear experts)."""
-    n, r = experts.num_experts, experts.rank
-    b = experts.lora_B.double()
-    m = (b.t() @ b).view(n, r, n, r)  # B_i^T B_j
-    zd = z.double().view(-1, n, r)
-    return torch.einsum("tia,iajb,tjb->tij", zd, m, zd)
-
-
 class OMoELinear(MoELoRALayer):
     def __init__(self, base: nn.Linear, **kwargs):
         super().__init__(base, **kwargs)
@@ -113,7 +104,7 @@ class OMoELinear(MoELoRALayer):
         z, gates, index = self._route(x)
         if not self.orthogonal:
             return self.experts.combine(z, gates * self.scaling)  # vanilla MoE layer
-        gram = gram64(self.experts, z)  # (T, N, N): <e_i, e_j> in fp64
+        gram = self.experts.gram(z, torch.float64)  # (T, N, N): <e_i, e_j>; fp32 loses near-collinear experts
         gram = gram.gather(1, index.unsqueeze(-1).expand(-1, -1, gram.shape[-1]))
         gram = gram.gather(2, index.unsqueeze(1).expand(-1, index.shape[1], -1))  # active, router order
         o = self.options
@@ -125,9 +116,7 @@ class OMoELinear(MoELoRALayer):
     def delta_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The textbook computation (every e_j formed, explicit Gram-Schmidt in float64); for tests."""
         z, gates, index = self._route(x)
-        n, r = self.num_experts, self.rank
-        b = self.experts.lora_B.double().view(-1, n, r)
-        e = torch.einsum("tnr,onr->tno", z.double().view(-1, n, r), b)  # e_i = B_i A_i x
+        e = self.experts.outputs(z, torch.float64)  # e_i = B_i A_i x
         e = e.gather(1, index.unsqueeze(-1).expand(-1, -1, e.shape[-1]))
         o = self.options
         q = gram_schmidt(e, o.eps, o.collinear_tol)
