@@ -220,7 +220,7 @@ class GraphLoRAFFNBlock(GraphRouter, FFNBlockMoE):
 def inject_ffn_blocks(model: nn.Module, allocation: AllocationConfig, *, train_modules: tuple[str, ...] = ()):
     """``inject`` for ``router_scope: ffn_block``: each decoder layer's MLP becomes the method's block
     layer; every other target gets plain LoRA (``LoRALinear``). Returns the Adapter."""
-    from allocsearch.moe.inject import Adapter, find_blocks, resolve_targets
+    from allocsearch.moe.inject import adapter_of, find_blocks, replace_module, resolve_targets
 
     prefix, blocks = find_blocks(model)
     if any(gated_mlp(b) is None for b in blocks):
@@ -235,26 +235,17 @@ def inject_ffn_blocks(model: nn.Module, allocation: AllocationConfig, *, train_m
     common = dict(alpha=allocation.alpha, dropout=allocation.dropout, options=allocation.options,
                   num_layers=allocation.num_layers)
     layers: dict[str, nn.Module] = {}
-    for j, block in enumerate(blocks):
-        for jj, target, path in targets:
-            if jj != j or target in FFN_BLOCK_TARGETS:
-                continue
-            parent_name, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            layer = LoRALinear(getattr(parent, child), experts=1, top_k=1, rank=allocation.rank[j],
-                               layer_index=j, target=target, **common)
-            layer.train(model.training)
-            setattr(parent, child, layer)
-            layers[path] = layer
-        block_layer = block_cls(block.mlp, experts=allocation.experts[j], top_k=allocation.top_k[j],
-                                rank=allocation.rank[j], layer_index=j, projections=projections, **common)
-        block_layer.train(model.training)
-        block.mlp = block_layer
-        layers[f"{prefix}.{j}.mlp"] = block_layer
-    for name in train_modules:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    return Adapter(model, allocation, layers, tuple(train_modules))
+    for j, target, path in targets:  # attention (every target outside the MLP): plain LoRA
+        if target not in FFN_BLOCK_TARGETS:
+            layers[path] = replace_module(model, path, lambda base: LoRALinear(
+                base, experts=1, top_k=1, rank=allocation.rank[j], layer_index=j, target=target, **common))
+    for j in range(len(blocks)):
+        path = f"{prefix}.{j}.mlp"
+        layers[path] = replace_module(model, path, lambda mlp: block_cls(
+            mlp, experts=allocation.experts[j], top_k=allocation.top_k[j], rank=allocation.rank[j],
+            layer_index=j, projections=projections, **common))
+    layers = dict(sorted(layers.items(), key=lambda item: item[1].layer_index))  # decoder layer order
+    return adapter_of(model, allocation, layers, train_modules)
 
 
 __all__ = ["FFNBlockMoE", "GraphLoRAFFNBlock", "LoRALinear", "MoLAFFNBlock", "gated_mlp", "inject_ffn_blocks"]

@@ -195,16 +195,26 @@ def inject(model: nn.Module, allocation: AllocationConfig, *, train_modules: tup
     layer_cls = spec.layer_class()
     layers: dict[str, MoELoRALayer] = {}
     for j, target, path in targets:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name)
         moe = allocation.is_moe_target(target)
-        layer = layer_cls(getattr(parent, child), experts=allocation.experts[j] if moe else 1,
-                          top_k=allocation.top_k[j] if moe else 1, rank=allocation.rank[j],
-                          alpha=allocation.alpha, dropout=allocation.dropout, options=allocation.options,
-                          layer_index=j, num_layers=allocation.num_layers, target=target)
-        layer.train(model.training)  # new modules start in train mode: follow the model's mode
-        setattr(parent, child, layer)
-        layers[path] = layer
+        layers[path] = replace_module(model, path, lambda base: layer_cls(
+            base, experts=allocation.experts[j] if moe else 1, top_k=allocation.top_k[j] if moe else 1,
+            rank=allocation.rank[j], alpha=allocation.alpha, dropout=allocation.dropout,
+            options=allocation.options, layer_index=j, num_layers=allocation.num_layers, target=target))
+    return adapter_of(model, allocation, layers, train_modules)
+
+
+def replace_module(model: nn.Module, path: str, build) -> nn.Module:
+    """Put ``build(current module at path)`` at ``path``, in the model's train/eval mode; returns it."""
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layer = build(getattr(parent, child))
+    layer.train(model.training)  # new modules start in train mode: follow the model's mode
+    setattr(parent, child, layer)
+    return layer
+
+
+def adapter_of(model: nn.Module, allocation: AllocationConfig, layers: dict, train_modules) -> Adapter:
+    """The Adapter of injected ``layers``, with ``train_modules`` made trainable again."""
     for name in train_modules:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
