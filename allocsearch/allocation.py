@@ -53,15 +53,15 @@ MODEL_FAMILIES = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral
                   "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama", "smollm3": "llama",
                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
 
-# the registry's models (allocsearch.models) by name, so a family is known before anything loads
-REGISTRY_FAMILIES = {"smollm2-135m": "llama", "minilm-l6": "bert", "tiny-llama": "llama"}
+# allocsearch.models' registry: (family, transformer blocks) by name, known before anything loads
+REGISTRY_MODELS = {"smollm2-135m": ("llama", 30), "minilm-l6": ("bert", 6), "tiny-llama": ("llama", 4)}
 
 
 def model_family(model: str) -> str | None:
     """"llama" (gated MLPs: ``router_scope ffn_block`` applies), "bert", or None when unknown, from a
     registry name or a local folder's ``config.json`` ``model_type``, without loading anything."""
-    if model in REGISTRY_FAMILIES:
-        return REGISTRY_FAMILIES[model]
+    if model in REGISTRY_MODELS:
+        return REGISTRY_MODELS[model][0]
     try:
         data = json.loads((Path(str(model)).expanduser() / "config.json").read_text(encoding="utf-8"))
         return MODEL_FAMILIES.get(data.get("model_type"))

@@ -98,10 +98,7 @@ class GraphLoRAOptions:
     # them: that tensor is the largest a GraphLoRA layer saves (1600 tokens, 8 experts, width 256:
     # ~15 MB per wrapped Linear), at the cost of running the router forward twice.
     recompute_router: bool = True
-    # router_scope ffn_block only: recompute each top-k slot's (tokens x d_ff) intermediates (the chosen
-    # expert's gate/up, act, product) in backward instead of keeping them: the block form's extra memory
-    # over per-Linear routing, at the cost of running that part of the forward twice
-    recompute_experts: bool = False
+    recompute_experts: bool = False  # router_scope ffn_block only: as MoLAOptions.recompute_experts
 
     def __post_init__(self):
         if not 0.0 < self.edge_density <= 1.0:

@@ -106,6 +106,3 @@ def levels(num_layers: int) -> dict[str, list[int]]:
     b1, b2 = (10 * num_layers + 16) // 32, (20 * num_layers + 16) // 32  # floor(x + 1/2), exact in integers
     bounds = [0, b1, b2, num_layers]
     return {name: list(range(bounds[i], bounds[i + 1])) for i, name in enumerate(("low", "middle", "high"))}
-
-
-thirds = levels  # the old name (the levels used to be equal thirds)

@@ -12,7 +12,7 @@ import yaml
 from allocsearch import SCHEMA_VERSION, AllocationConfig, AllocationError
 from allocsearch.errors import AllocsearchError
 from allocsearch.methods import PRESETS, preset
-from allocsearch.shapes import SHAPES, shape_experts, thirds
+from allocsearch.shapes import SHAPES, levels, shape_experts
 
 
 def _cfg(**changes) -> dict:
@@ -244,17 +244,11 @@ def test_from_shape_caps_top_k():
     assert cfg.top_k == [min(2, n) for n in cfg.experts] and 1 in cfg.experts
 
 
-@pytest.mark.parametrize("n", list(range(3, 41)))
-def test_levels_partition_the_layers(n):
-    """OMoE's levels are the paper's 1-10 / 11-20 / 21-32 of 32 scaled, not equal thirds (more in
-    tests/test_fidelity_mola_omoe.py); ``thirds`` is the old name."""
-    parts = thirds(n)
-    assert list(parts) == ["low", "middle", "high"]
-    flat = parts["low"] + parts["middle"] + parts["high"]
-    assert flat == list(range(n))
-    assert min(map(len, parts.values())) >= 1
-    assert thirds(9) == {"low": [0, 1, 2], "middle": [3, 4, 5], "high": [6, 7, 8]}
-    assert [len(v) for v in thirds(32).values()] == [10, 10, 12]
+def test_levels_are_the_papers_boundaries_scaled():
+    """OMoE's levels are the paper's 1-10 / 11-20 / 21-32 of 32 scaled, not equal thirds (every depth 3..80
+    partitioned: tests/test_fidelity_mola_omoe.py)."""
+    assert levels(9) == {"low": [0, 1, 2], "middle": [3, 4, 5], "high": [6, 7, 8]}
+    assert [len(v) for v in levels(32).values()] == [10, 10, 12]
 
 
 # ----------------------------------------------------------------------------------- presets

@@ -14,7 +14,7 @@ from allocsearch.methods import get_method
 from allocsearch.moe import inject
 from allocsearch.moe.losses import pooled_switch_load_balance, switch_stats
 from allocsearch.moe.omoe import OMoELinear
-from allocsearch.shapes import levels, thirds
+from allocsearch.shapes import levels
 from conftest import tiny_llama
 
 
@@ -247,7 +247,6 @@ def test_every_layer_is_in_exactly_one_level(n):
     assert parts["low"] + parts["middle"] + parts["high"] == list(range(n))
     assert all(parts.values())
     assert parts["low"][-1] + 1 == int(10 * n / 32 + 0.5) and parts["middle"][-1] + 1 == int(20 * n / 32 + 0.5)
-    assert thirds(n) == parts  # the old name follows
 
 
 def test_levels_need_three_layers():

@@ -237,3 +237,12 @@ def test_minilm_is_a_classifier_with_num_labels():
         assert lm.model(**batch).logits.shape == (2, 3)
     with pytest.raises(ModelError, match="not a causal LM"):
         load_model("minilm-l6", task="causal-lm", device="cpu")
+
+
+def test_the_torch_free_registry_facts_match_the_registry(tiny):
+    """allocation.REGISTRY_MODELS (family, depth) lets spaces and early checks know a model without loading it:
+    it must name every registered model, and tiny-llama's loaded config must agree with it."""
+    from allocsearch.allocation import REGISTRY_MODELS
+
+    assert set(REGISTRY_MODELS) == set(models.MODEL_NAMES)
+    assert REGISTRY_MODELS["tiny-llama"] == (tiny.family, tiny.num_layers)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from allocsearch.allocation import REGISTRY_MODELS
 from allocsearch.search.space_dims import SpaceError
 
-MODEL_DEPTHS = {"smollm2-135m": 30, "minilm-l6": 6, "tiny-llama": 4}  # allocsearch.models' registry
+MODEL_DEPTHS = {name: depth for name, (_, depth) in REGISTRY_MODELS.items()}
 
 
 def model_depth(model: str) -> int:
