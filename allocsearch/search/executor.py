@@ -66,13 +66,16 @@ def trainable(config: dict) -> None:
             metrics[METRIC] = objective
         tune.report(metrics)
 
-    def over_cap(step: int, loss: float) -> str | None:
+    def over_cap() -> str | None:
+        return "budget" if deadline is not None and time.time() >= deadline else None
+
+    def on_step(step: int, loss: float) -> str | None:
         now = time.perf_counter()
         if clock["mark"] is not None:
             clock["seconds"] += now - clock["mark"]
             clock["steps"] += 1
         clock["mark"] = now
-        return "budget" if deadline is not None and time.time() >= deadline else None
+        return over_cap()
 
     def on_checkpoint(step: int, metrics: dict) -> str | None:
         timed = {"train_seconds": clock["seconds"] / clock["steps"] * step} if clock["steps"] else {}
@@ -82,7 +85,7 @@ def trainable(config: dict) -> None:
             state["scheduler_stop"] = True
             return "scheduler"
         clock["mark"] = time.perf_counter()  # the evaluation just run is not training time
-        return "budget" if deadline is not None and time.time() >= deadline else None
+        return over_cap()
 
     def on_built(result) -> None:
         state["params"] = result.trainable_params
@@ -92,7 +95,7 @@ def trainable(config: dict) -> None:
         spec = TrialSpec.from_dict(config["spec"])
         spec.train.threads = int(config["threads"])
         result = run_trial(spec, data_dir=config.get("data_dir"), out_dir=config.get("trial_dir"),
-                           on_checkpoint=on_checkpoint, on_step=over_cap, on_built=on_built,
+                           on_checkpoint=on_checkpoint, on_step=on_step, on_built=on_built,
                            final_eval_on_stop=False)
         failure = result.failure
     except Exception as exc:  # noqa: BLE001 - a trial that raises is recorded failed; the search goes on

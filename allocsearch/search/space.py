@@ -377,5 +377,5 @@ class SearchSpace:
         return " ".join([text] + shared)
 
 
-__all__ = ["SearchSpace", "SpaceError", "load_space", "model_depth", "model_family", "resolve_space_path", "shipped_spaces",
-           "spaces_dir"]
+__all__ = ["SearchSpace", "SpaceError", "load_space", "model_depth", "model_family", "resolve_space_path",
+           "shipped_spaces", "spaces_dir"]
