@@ -99,9 +99,7 @@ class TrialSpec:
             if str(path) in str(exc):
                 raise
             raise type(exc)(f"{path}: {exc}") from None
-        if spec.data.data_dir and not Path(spec.data.data_dir).is_absolute():
-            spec.data.data_dir = str((path.parent / spec.data.data_dir).resolve())
-        spec.data.resolve_paths(path.parent)  # user tasks' files, relative to the config like data_dir
+        spec.data.resolve_paths(path.parent)  # data_dir and user tasks' files are relative to the config
         return spec
 
     def to_dict(self) -> dict:

@@ -30,10 +30,7 @@ def _load_spec(spec: str):
     if isinstance(raw, dict) and "data" in raw and "tasks" not in raw:  # a trial config: check its data
         if raw["data"] == "demo":
             return DataSpec.demo()
-        found = DataSpec.from_dict(raw["data"], where=f"{path} data")
-        if found.data_dir is not None and not Path(found.data_dir).is_absolute():
-            found.data_dir = str((path.parent / found.data_dir).resolve())
-        return found.resolve_paths(path.parent)
+        return DataSpec.from_dict(raw["data"], where=f"{path} data").resolve_paths(path.parent)
     return DataSpec.from_yaml(path)
 
 

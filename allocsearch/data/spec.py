@@ -155,14 +155,13 @@ class DataSpec:
 
         path = Path(path)
         d = read_yaml(path, "data spec file", DataError)
-        spec = cls.from_dict(d, where=str(path))
-        if spec.data_dir is not None and not Path(spec.data_dir).is_absolute():
-            spec.data_dir = str((path.parent / spec.data_dir).resolve())
-        spec.resolve_paths(path.parent)
-        return spec
+        return cls.from_dict(d, where=str(path)).resolve_paths(path.parent)
 
     def resolve_paths(self, base: str | Path) -> DataSpec:
-        """Make the user tasks' relative file paths absolute, taken from ``base`` (the spec file's folder)."""
+        """Make a relative ``data_dir`` and the user tasks' relative file paths absolute, taken from ``base``
+        (the folder of the file that wrote them)."""
+        if self.data_dir and not Path(self.data_dir).is_absolute():
+            self.data_dir = str((Path(base) / self.data_dir).resolve())
         for t in self.tasks:
             t.resolve_paths(base)
         return self
