@@ -69,6 +69,15 @@ def model_family(model: str) -> str | None:
         return None
 
 
+def ffn_block_misfit(model: str) -> str | None:
+    """Why ``router_scope ffn_block`` cannot run on ``model`` (a known family without gated MLPs), or None
+    (a Llama-style model, or one whose family only its loading can tell)."""
+    family = model_family(model)
+    if family is None or family == "llama":
+        return None
+    return f"ffn_block needs a gated Llama-style MLP but {model} is a {family.upper()}-style encoder"
+
+
 class AllocationError(AllocsearchError, ValueError):
     """An allocation config that cannot be built; the message names the field and the fix."""
 

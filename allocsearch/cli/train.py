@@ -145,7 +145,7 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
 def _check_allocation(allocation, model: str) -> None:
     """An unknown preset, method or option, or the FFN-block form on a model without gated MLPs, is named
     now, not after the data and the model have loaded."""
-    from allocsearch.allocation import _typed_options, model_family
+    from allocsearch.allocation import _typed_options, ffn_block_misfit
     from allocsearch.methods import PRESETS, get_method
 
     if not isinstance(allocation, dict):
@@ -155,12 +155,12 @@ def _check_allocation(allocation, model: str) -> None:
         name = allocation["preset"]
         if not isinstance(name, str) or name not in PRESETS:
             raise AllocsearchError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-        method = PRESETS[name][1](1)["method"]
-        scope = scope or PRESETS[name][1](1).get("router_scope")
-    if scope == "ffn_block" and model_family(model) == "bert":
-        raise AllocsearchError(f"allocation.router_scope: ffn_block needs a gated Llama-style MLP but {model} is a "
-                               "BERT-style encoder; fix: set router_scope: linear in the allocation or use a "
-                               "Llama-style model")
+        fields = PRESETS[name][1](1)
+        method, scope = fields["method"], scope or fields.get("router_scope")
+    misfit = ffn_block_misfit(model) if scope == "ffn_block" else None
+    if misfit:
+        raise AllocsearchError(f"allocation.router_scope: {misfit}; fix: set router_scope: linear in the "
+                               "allocation or use a Llama-style model")
     if method is not None:
         spec = get_method(method)
         if isinstance(allocation.get("options"), dict):  # unknown or mistyped options

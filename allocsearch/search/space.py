@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from allocsearch.allocation import model_family
+from allocsearch.allocation import ffn_block_misfit, model_family
 from allocsearch.search.space_dims import Bad, Dim, SpaceError, extremes, first, fmt, parse_value
 from allocsearch.search.space_methods import MethodSection, paper_priors
 from allocsearch.search.space_models import MODEL_DEPTHS, model_depth
@@ -243,15 +243,13 @@ class SearchSpace:
         return SearchSpace.from_dict(d, source=self.source)
 
     def check_model(self) -> None:
-        """The FFN-block form needs a gated Llama-style MLP: refuse a space that samples it on another model
-        (a BERT-style encoder, or a local model whose family is unknown), before any trial runs."""
-        family = model_family(self.model)
+        """The FFN-block form needs a gated Llama-style MLP: refuse a space that samples it on a model
+        without one (a BERT-style encoder) before any trial runs."""
+        misfit = ffn_block_misfit(self.model)
         for name, s in self.sections.items():
-            if "ffn_block" in s.scopes() and family != "llama":
-                kind = f"a {family.upper()}-style encoder" if family else "of an unknown family"
-                raise SpaceError(f"{self.source}: methods.{name}.router_scope: ffn_block needs a gated Llama-style "
-                                 f"MLP but model {self.model} is {kind}; fix: use router_scope linear or a "
-                                 "Llama-style model (e.g. --model smollm2-135m)")
+            if misfit and "ffn_block" in s.scopes():
+                raise SpaceError(f"{self.source}: methods.{name}.router_scope: {misfit}; fix: use router_scope "
+                                 "linear or a Llama-style model (e.g. --model smollm2-135m)")
 
     # ----------------------------------------------------------------------------------- dimensions
     def _check_depth(self, num_layers: int) -> None:
