@@ -274,29 +274,13 @@ class AllocationConfig:
 
 def _typed_options(options_cls, values: dict) -> dict:
     """Check each option's type against the method's options class (one line naming the option, the
-    expected type and the value); numbers written as strings are read where a float is expected."""
-    import numbers
-
-    from allocsearch.config_values import as_float
+    expected type and the value); numbers written as strings are read where a float is expected. Unknown
+    options pass through: ``make_options`` names them."""
+    from allocsearch.config_values import typed
 
     kinds = {f.name: str(f.type) for f in dataclasses.fields(options_cls)}
-    out = dict(values)
-    for name, value in values.items():
-        kind = kinds.get(name)
-        if kind is None or (value is None and "None" in kind):
-            continue  # unknown options are named by make_options
-        if kind.startswith("float"):
-            number = as_float(value)
-            if number is None:
-                raise AllocationError(f"options.{name}: expected a number, got {value!r:.60}")
-            out[name] = number
-        elif kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise AllocationError(f"options.{name}: expected a whole number, got {value!r:.60}")
-        elif kind == "bool" and not isinstance(value, bool):
-            raise AllocationError(f"options.{name}: expected true or false, got {value!r:.60}")
-        elif kind == "str" and not isinstance(value, str):
-            raise AllocationError(f"options.{name}: expected a string, got {value!r:.60}")
-    return out
+    return {name: typed(f"options.{name}", kinds[name], value, AllocationError) if name in kinds else value
+            for name, value in values.items()}
 
 
 def _int_list(name: str, values) -> list[int]:

@@ -71,29 +71,14 @@ class TrainConfig:
         written as strings (``"1e-3"`` from JSON) are accepted where a float is expected."""
         import numbers
 
-        from allocsearch.config_values import as_float
+        from allocsearch.config_values import typed
 
         for f in fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
-            if value is None and "None" in kind:
-                continue
-            if kind.startswith("float"):
-                number = as_float(value)
-                if number is None:
-                    _type_error(f.name, "a number", value)
-                setattr(self, f.name, number)
-            elif kind.startswith("int"):
-                if isinstance(value, float) and value.is_integer() and f.name not in _WHOLE:
-                    value = int(value)
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    if f.name in _WHOLE:
-                        continue  # the range check below names it: "must be a whole number >= 1"
-                    _type_error(f.name, "a whole number" + (" or null" if "None" in kind else ""), value)
-                setattr(self, f.name, int(value))
-            elif kind == "str" and not isinstance(value, str):
-                _type_error(f.name, "a string", value)
-            elif kind == "bool" and not isinstance(value, bool):
-                _type_error(f.name, "true or false", value)
+            value = getattr(self, f.name)
+            if f.name in _WHOLE and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                continue  # the range check below names it: "must be a whole number >= 1"
+            setattr(self, f.name, typed(f"train.{f.name}", str(f.type), value, TrainConfigError,
+                                        integral_floats=True))
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "TrainConfig":
@@ -112,10 +97,6 @@ class TrainConfig:
 
 
 _WHOLE = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
-
-
-def _type_error(name: str, expected: str, value) -> None:
-    raise TrainConfigError(f"train.{name}: expected {expected}, got {value!r:.60}")
 
 
 class TrialFailed(AllocsearchError):
