@@ -5,6 +5,7 @@ summarised as far as it can be, and problems come back as one-line ``StudyError`
 """
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 from pathlib import Path
 from typing import Any
@@ -228,16 +229,12 @@ def spend_timeline(root: str | Path, summary: dict | None = None, max_points: in
     source = "ledger"
     if not timed or not points:
         source, points, spent = "trials", [], 0.0
-        import datetime as dt
-
         for t in sorted((t for t in summary["trials"] if t["end"]), key=lambda t: t["end"]):
             spent += t["spend"]
             points.append((dt.datetime.fromisoformat(t["end"]).timestamp(), spent))
     if len(points) > max_points:  # keep the shape: every k-th point and the last one
         k = -(-len(points) // max_points)
         points = points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
-    import datetime as dt
-
     return {"unit": unit, "total": total, "source": source,
             "points": [{"time": dt.datetime.fromtimestamp(t).isoformat(timespec="seconds"), "spent": s,
                         "remaining": max(0.0, total - s)} for t, s in points]}

@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from allocsearch.analysis import summarize
+from allocsearch.search.study import trial_dir
 
 COST_KEYS = ("device_seconds", "wall_seconds", "train_seconds", "eval_seconds", "peak_memory_mb", "memory_kind",
              "trainable_params", "total_params", "steps", "tokens", "tokens_per_second", "seconds_per_step",
              "device", "dtype", "threads", "devices")
-
-
-def trial_dir(root: str | Path, number: int) -> Path:
-    return Path(root) / "trials" / f"{int(number):04d}"
 
 
 def trial_detail(root: str | Path, number: int, summary: dict | None = None) -> dict[str, Any]:

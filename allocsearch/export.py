@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from allocsearch.errors import AllocsearchError
+from allocsearch.fileio import read_json_object
 
 EXPORT_VERSION = 1
 EXPORT_KEY = "allocsearch_export"
@@ -55,15 +56,16 @@ def export_trial(study_root: str | Path, number: int) -> str:
 
     from allocsearch.analysis import summarize
     from allocsearch.fileio import read_yaml
+    from allocsearch.search.study import trial_dir
 
     root = Path(study_root)
     summary = summarize(root)
     row = next((t for t in summary["trials"] if t["number"] == number), None)
     if row is None:
         raise ExportError(f"study {summary['study']!r} has no trial {number}")
-    folder = root / "trials" / f"{number:04d}"
+    folder = trial_dir(root, number)
     spec = read_yaml(folder / "trial.yaml", "trial config", ExportError)
-    result = _read_json(folder / "results.json") or {}
+    result = read_json_object(folder / "results.json") or {}
     allocation = result.get("allocation") or spec["allocation"]
     settings = json.loads((root / "study.json").read_text(encoding="utf-8"))
     data = dict(spec["data"])
@@ -120,7 +122,7 @@ def _macro(metrics: dict | None) -> dict | None:
 
 def _mlflow_run(root: Path, number: int) -> str | None:
     """The trial's MLflow run id, when the study was tracked (looked up by the tags the tracker sets)."""
-    info = _read_json(root / "mlflow.json") or {}
+    info = read_json_object(root / "mlflow.json") or {}
     if not info.get("parent_run_id") or not info.get("tracking_uri"):
         return None
     try:
@@ -131,13 +133,6 @@ def _mlflow_run(root: Path, number: int) -> str | None:
             filter_string=f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and tags.trial_number = '{number}'")
         return runs[0].info.run_id if runs else None
     except Exception:  # noqa: BLE001 - provenance only: an unreachable tracking server leaves it empty
-        return None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
         return None
 
 

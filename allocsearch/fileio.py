@@ -8,6 +8,7 @@ loader here also reads YAML 1.2 floats (``1e-3``, ``5E+2``) as numbers. Everythi
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -81,6 +82,16 @@ def file_mode() -> int:
 def dir_mode() -> int:
     """The mode a plain ``mkdir`` would give a new folder: ``0o777 & ~umask``."""
     return 0o777 & ~current_umask()
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON file holding an object, or None when it is missing, unreadable or not an object (for files
+    this package wrote itself, read back where a gap is expected: a trial still running, an old study)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -27,6 +27,7 @@ from typing import Callable
 from allocsearch.tracking_data import (END_STATUS, OptunaReader, mask_uri, outcome, read_json, read_yaml,
                                        result_metrics, settings_params, summary_metrics, trial_artifacts,
                                        trial_params)
+from allocsearch.search.study import trial_dir
 from allocsearch.tracking_queue import OpQueue
 from allocsearch.tracking_queue import short as _short
 from allocsearch.tracking_queue import warn as _warn
@@ -374,7 +375,7 @@ class Tracker:
                                             run_view_type=ViewType.ACTIVE_ONLY, max_results=5000))
 
     def _trial_dir(self, number: int) -> Path:
-        return self.root / "trials" / f"{int(number):04d}"
+        return trial_dir(self.root, number)
 
     def _layers(self) -> int:
         return int(self.settings.get("num_layers") or 0)

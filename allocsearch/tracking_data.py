@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+from allocsearch.fileio import read_json_object as read_json
+
 GROUPS = 4  # the per-layer allocation is summarised as means over this many contiguous layer groups
 END_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "crashed": "FAILED",
               "not_run": "KILLED"}
@@ -237,14 +239,6 @@ class OptunaReader:
         done = [(t.values[0], t.number) for t in storage.get_all_trials(study_id, deepcopy=False)
                 if t.state.name == "COMPLETE" and t.values]
         return max(done, default=None)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def read_yaml(path: Path) -> dict | None:

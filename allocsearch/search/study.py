@@ -39,6 +39,11 @@ CRASHED = "the controller stopped (killed or crashed) while this trial was runni
 NOT_STARTED = "sampled but not started before the controller stopped"
 
 
+
+def trial_dir(root: str | os.PathLike, number: int) -> Path:
+    """A trial's folder in a study directory: ``trials/NNNN`` (trial.yaml, results.json, adapter/)."""
+    return Path(root) / "trials" / f"{int(number):04d}"
+
 class StudyError(AllocsearchError):
     """A study that cannot be created, opened or resumed as asked."""
 
@@ -155,7 +160,7 @@ class Study:
         return self.settings["objectives"]
 
     def trial_dir(self, number: int) -> Path:
-        return self.root / "trials" / f"{int(number):04d}"
+        return trial_dir(self.root, number)
 
     def load_optuna(self, sampler=None):
         """The Optuna study (created on first use: before any worker attaches, as sqlite needs)."""
