@@ -198,16 +198,23 @@ def check_study(c, root: Path, numbers: dict, tmp: Path, completed: int = 1):
     assert died.data.tags["state"] == "failed"
 
 
-def test_a_study_logs_a_parent_run_and_one_nested_run_per_trial(tmp_path, empty_db, capsys):
+def tracked_study(tmp_path, uri, capsys):
+    """A study run through every way a trial ends while a Tracker logs it to ``uri``, then closed: every
+    operation logged, no warning. Returns (controller, numbers)."""
     clock = Clock()
     ctl = make(tmp_path / "w", clock=clock, max_failures=10)
-    uri = sqlite_uri(empty_db, tmp_path / "ml")
     tracker = Tracker(ctl.study.root, uri, clock=clock)
     attach(ctl, tracker)
     numbers = run_every_end(ctl, clock)
     ctl.close()
     tracker.close(ctl.end_reason, summarize(ctl.study.root))
     assert tracker.pending() == 0 and "mlflow" not in capsys.readouterr().err
+    return ctl, numbers
+
+
+def test_a_study_logs_a_parent_run_and_one_nested_run_per_trial(tmp_path, empty_db, capsys):
+    uri = sqlite_uri(empty_db, tmp_path / "ml")
+    ctl, numbers = tracked_study(tmp_path, uri, capsys)
     c = client(uri)
     check_study(c, ctl.study.root, numbers, tmp_path)
     # artifacts beside the sqlite file, never in the current folder's ./mlruns
@@ -394,14 +401,7 @@ def mlflow_server(folder: Path, port: int, empty_db: Path):
 @pytest.mark.slow
 def test_a_study_on_a_real_tracking_server(tmp_path, empty_db, capsys):
     with mlflow_server(tmp_path / "server", free_port(), empty_db) as uri:
-        clock = Clock()
-        ctl = make(tmp_path / "w", clock=clock, max_failures=10)
-        tracker = Tracker(ctl.study.root, uri, clock=clock)
-        attach(ctl, tracker)
-        numbers = run_every_end(ctl, clock)
-        ctl.close()
-        tracker.close(ctl.end_reason, summarize(ctl.study.root))
-        assert tracker.pending() == 0 and "mlflow" not in capsys.readouterr().err
+        ctl, numbers = tracked_study(tmp_path, uri, capsys)
         check_study(client(uri), ctl.study.root, numbers, tmp_path)
         assert any((tmp_path / "server" / "art").rglob("expert_load.png"))  # uploaded through the server
     assert not (ctl.study.root / "mlartifacts").exists()
