@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from allocsearch.moe.losses import SwitchStats, pooled_switch_load_balance, switch_stats
-from allocsearch.moe.routers import Route
+from allocsearch.moe.routers import Route, expert_counts
+
+
+def load_count_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the expert-load counters: float64 (exact token counts far past float32's 2^24), except on
+    Apple MPS, which has no float64 (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 class MoELoRALayer(nn.Module):
@@ -35,7 +41,7 @@ class MoELoRALayer(nn.Module):
         # pooled_load_balance, as MoLA does, rather than one loss per module
         self.balance: tuple[float, SwitchStats] | None = None
         self.track_load = False
-        self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64), persistent=False)
+        self._register_load_counts(experts, base.weight.device)
         # (tokens,) bool of the batch being run: its real, non-padding positions (the Adapter sets it from the
         # model's attention_mask). Expert load and the routing losses count only these, as the Switch loss
         # with an attention mask does (transformers' load_balancing_loss_func); None: every position counts
@@ -56,6 +62,11 @@ class MoELoRALayer(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ routing bookkeeping
+    def _register_load_counts(self, slots: int, device: torch.device) -> None:
+        """The ``load_counts`` buffer: one counter per expert (LoRACoE: per rank) on the weights' device."""
+        self.register_buffer("load_counts", torch.zeros(slots, dtype=load_count_dtype(device), device=device),
+                             persistent=False)
+
     def _real(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` (one per position of the batch) without the padding positions, when the mask fits."""
         mask = self.token_mask
@@ -68,7 +79,7 @@ class MoELoRALayer(nn.Module):
         route = Route(self._real(route.gates), self._real(route.probs), self._real(route.index))
         if self.track_load:
             with torch.no_grad():
-                self.load_counts += torch.bincount(route.index.reshape(-1), minlength=self.num_experts).double()
+                self.load_counts += expert_counts(route.index, self.num_experts, self.load_counts.dtype)
         if self.training and coef > 0:
             self.balance = (coef, switch_stats(route.probs, route.index))
         return route

@@ -84,5 +84,5 @@ class LoRAExperts(nn.Module):
         inner = torch.einsum("ijrs,ijrs->ij", ga, gb)  # <B_i A_i, B_j A_j>_F
         sq = inner.diagonal()
         dist2 = (sq[:, None] + sq[None, :] - 2 * inner).clamp_min(0)
-        iu = torch.triu_indices(n, n, offset=1)
+        iu = torch.triu_indices(n, n, offset=1, device=dist2.device)
         return dist2[iu[0], iu[1]].sqrt().mean().item()

@@ -84,8 +84,7 @@ class FFNBlockMoE(nn.Module):
         self.token_mask: torch.Tensor | None = None  # real (non-padding) positions; see MoELoRALayer
         w = mlp.gate_proj.weight
         fac = {"device": w.device, "dtype": w.dtype}
-        self.register_buffer("load_counts", torch.zeros(experts, dtype=torch.float64, device=w.device),
-                             persistent=False)
+        self._register_load_counts(experts, w.device)
         sizes = {"gate": (self.in_features, self.intermediate), "up": (self.in_features, self.intermediate),
                  "down": (self.intermediate, self.out_features)}
         self.lora = nn.ModuleDict({p: LoRAExperts(experts, rank, *sizes[p], **fac) for p in self.projections})
@@ -95,6 +94,7 @@ class FFNBlockMoE(nn.Module):
         return {"device": w.device, "dtype": w.dtype}
 
     # the wrapped-Linear interface, shared with MoELoRALayer (it reads only attributes set above)
+    _register_load_counts = MoELoRALayer._register_load_counts
     _real = MoELoRALayer._real
     _after_routing = MoELoRALayer._after_routing
     expert_load = MoELoRALayer.expert_load

@@ -38,18 +38,19 @@ from allocsearch.moe.losses import normal_balance, poisson_distinction, softplus
 from allocsearch.moe.routers import topk_route
 
 
-def expert_edges(num_experts: int, density: float, seed: int) -> torch.Tensor:
-    """Random undirected expert-expert edges, ``round(beta * N(N-1)/2)`` of them, as (E, 2) index pairs."""
+def expert_edges(num_experts: int, density: float, seed: int, device=None) -> torch.Tensor:
+    """Random undirected expert-expert edges, ``round(beta * N(N-1)/2)`` of them, as (E, 2) index pairs on
+    ``device``. Drawn by a CPU generator: the same graph from the same seed whatever the device."""
     pairs = torch.triu_indices(num_experts, num_experts, offset=1).t()
     count = round(density * len(pairs))
     gen = torch.Generator().manual_seed(seed)
-    return pairs[torch.randperm(len(pairs), generator=gen)[:count]]
+    return pairs[torch.randperm(len(pairs), generator=gen)[:count]].to(device)
 
 
 def normalized_adjacency(num_experts: int, edges: torch.Tensor) -> torch.Tensor:
     """``D^-1/2 (A + I) D^-1/2`` over node 0 (token) and nodes 1..N (experts)."""
     n = num_experts + 1
-    adj = torch.eye(n)
+    adj = torch.eye(n, device=edges.device)
     adj[0, 1:] = adj[1:, 0] = 1.0  # token <-> every expert
     if len(edges):
         adj[edges[:, 0] + 1, edges[:, 1] + 1] = adj[edges[:, 1] + 1, edges[:, 0] + 1] = 1.0
@@ -65,8 +66,8 @@ class GraphRouter:
     def _build_graph_router(self, n: int, in_features: int, fac: dict) -> None:
         o = self.options
         seed = o.graph_seed + 1000 * self.layer_index  # fixed per layer, reproducible from the config
-        self.register_buffer("edges", expert_edges(n, o.edge_density, seed))
-        self.register_buffer("adjacency", normalized_adjacency(n, self.edges).to(fac["dtype"]).to(fac["device"]))
+        self.register_buffer("edges", expert_edges(n, o.edge_density, seed, fac["device"]))
+        self.register_buffer("adjacency", normalized_adjacency(n, self.edges).to(fac["dtype"]))
         self.token_in = nn.Parameter(torch.empty(o.node_dim, in_features, **fac))  # W_in
         self.expert_emb = nn.Parameter(torch.empty(n, o.node_dim, **fac))
         self.gcn1 = nn.Parameter(torch.empty(o.node_dim, o.gcn_hidden, **fac))

@@ -28,7 +28,7 @@ class LoRACoELinear(MoELoRALayer):
         self.route = nn.Parameter(torch.empty(self.num_experts * self.rank, self.in_features, **self._factory))
         nn.init.normal_(self.route, std=self.options.router_init_std)  # small: near-uniform, symmetry broken
         self.use_router = True
-        self.register_buffer("load_counts", torch.zeros(self.rank, dtype=torch.float64), persistent=False)
+        self._register_load_counts(self.rank, base.weight.device)  # composition weight mass per rank
 
     def set_phase(self, phase: str) -> None:
         if phase not in ("warmup", "joint"):
@@ -41,7 +41,7 @@ class LoRACoELinear(MoELoRALayer):
         g = torch.softmax(logits.float().view(-1, self.num_experts, self.rank), dim=-1).mean(1)
         if self.track_load:
             with torch.no_grad():
-                self.load_counts += self._real(g).sum(0).double()  # composition weight mass per rank
+                self.load_counts += self._real(g).sum(0).to(self.load_counts.dtype)  # weight mass per rank
         return g * self.rank if self.options.composition_scale == "rank" else g
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

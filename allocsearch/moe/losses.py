@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from allocsearch.moe.routers import expert_counts
+
 
 def switch_load_balance(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Switch-style balance in MoLA's normalisation: ``L = N * sum_i f_i P_i``.
@@ -25,9 +27,7 @@ class SwitchStats(NamedTuple):
 
 
 def switch_stats(probs: torch.Tensor, index: torch.Tensor) -> SwitchStats:
-    n = probs.shape[-1]
-    counts = torch.bincount(index.reshape(-1), minlength=n).to(probs.dtype)
-    return SwitchStats(counts, probs.sum(0), probs.shape[0])
+    return SwitchStats(expert_counts(index, probs.shape[-1], probs.dtype), probs.sum(0), probs.shape[0])
 
 
 def pooled_switch_load_balance(parts: list[SwitchStats]) -> torch.Tensor:

@@ -23,3 +23,11 @@ def topk_route(logits: torch.Tensor, k: int) -> Route:
         return Route(probs, probs, index)
     gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
     return Route(gates, probs, index)
+
+
+def expert_counts(index: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """How many top-k slots each expert received: ``bincount(index, minlength=N)`` as ``dtype``, on index's
+    device. Summed with ``index_add_``, which runs on every device (bincount has no meta kernel)."""
+    flat = index.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=dtype, device=index.device)
+    return counts.index_add_(0, flat, torch.ones(flat.shape, dtype=dtype, device=index.device))
