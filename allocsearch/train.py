@@ -3,6 +3,9 @@
 AdamW over the adapter's trainable parameters, linear warm-up then cosine (or linear / constant) decay,
 gradient accumulation, gradient clipping, the layers' auxiliary losses added (each already weighted by its
 coefficient), and LoRACoE's two phases (plain LoRA warm-up, then joint training at a lower learning rate).
+Under fp16 autocast a gradient scaler keeps small gradients from flushing to zero: the loss is scaled before
+backward, the gradients unscaled before clipping, and a step whose gradients hold an inf or NaN is skipped
+(the scale halves, the lr schedule waits); bf16 and fp32 have float32's exponent range and step directly.
 Every ``eval_every`` steps the validation metrics go to ``on_checkpoint``, which may stop the trial: that
 is where a scheduler (ASHA, Hyperband) acts. A NaN or infinite loss ends the run with a failure reason.
 """
@@ -42,7 +45,7 @@ class TrainConfig:
     max_new_tokens: int = 16  # generation tasks (GSM8K)
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32; fp16 trains with a GradScaler
     threads: int | None = None  # torch CPU threads (from the trial's resources)
     evaluate_test: bool = True  # final evaluation on the test split (reports only, never for choices)
     zero_shot: bool = False  # also evaluate the untrained model (validation and test)
@@ -152,6 +155,8 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
         params = adapter.trainable_parameters()
         adapter.set_phase(phases[0])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fp16 only; disabled, scale / unscale_ / step / update pass straight through to the optimizer
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     switch_at = int(round(cfg.phase_fraction * cfg.steps)) if len(phases) == 2 else None
     val_subset = val_examples[: cfg.eval_examples] if cfg.eval_examples else val_examples
@@ -182,13 +187,17 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
                                       f"(train.lr={cfg.lr}) or check the data")
                 failure.log = log  # what ran before the failure is still recorded
                 raise failure
-            loss.backward()
+            scaler.scale(loss).backward()
             step_loss += task_loss.item() / cfg.grad_accum
             log.tokens += int(batch["attention_mask"].sum())
         if cfg.max_grad_norm:
+            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
+        scale = scaler.get_scale()
+        scaler.step(opt)  # skipped when a gradient is inf or NaN (fp16 overflow)
+        scaler.update()
+        if scaler.get_scale() >= scale:  # the step ran (a skipped one halves the scale): the schedule moves on
+            sched.step()
         log.steps = step + 1
         log.losses.append((step + 1, step_loss))
         stop = on_step(step + 1, step_loss) if on_step else None

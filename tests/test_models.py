@@ -135,6 +135,16 @@ def test_resolve_dtype_auto_on_cuda():
     assert resolve_dtype("auto", "cuda") == expected
 
 
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_resolve_dtype_auto_picks_bf16_where_the_cuda_gpu_supports_it(monkeypatch, bf16, expected):
+    """Without a GPU: CUDA present (monkeypatched), with or without bf16; the CPU stays fp32 either way."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", "cuda") == expected
+    assert resolve_dtype("auto", "auto") == expected
+    assert resolve_dtype("auto", "cpu") == torch.float32
+
+
 # --- errors -------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,8 @@
-"""TrainConfig, the learning-rate schedule and the training loop (LoRACoE phases, target-only logits)."""
+"""TrainConfig, the learning-rate schedule and the training loop (LoRACoE phases, target-only logits, the fp16
+gradient scaler)."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -149,3 +151,82 @@ def test_target_only_logits_loss_equals_the_models_own_loss(preset_name):
     batch = enc.collate([enc.train_features(e) for e in examples])
     fast, full = _task_loss(adapter.model, batch, True), _task_loss(adapter.model, batch, False)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- fp16 scaler
+
+
+def fp16_setup(dtype: str):
+    """(adapter, encoder, examples) as a trial builds them: the frozen tiny-llama in ``dtype``, fp32 adapter."""
+    from allocsearch.models import load_model
+    from allocsearch.trial import build_adapter
+
+    loaded = load_model("tiny-llama", device="cpu", dtype=dtype)
+    torch.manual_seed(0)  # the same adapter init whatever the dtype
+    adapter = build_adapter(loaded, {"method": "mola", "experts": 3, "top_k": 2, "rank": 4, "dropout": 0.0})
+    enc = Encoder(loaded.tokenizer, "causal-lm", 64)
+    examples = load_splits(DataSpec([TaskSpec("sst2", 8, 1, 1)]))["train"]
+    return adapter, enc, examples
+
+
+def test_fp16_clips_the_unscaled_gradients(monkeypatch):
+    """The loss is scaled by 2^16 before backward; clipping must see the true gradients, as in fp32."""
+    norms: list[float] = []  # the total gradient norm every clip_grad_norm_ call sees
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *a, **k):
+        norms.append(float(orig(params, max_norm, *a, **k)))
+        return norms[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    seen = {}
+    for dtype, autocast in (("fp32", None), ("fp16", torch.float16)):
+        norms.clear()
+        adapter, enc, examples = fp16_setup(dtype)
+        cfg = TrainConfig(steps=2, batch_size=2, max_length=64, lr=1e-3, warmup_ratio=0.0, seed=0)
+        log = train(adapter, enc, examples, [], cfg, device=CPU, autocast_dtype=autocast)
+        assert log.steps == 2 and all(math.isfinite(loss) for _, loss in log.losses)
+        seen[dtype] = list(norms)
+    assert len(seen["fp16"]) == 2 and seen["fp32"][0] > 0
+    assert seen["fp16"] == pytest.approx(seen["fp32"], rel=0.05)  # scaled, they would be 65536 times larger
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow(recwarn):
+    """An inf gradient (fp16 overflow) skips that optimizer step and halves the scale; training goes on,
+    and the lr schedule waits for the step that runs."""
+    adapter, enc, examples = fp16_setup("fp16")
+    params = adapter.trainable_parameters()
+    poisoned = {"left": 1}
+
+    def overflow(grad):  # the first backward only
+        if poisoned["left"]:
+            poisoned["left"] -= 1
+            return torch.full_like(grad, float("inf"))
+        return grad
+
+    params[0].register_hook(overflow)
+    snaps = [[p.detach().clone() for p in params]]
+    cfg = TrainConfig(steps=2, batch_size=2, max_length=64, lr=1e-3, warmup_ratio=0.0, seed=0)
+    train(adapter, enc, examples, [], cfg, device=CPU, autocast_dtype=torch.float16,
+          on_step=lambda s, loss: snaps.append([p.detach().clone() for p in params]))
+    assert all(torch.equal(a, b) for a, b in zip(snaps[0], snaps[1])), "the overflowing step was applied"
+    assert all(torch.isfinite(p).all() for p in snaps[2])
+    assert any(not torch.equal(a, b) for a, b in zip(snaps[1], snaps[2])), "the next step did not train"
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_without_fp16_the_gradient_scaler_is_off(autocast, monkeypatch):
+    """fp32 and bf16 step directly: the scaler is built disabled (its calls pass through)."""
+    built = []
+    orig = torch.amp.GradScaler
+
+    def scaler(*a, **k):
+        built.append(k.get("enabled"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    adapter, enc, examples = fp16_setup("bf16" if autocast else "fp32")
+    train(adapter, enc, examples, [], TrainConfig(steps=1, batch_size=2, max_length=64), device=CPU,
+          autocast_dtype=autocast)
+    assert built == [False]
