@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from allocsearch.errors import AllocsearchError
+from allocsearch.model_info import MODEL_FAMILIES, REGISTRY_CONFIGS, ModelInfoError, model_config
 
 SCHEMA_VERSION = 1
 
@@ -47,25 +48,20 @@ ROUTER_SCOPES = ("linear", "ffn_block")
 # targets that name a projection of a gated Llama-style MLP (router_scope ffn_block) -> its short name
 FFN_BLOCK_TARGETS = {"gate": "gate", "up": "up", "down": "down",
                      "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
-# config.model_type -> family whose short target names apply ("llama": q/k/v/o_proj + gate/up/down_proj
-# decoders; "bert": BERT-style encoders)
-MODEL_FAMILIES = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma": "llama",
-                  "gemma2": "llama", "phi3": "llama", "olmo": "llama", "olmo2": "llama", "smollm3": "llama",
-                  "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
-
+# MODEL_FAMILIES (model_info's): config.model_type -> family whose short target names apply ("llama":
+# q/k/v/o_proj + gate/up/down_proj decoders; "bert": BERT-style encoders)
 # allocsearch.models' registry: (family, transformer blocks) by name, known before anything loads
-REGISTRY_MODELS = {"smollm2-135m": ("llama", 30), "minilm-l6": ("bert", 6), "tiny-llama": ("llama", 4)}
+REGISTRY_MODELS = {name: (MODEL_FAMILIES[c["model_type"]], c["num_hidden_layers"])
+                   for name, c in REGISTRY_CONFIGS.items()}
 
 
 def model_family(model: str) -> str | None:
-    """"llama" (gated MLPs: ``router_scope ffn_block`` applies), "bert", or None when unknown, from a
-    registry name or a local folder's ``config.json`` ``model_type``, without loading anything."""
-    if model in REGISTRY_MODELS:
-        return REGISTRY_MODELS[model][0]
+    """"llama" (gated MLPs: ``router_scope ffn_block`` applies), "bert", or None when unknown, from the
+    ``model_type`` of the model's config (``model_info.model_config``: registry name, local folder or cached
+    HF id), without loading anything."""
     try:
-        data = json.loads((Path(str(model)).expanduser() / "config.json").read_text(encoding="utf-8"))
-        return MODEL_FAMILIES.get(data.get("model_type"))
-    except (OSError, ValueError, AttributeError):
+        return MODEL_FAMILIES.get(model_config(str(model)).get("model_type"))
+    except ModelInfoError:
         return None
 
 

@@ -78,6 +78,7 @@ TRAIN = [  # (arguments after `train`, text the one error line must hold)
     (["--config", "data-empty.yaml"], "'tasks' must be a non-empty list"),
     (["--config", "model-missing.yaml"], "no/such/model"),
     (["--model", "../no/such/dir"], "no model directory"),
+    (["--model", "some-org/not-cached"], "hf download some-org/not-cached"),
     (["--steps", "0"], "train.steps must be a whole number >= 1, got 0"),
     (["--steps", "abc"], "'abc' is not a valid integer"),
     (["--epochs", "-1"], "--epochs must be > 0"),
@@ -133,6 +134,9 @@ OTHER = [  # data specs, budgets, spaces: (full arguments, text of the one error
     (["start", "--budget", "1cpu-h", "--space", "space-inverted.yaml", "--workdir", "out"], "inverted"),
     (["space", "check", "space-block-bert.yaml"], "router_scope: ffn_block needs a gated Llama-style MLP"),
     (["start", "--budget", "1cpu-h", "--space", "space-block-bert.yaml", "--workdir", "out"], "Llama-style"),
+    (["start", "--budget", "1cpu-h", "--model", ".", "--workdir", "out"], "has no config.json"),  # issue 13
+    (["start", "--budget", "1cpu-h", "--model", "some-org/not-cached", "--workdir", "out"],
+     "hf download some-org/not-cached"),
     (["space", "check", "space-scope-omoe.yaml"], "omoe has no FFN-block form"),
     (["alloc", "--method", "omoe", "--layers", "2", "--router-scope", "ffn_block"], "router_scope ffn_block is for"),
 ]

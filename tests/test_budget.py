@@ -287,6 +287,37 @@ def test_cost_model_priors():
         model.predict({"method": "lora", "steps": 1, "tokens_per_step": 1})
 
 
+def _config_folder(path, hidden=64, intermediate=128, layers=4):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=259, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)  # config.json only
+    return str(path)
+
+
+def test_an_unmeasured_model_is_predicted_from_its_config(tmp_path):
+    """Issue 13: a local model is scaled from the measured registry priors by its size, not a fixed guess."""
+    tokens, steps = 4 * 64, 100
+    tiny_step, tiny_overhead = prior_for("tiny-llama", tokens)
+    step, overhead = prior_for(_config_folder(tmp_path / "same"), tokens)  # tiny-llama's sizes, saved locally
+    assert step == pytest.approx(tiny_step, rel=0.05) and overhead == pytest.approx(tiny_overhead, rel=0.05)
+    features = {"method": "lora", "steps": steps, "tokens_per_step": tokens, "eval_examples": 100}
+    local = CostModel.for_model(str(tmp_path / "same"), tokens).predict(features)
+    assert local == pytest.approx(CostModel.for_model("tiny-llama", tokens).predict(features), rel=0.05)
+    assert local < 60  # not the 12.3 CPU-min of the old fixed guess
+    small = prior_for(_config_folder(tmp_path / "small", hidden=256, intermediate=512), tokens)
+    big = prior_for(_config_folder(tmp_path / "big", hidden=512, intermediate=1024), tokens)
+    deep = prior_for(_config_folder(tmp_path / "deep", hidden=256, intermediate=512, layers=8), tokens)
+    assert big[0] > small[0] and big[1] > small[1] and deep[0] > small[0] and deep[1] > small[1]
+    assert prior_for(str(tmp_path / "small"), 2 * tokens)[0] > small[0]  # more tokens per step: slower steps
+    from allocsearch.model_info import REGISTRY_CONFIGS
+
+    for name in ("minilm-l6", "smollm2-135m"):  # the scaling reproduces the measured models it is anchored on
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(REGISTRY_CONFIGS[name]))
+        assert prior_for(str(tmp_path / name), 1024)[0] == pytest.approx(prior_for(name, 1024)[0], rel=0.1)
+
+
 def test_cost_model_learns_a_linear_cost():
     rng = random.Random(0)
     model = CostModel(2.0, 100.0, ref_tokens=1024)  # priors far off

@@ -256,3 +256,7 @@ def test_the_torch_free_registry_facts_match_the_registry(tiny):
 
     assert set(REGISTRY_MODELS) == set(models.MODEL_NAMES)
     assert REGISTRY_MODELS["tiny-llama"] == (tiny.family, tiny.num_layers)
+    from allocsearch.model_info import REGISTRY_CONFIGS  # the sizes the cost prior scales by (issue 13)
+
+    config = tiny.model.config
+    assert REGISTRY_CONFIGS["tiny-llama"] == {k: getattr(config, k) for k in REGISTRY_CONFIGS["tiny-llama"]}

@@ -160,8 +160,9 @@ class DataSpec:
     def resolve_paths(self, base: str | Path) -> DataSpec:
         """Make a relative ``data_dir`` and the user tasks' relative file paths absolute, taken from ``base``
         (the folder of the file that wrote them)."""
-        if self.data_dir and not Path(self.data_dir).is_absolute():
-            self.data_dir = str((Path(base) / self.data_dir).resolve())
+        if self.data_dir:
+            folder = Path(self.data_dir).expanduser()
+            self.data_dir = str(folder if folder.is_absolute() else (Path(base) / folder).resolve())
         for t in self.tasks:
             t.resolve_paths(base)
         return self

@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Callable
 
 from allocsearch.errors import AllocsearchError
+from allocsearch.model_info import REGISTRY_CONFIGS, ModelInfoError, estimate_params, model_config
 
 ACCEPTED = ("use a number and a unit: 64gpu-h, 90gpu-min, 0.5cpu-h, 3cpu-min (device-hours/minutes of "
             "trials) or 2h, 30min (wall-clock of the search)")
@@ -202,17 +203,43 @@ class BudgetKeeper:
 # (seconds per training step at PRIOR_TOKENS tokens per step, overhead seconds: load + evaluation), on CPU
 PRIORS = {"minilm-l6": (0.31, 25.0), "smollm2-135m": (3.4, 60.0), "tiny-llama": (0.02, 12.0)}
 PRIOR_TOKENS = {"minilm-l6": 16 * 64, "smollm2-135m": 8 * 256, "tiny-llama": 4 * 64}
-DEFAULT_PRIOR = (6.8, 120.0, 8 * 256)  # unknown models: twice SmolLM2-135M's step time, 3x its overhead
+DEFAULT_PRIOR = (6.8, 120.0, 8 * 256)  # a model without a readable config: twice SmolLM2's step, 3x its overhead
 # step time relative to LoRA, from the layer benchmark (allocsearch bench layers); unknown methods: the slowest
 METHOD_FACTORS = {"lora": 1.0, "dora": 1.7, "mola": 1.0, "loracoe": 1.15, "omoe": 1.2, "graphlora": 1.7}
 FEATURES = ("method", "steps", "tokens_per_step", "eval_examples")
 
 
+def _params(name: str) -> float:
+    return estimate_params(REGISTRY_CONFIGS[name])
+
+
+# Other models are scaled from the measured ones by their size (model_info.estimate_params). A step costs a
+# fixed part (tiny-llama's whole step: at its size nothing else shows) plus seconds per parameter x token
+# (the mean of MiniLM-L6's and SmolLM2-135M's); the overhead grows linearly with the parameters from
+# tiny-llama's to SmolLM2-135M's (and on beyond it).
+STEP_FIXED_SECONDS = PRIORS["tiny-llama"][0]
+SECONDS_PER_PARAM_TOKEN = statistics.mean((PRIORS[n][0] - STEP_FIXED_SECONDS) / (_params(n) * PRIOR_TOKENS[n])
+                                          for n in ("minilm-l6", "smollm2-135m"))
+OVERHEAD_PER_PARAM = ((PRIORS["smollm2-135m"][1] - PRIORS["tiny-llama"][1])
+                      / (_params("smollm2-135m") - _params("tiny-llama")))
+
+
 def prior_for(model: str, tokens_per_step: int) -> tuple[float, float]:
-    """(step seconds at ``tokens_per_step`` tokens per step, overhead seconds) for a model name."""
+    """(step seconds at ``tokens_per_step`` tokens per step, overhead seconds) for a model: measured for a
+    registry name, scaled by size from its config for any other model (``DEFAULT_PRIOR`` without one)."""
     key = str(model).lower()
-    step, overhead, ref = (*PRIORS[key], PRIOR_TOKENS[key]) if key in PRIORS else DEFAULT_PRIOR
-    return step * tokens_per_step / ref, overhead
+    if key in PRIORS:
+        step, overhead = PRIORS[key]
+        return step * tokens_per_step / PRIOR_TOKENS[key], overhead
+    try:
+        params = estimate_params(model_config(str(model)))
+    except ModelInfoError:
+        params = None
+    if params is None:
+        step, overhead, ref = DEFAULT_PRIOR
+        return step * tokens_per_step / ref, overhead
+    overhead = PRIORS["tiny-llama"][1] + OVERHEAD_PER_PARAM * max(0.0, params - _params("tiny-llama"))
+    return STEP_FIXED_SECONDS + SECONDS_PER_PARAM_TOKEN * params * tokens_per_step, overhead
 
 
 class CostModel:

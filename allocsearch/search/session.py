@@ -47,6 +47,7 @@ class StartOptions:
 def prepare(opts: StartOptions):
     """Validate everything and return (study, space, num_layers); raises one-line errors, writes only
     once everything is valid."""
+    from allocsearch import model_info
     from allocsearch.search.space import SearchSpace, load_space, model_depth, resolve_space_path
 
     budget = Budget.parse(opts.budget) if opts.budget is not None else None
@@ -61,7 +62,7 @@ def prepare(opts: StartOptions):
                          f"four small trials on a GPU); on CPUs use a cpu budget such as 0.5cpu-h")
     workdir = Path(opts.workdir)
     data = _data_override(opts.data)
-    data_dir = str(Path(opts.data_dir).resolve()) if opts.data_dir else None
+    data_dir = str(Path(opts.data_dir).expanduser().resolve()) if opts.data_dir else None
     if data_dir and not Path(data_dir).is_dir():
         raise StudyError(f"--data-dir {opts.data_dir} is not a folder; fix: point it at the datasets folder")
     name = opts.study
@@ -78,7 +79,7 @@ def prepare(opts: StartOptions):
             candidate = _with(load_space(resolve_space_path(opts.space)), opts.model, data)
             new["space_fingerprint"] = candidate.fingerprint()
         if opts.model is not None:
-            new["model"] = opts.model
+            new["model"] = model_info.absolute(opts.model)  # ./m and its absolute path are the same model
         if data is not None:
             new["data"] = data
         if opts.objectives is not None:
@@ -202,7 +203,12 @@ def _check_local_gpus(settings: dict) -> None:
 
 
 def _with(space, model, data):
-    return space.with_overrides(model=model, data=data) if (model or data) else space
+    """The space with --model / --data applied, its model (given or the space's own) made absolute when it is a
+    local path: trials run in folders of Ray's choosing, so the study must store where the model really is."""
+    from allocsearch.model_info import absolute
+
+    model = absolute(model or space.model)
+    return space.with_overrides(model=model, data=data) if (model != space.model or data) else space
 
 
 def _data_override(path: str | None) -> dict | None:

@@ -56,7 +56,7 @@ def resolve_space_path(name_or_path: str | os.PathLike) -> Path:
     """A path to a space file, or a shipped name (``mola`` -> spaces_dir()/mola.yaml)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return path
+        return path.resolve()
     name = str(name_or_path)
     if os.sep not in name and "/" not in name:
         shipped = spaces_dir() / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
@@ -113,11 +113,21 @@ def _read(path: Path, chain: tuple[Path, ...], origin: dict) -> dict:
             raise SpaceError(f"{path}: extends: {parent} does not exist (looked for {ppath}); "
                              f"fix: give a path relative to the folder of {path.name}")
         _merge(merged, _read(ppath, chain + (path,), origin), origin, str(ppath))
-    own = data.get("data")
-    if isinstance(own, dict) and isinstance(own.get("data_dir"), str) and not Path(own["data_dir"]).is_absolute():
-        own["data_dir"] = str((path.parent / own["data_dir"]).resolve())
+    if isinstance(data.get("data"), dict):
+        _absolute_data_paths(data["data"], path.parent)
     _merge(merged, data, origin, str(path))
     return merged
+
+
+def _absolute_data_paths(data: dict, base: Path) -> None:
+    """A space file's ``data_dir`` and its user tasks' ``path`` / ``test_path`` are relative to the file: made
+    absolute from ``base`` (as ``DataSpec.resolve_paths`` does for a data spec file)."""
+    tasks = data.get("tasks")
+    tasks = [t for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else []
+    for node, key in [(data, "data_dir")] + [(t, k) for t in tasks for k in ("path", "test_path")]:
+        if isinstance(node.get(key), str) and node[key].strip():
+            value = Path(node[key]).expanduser()
+            node[key] = str(value if value.is_absolute() else (base / value).resolve())
 
 
 def load_space(path: str | os.PathLike) -> "SearchSpace":
