@@ -13,11 +13,9 @@ from typing import Any
 from allocsearch.search.budget import Budget
 from allocsearch.search.ledger import Ledger
 from allocsearch.search.study import Study, StudyError, metric_names
+from allocsearch.trial_state import STATES, state_of
 
-# Optuna state -> ours, where the trial's own "state" attribute does not say more
-_STATES = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
-           "WAITING": "queued"}
-STATE_ORDER = ("completed", "pruned", "failed", "crashed", "not_run", "running", "queued")
+STATE_ORDER = STATES
 
 
 def optuna_trials(study: Study) -> list:
@@ -63,9 +61,7 @@ def load_trials(study: Study) -> list[dict[str, Any]]:
     rows = []
     for t in frozen:
         attrs = t.user_attrs
-        state = _STATES.get(t.state.name, t.state.name.lower())
-        if state in ("failed", "running") and attrs.get("state") in ("crashed", "not_run", "failed"):
-            state = attrs["state"] if state == "failed" else state
+        state, reason = state_of(t)
         objective = t.values[0] if t.values else attrs.get("objective")
         rows.append({"number": t.number, "state": state, "objective": objective,
                      "values": list(t.values) if t.values else None, "params": dict(t.params),
@@ -73,7 +69,7 @@ def load_trials(study: Study) -> list[dict[str, Any]]:
                      "retry_of": attrs.get("retry_of"), "spend": spend.get(t.number, 0.0),
                      "predicted": attrs.get("predicted_cost"), "steps": attrs.get("steps"),
                      "trainable_params": attrs.get("trainable_params"),
-                     "reason": attrs.get("failure") or attrs.get("stop_reason"),
+                     "reason": reason,
                      "experts": attrs.get("experts"), "intermediate": dict(t.intermediate_values),
                      "start": t.datetime_start.isoformat() if t.datetime_start else None,
                      "end": t.datetime_complete.isoformat() if t.datetime_complete else None})

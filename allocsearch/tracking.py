@@ -301,9 +301,6 @@ class Tracker:
         step = int(result.get("steps") or (t.user_attrs.get("steps") if t is not None else 0) or 0)
         if objective is not None:
             metrics.append(("objective", objective, ts, step))
-            single = len(self.settings.get("objectives") or []) == 1
-            if state == "pruned" and t is not None and single and step and step not in t.intermediate_values:
-                metrics.append((CHECKPOINT, objective, ts, step))  # the result that stopped it, never reported
         if spend is not None:
             metrics.append(("device_seconds", spend, ts, step))
         tags = {"state": state}

@@ -12,8 +12,8 @@ from pathlib import Path
 from allocsearch.fileio import read_json_object as read_json
 
 GROUPS = 4  # the per-layer allocation is summarised as means over this many contiguous layer groups
-END_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "crashed": "FAILED",
-              "not_run": "KILLED"}
+END_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "oom": "FAILED", "failed": "FAILED",
+              "crashed": "FAILED", "not_run": "KILLED"}
 ENDED_BY_SEARCH = "the search ended while the trial was running"
 
 
@@ -130,22 +130,21 @@ def result_metrics(r: dict, ts: int) -> list:
 
 
 def outcome(t) -> tuple[str, str | None]:
-    """(our state, reason) of an Optuna trial that is not running any more."""
-    from allocsearch.search.study import CRASHED
+    """(our state, reason) of an Optuna trial that is not running any more (``trial_state.state_of``)."""
+    from allocsearch.trial_state import state_of
 
     if t is None:
         return "crashed", "no record of the trial in the Optuna storage"
-    attrs, name = t.user_attrs, t.state.name
-    if name == "COMPLETE":
-        return "completed", None
-    if name == "PRUNED":
-        return "pruned", attrs.get("stop_reason") or "scheduler"
-    if name == "RUNNING":
+    state, reason = state_of(t)
+    if state == "running":
         return "crashed", ENDED_BY_SEARCH
-    if name == "WAITING":
-        return "not_run", attrs.get("failure") or "never started"
-    state = attrs.get("state") if attrs.get("state") in ("crashed", "not_run") else "failed"
-    return state, attrs.get("failure") or (CRASHED if state == "crashed" else None)
+    if state == "queued":
+        return "not_run", reason or "never started"
+    if state == "crashed" and reason is None:
+        from allocsearch.search.study import CRASHED
+
+        reason = CRASHED
+    return state, reason
 
 
 def mask_uri(uri: str) -> str:

@@ -169,11 +169,7 @@ class TrialResult:
     def objective(self) -> float | None:
         """What the search maximises: macro balanced accuracy on validation (for a trial stopped before its
         final evaluation, at its last checkpoint, which may use fewer validation examples)."""
-        if self.validation:
-            return self.validation["macro_balanced_accuracy"]
-        if self.checkpoints:
-            return self.checkpoints[-1]["metrics"]["macro_balanced_accuracy"]
-        return None
+        return result_objective({"validation": self.validation, "checkpoints": self.checkpoints})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +178,16 @@ class TrialResult:
         from allocsearch.fileio import write_text_atomic
 
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
+
+
+def result_objective(result: dict) -> float | None:
+    """A trial's objective from its result (``TrialResult.to_dict`` or results.json): validation macro
+    balanced accuracy, or for a trial stopped before its final evaluation, its last checkpoint's."""
+    if result.get("validation"):
+        return float(result["validation"]["macro_balanced_accuracy"])
+    if result.get("checkpoints"):
+        return float(result["checkpoints"][-1]["metrics"]["macro_balanced_accuracy"])
+    return None
 
 
 def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os.PathLike | None = None,

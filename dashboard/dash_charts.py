@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-STATE_COLORS = {"completed": "#2e7d32", "pruned": "#f9a825", "failed": "#c62828", "crashed": "#6a1b9a",
+STATE_COLORS = {"completed": "#2e7d32", "pruned": "#f9a825", "oom": "#ef6c00", "failed": "#c62828", "crashed": "#6a1b9a",
                 "not_run": "#9e9e9e", "running": "#1565c0", "queued": "#90caf9"}
 EXPERT_COLOR = "#3f51b5"
 

@@ -56,7 +56,31 @@ def check_study(summary: dict, budget_seconds: float):
         assert result["status"] in ("completed", "stopped") and result["steps"] >= 1
         assert (root / "trials" / f"{t['number']:04d}" / "trial.yaml").exists()
     assert not [t for t in trials if t["state"] == "running"]
+    check_one_truth(root, trials)
     return done
+
+
+def check_one_truth(root: Path, rows: list[dict]) -> None:
+    """Every trial: Optuna's value and intermediate values are what results.json measured, and `status`
+    shows the same value (pruned trials too: the checkpoint ASHA acted on is their last intermediate)."""
+    import optuna
+
+    from allocsearch.trial import result_objective
+
+    ostudy = optuna.load_study(study_name=root.name, storage=f"sqlite:///{root / 'optuna.db'}")
+    by_number = {r["number"]: r for r in rows}
+    checked = 0
+    for t in ostudy.get_trials(deepcopy=False):
+        path = root / "trials" / f"{t.number:04d}" / "results.json"
+        if t.state.name not in ("COMPLETE", "PRUNED") or not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        curve = {c["step"]: c["metrics"]["macro_balanced_accuracy"] for c in result["checkpoints"]}
+        assert t.intermediate_values == curve, (t.number, t.intermediate_values, curve)
+        assert t.value == pytest.approx(result_objective(result)), (t.number, t.value, result_objective(result))
+        assert by_number[t.number]["objective"] == pytest.approx(t.value)
+        checked += 1
+    assert checked >= 2
 
 
 def test_search_on_a_local_ray_with_the_shared_data(tmp_path, space_file):

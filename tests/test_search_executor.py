@@ -32,8 +32,7 @@ class Recorder:
 def run(monkeypatch, tmp_path, recorder, spec=SPEC, cap=None):
     monkeypatch.setattr(executor.tune, "report", recorder)
     config = {"number": 7, "spec": json.loads(json.dumps(spec)), "trial_dir": str(tmp_path / "trial"),
-              "data_dir": None, "threads": 1, "devices": 2.0,
-              "deadline": None if cap is None else __import__("time").time() + cap}
+              "data_dir": None, "threads": 1, "devices": 2.0, "gpus": 0.0, "budget_seconds": cap}
     executor.trainable(config)
     return recorder.reports
 

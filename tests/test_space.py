@@ -197,7 +197,7 @@ def test_grid_size_matches_hand_count_and_brute_force(tmp_path, methods, expecte
     ("methods: {mola: {}}\ntrain: {learning_rate: 1e-3}\n", "train.learning_rate", "unknown train setting"),
     ("methods: {mola: {}}\ntrain: {lr: {float: [1e-3, 1e-2], log: true, step: 1e-3}}\n", "train.lr", "step and log"),
     ("methods: {}\n", "methods", "no method"),
-    ("methods: {mola: {}}\nobjective: loss\n", "objective", "unknown objective"),
+    ("methods: {mola: {}}\nobjective: loss\n", "objective", "not what trials optimise"),
     ("methods: {mola: {}}\ndata: {tasks: [{name: nope, train: 1, validation: 1, test: 1}]}\n", "data", "nope"),
     ("extends: nope.yaml\nmethods: {mola: {}}\n", "extends", "nope.yaml does not exist"),
     ("methods: {omoe: {router_scope: ffn_block}}\n", "methods.omoe.router_scope", "no FFN-block form"),

@@ -117,8 +117,8 @@ def run_every_end(ctl, clock):
     c = ctl.propose()  # its worker died
     out["died"] = c["number"]
     ctl.on_start(c["number"])
-    ctl.note_error(c["number"], "OutOfMemoryError: CUDA out of memory")
-    ctl.on_complete(c["number"], None, error=True)
+    ctl.on_complete(c["number"], None, error=True)  # Tune's order: the searcher first, then why
+    ctl.note_error(c["number"], "ActorDiedError: the worker died unexpectedly (SIGKILL)")
     out["budget"], _ = run_one(ctl, clock, 5.0, {**final(status="stopped", steps=3), "result_json": json.dumps(
         {"stop_reason": "budget", "train_seconds": 1.0, "steps": 3})})
     return out
@@ -187,14 +187,16 @@ def check_study(c, root: Path, numbers: dict, tmp: Path, completed: int = 1):
     assert pruned.data.tags["stop_reason"] == "scheduler" and pruned.data.metrics["objective"] == 0.45
     # the result that stopped it (Tune hands it to on_complete, never as a checkpoint) ends its curve
     assert history(c, pruned.info.run_id, "checkpoint.val_macro_balanced_accuracy") == [(2, 0.5), (4, 0.45)]
-    assert [s for s, _ in history(c, pruned.info.run_id, "device_seconds")] == [2, 4]
+    # spend at each checkpoint (2, and the deciding 4), then the trial's final spend at its last step (4)
+    spend = history(c, pruned.info.run_id, "device_seconds")
+    assert [s for s, _ in spend] == [2, 4, 4] and spend[-1][1] == pytest.approx(4.0)
     assert "allocation.png" in artifacts(c, pruned.info.run_id, tmp / "pruned")  # drawn from trial.yaml
     budget = runs[numbers["budget"]]
     assert budget.info.status == "FINISHED" and budget.data.tags["stop_reason"] == "budget"
     failed = runs[numbers["failed"]]
     assert failed.info.status == "FAILED" and "nan" in failed.data.tags["failure"]
     died = runs[numbers["died"]]
-    assert died.info.status == "FAILED" and died.data.tags["failure"] == "OutOfMemoryError: CUDA out of memory"
+    assert died.info.status == "FAILED" and died.data.tags["failure"] == "ActorDiedError: the worker died unexpectedly (SIGKILL)"
     assert died.data.tags["state"] == "failed"
 
 

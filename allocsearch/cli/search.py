@@ -5,7 +5,8 @@ import json
 
 import click
 
-from allocsearch.search.session import DEFAULT_WORKDIR, SAMPLERS, SCHEDULERS
+from allocsearch.search.samplers import SAMPLERS
+from allocsearch.search.session import DEFAULT_WORKDIR, SCHEDULERS
 
 
 def study_options(f):
@@ -33,12 +34,14 @@ def json_option(f):
 @click.option("--data-dir", default=None, help="Folder with the full datasets (default: the bundled demo data).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Optuna sampler (default tpe; "
               "nsga2 for several objectives; grid needs a finite space).")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="asha", show_default=True,
-              help="Early stopping on the trials' validation checkpoints.")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
+              help="Early stopping on the trials' validation checkpoints: asha (default) or none. A study "
+              "with several objectives is never pruned on accuracy alone.")
 @click.option("--objectives", default=None, help="accuracy (default), accuracy,params or accuracy,device_seconds.")
-@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
-@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True,
-              help="GPUs per trial; fractions pack small trials on one GPU (0.25: four per GPU).")
+@click.option("--cpus-per-trial", type=float, default=None, help="CPUs per trial (default 1).")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="GPUs per trial, at most 1 (default 0); fractions pack small trials on one GPU (0.25: four "
+              "per GPU, each capped to a quarter of its memory).")
 @click.option("--max-concurrent", type=int, default=None, help="At most this many trials at once "
               "(default: as many as the cluster's resources allow).")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of "
@@ -46,16 +49,20 @@ def json_option(f):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--storage", default=None, help="Optuna storage URL (default: sqlite in the study folder).")
 @click.option("--no-priors", is_flag=True, help="Do not enqueue the papers' allocations first.")
-@click.option("--max-failures", type=int, default=5, show_default=True,
-              help="Stop the search after this many failed trials in a row.")
+@click.option("--max-failures", type=int, default=None,
+              help="Stop the search after this many failed trials in a row (default 5; out-of-memory trials "
+              "do not count).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (e.g. http://mlflow.internal:5000); "
               "default: an sqlite store inside the study folder.")
-@click.option("--no-mlflow", is_flag=True, help="Do not log the study to MLflow.")
+@click.option("--mlflow/--no-mlflow", "mlflow", default=None, help="Log the study to MLflow (default on).")
 @json_option
 def start(budget, space, study, workdir, model, data, data_dir, sampler, scheduler, objectives, cpus_per_trial,
           gpus_per_trial, max_concurrent, ray_address, seed, storage, no_priors, max_failures, tracking_uri,
-          no_mlflow, as_json):
+          mlflow, as_json):
     """Search the best expert allocation within a compute budget (resumes an existing study).
+
+    A resumed study keeps every setting it was started with unless this start gives a new value (the
+    budget may grow). Ctrl-C or SIGTERM stops the running trials, each recorded with its last checkpoint.
 
     \b
     Examples:
@@ -72,7 +79,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                         max_concurrent=max_concurrent, ray_address=ray_address, seed=seed, storage=storage,
                         priors=not no_priors, max_failures=max_failures, tracking_uri=tracking_uri,
-                        mlflow=not no_mlflow)
+                        mlflow=mlflow)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
         summary = run(opts, on_event=view.event)

@@ -54,6 +54,8 @@ class LiveView:
             self.title = f"study {d['study']} ({d['root']})"
             rec = d.get("recovered") or {}
             line = f"{self.title}: budget {self.budget.describe()}, spent so far {self.budget.format(self.spent)}"
+            if rec.get("recovered"):
+                line += f"; resumed: {len(rec['recovered'])} trial(s) that had ended recorded from their results"
             if rec.get("crashed") or rec.get("not_started"):
                 line += (f"; resumed: {len(rec.get('crashed', []))} trial(s) left running by a stopped controller "
                          f"marked failed, {len(rec.get('retried', []))} retried")
@@ -78,8 +80,13 @@ class LiveView:
                 self.best = {"number": d["number"], "objective": d["objective"], **self.trials.get(d["number"], {})}
         elif kind == "tick":
             self.spent = d["spent"]
+        elif kind == "stopping" and d.get("signal"):
+            line = (f"{d['signal']}: stopping {d['running']} running trial(s) now, each recorded with its last "
+                    f"checkpoint (again to end at once)")
         elif kind == "stopping":
             line = f"stop requested: {d['running']} running trial(s) stop at their next checkpoint"
+        elif kind == "ray_logs_kept":
+            line = f"a trial failed: Ray's worker logs are kept in {d['path']}"
         if line:
             self._emit(line)
         if self.tty:
@@ -103,7 +110,7 @@ class LiveView:
                 f"budget  {bar(frac)} {self._fmt(self.spent)} of {self.budget.text if self.budget else '?'} "
                 f"({100 * frac:.0f}%)",
                 f"trials  {c['running']} running · {c['completed']} complete · {c['pruned']} pruned · "
-                f"{c['failed']} failed"]
+                f"{c['failed']} failed" + (f" · {c['oom']} out of memory" if c.get("oom") else "")]
         if self.best:
             text.append(f"best    #{self.best['number']} {self.best['objective']:.3f}  {self.best.get('summary', '')}")
             if self.best.get("experts"):

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
 import time
 from typing import Any, Callable
 
 from allocsearch.search.budget import Budget, BudgetKeeper, CostModel, devices_per_trial
+from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space import SearchSpace
 from allocsearch.search.study import Study, directions, metric_names
 
 HEARTBEAT_SECONDS = 2.0
 CAP_SLACK_SECONDS = 2.0
-UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed  # the worker's clock starts after the controller counts the trial as running
+UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed
+DEFAULT_STARTUP_SECONDS = 3.0  # a Ray worker's start before its trial's clock starts, until one is seen
 
 
 class Controller:
@@ -43,7 +47,7 @@ class Controller:
         if s.get("priors", True) and not s.get("priors_enqueued"):
             for label, params in space.priors(num_layers):
                 self.ostudy.enqueue_trial(params, user_attrs={"prior": label}, skip_if_exists=True)
-            study.check_resume({"priors_enqueued": True})
+            study.save_settings(priors_enqueued=True)
         self.session = study.ledger.next_session()
         self.session_start = clock()
         study.ledger.record_session(self.session, 0.0)
@@ -51,6 +55,11 @@ class Controller:
         self.cost = self._cost_model()
         self.running: dict[int, dict[str, Any]] = {}
         self.errors: dict[int, str] = {}
+        self._dead: dict[int, dict] = {}  # ended with an error, waiting for Tune to say why
+        self._startups: list[float] = []  # Tune's start -> the worker's clock, per trial
+        self.failed_this_session = False
+        self.started_any = False  # a trial of this session started (a refused start changes nothing)
+        self.interrupted: str | None = None  # "SIGINT" / "SIGTERM" when the user interrupted the search
         self.pending = None  # (optuna trial, params): sampled, waiting for budget
         self.failures_in_row = 0
         self.end_reason: str | None = None
@@ -76,7 +85,10 @@ class Controller:
     def define_by_run(self, trial) -> dict:
         return self.space.sample(trial, self.num_layers)
 
-    def cluster_ready(self, cpus: float, gpus: float) -> None:
+    def cluster_ready(self, cpus: float, gpus: float, *, too_big: str | None = None,
+                      lacking: dict[str, list[str]] | None = None) -> None:
+        """Refuse in one line a cluster that cannot run a trial: too few resources on any one node
+        (``too_big``: why), or nodes that cannot see the trials' files (``lacking``: node -> what)."""
         from allocsearch.search.study import StudyError
 
         s = self.study.settings
@@ -84,22 +96,51 @@ class Controller:
         if s["cpus_per_trial"] > cpus:
             raise StudyError(f"a trial asks for {s['cpus_per_trial']:g} CPUs but the cluster has {cpus:g}; "
                              f"fix: lower --cpus-per-trial")
+        if too_big:
+            raise StudyError(f"{too_big}; fix: lower --cpus-per-trial / --gpus-per-trial or add a bigger node")
+        if lacking:
+            node, what = next(iter(lacking.items()))
+            more = f" (and {len(lacking) - 1} more nodes)" if len(lacking) > 1 else ""
+            raise StudyError(f"node {node}{more} lacks {', '.join(what)}; fix: put it on a filesystem every node "
+                             f"mounts at the same path, or copy it there")
         self.emit("cluster", cpus=cpus, gpus=gpus)
 
-    def schedule(self) -> dict:
-        """The scheduler's time axis: training steps; the first rung at the first checkpoint."""
+    def required_paths(self) -> dict[str, str]:
+        """The files and folders every node running trials must see (label -> absolute path)."""
+        s = self.study.settings
+        out = {}
+        if os.path.isabs(str(s.get("model", ""))):
+            out["the model folder"] = s["model"]
+        if s.get("data_dir"):
+            out["the data folder"] = s["data_dir"]
+        for task in (s.get("data") or {}).get("tasks", []):
+            for key in ("path", "test_path"):
+                if isinstance(task, dict) and task.get(key):
+                    out[f"the data file of task {task.get('name')}"] = str(task[key])
+        return out
+
+    def schedule(self, scheduler: str = "asha") -> dict:
+        """The scheduler and its time axis: training steps; the first rung at the first checkpoint. A
+        multi-objective study is not pruned: stopping on accuracy alone would kill the cheap trials that
+        belong on the Pareto front."""
         steps = int(_top(self.space, "steps", 60))
         every = int(_top(self.space, "eval_every", 0) or steps)
-        return {"max_t": steps, "grace_period": min(every, steps)}
+        name = scheduler if len(self.study.objectives) == 1 else "none"
+        return {"scheduler": name, "max_t": steps, "grace_period": min(every, steps)}
 
     # ------------------------------------------------------------------------------ the loop
     def propose(self):
         """The next trial's config for Ray, None to ask again later, or "finished"."""
-        if self._user_stop or self.end_reason:
+        if self._user_stop or self.end_reason or self.interrupted:
             return "finished"
         if self.pending is None:
             trial = self.ostudy.ask()
             self.pending = (trial, self.space.sample(trial, self.num_layers))
+            if self.study.settings.get("sampler") == "grid" and grid_repeats(self.ostudy, trial):
+                self._not_run(trial, "the grid is used up")
+                self.pending = None
+                self.end_reason = "every point of the grid has run"
+                return "finished"
         trial, params = self.pending
         spec = self.space.trial_spec(params, self.num_layers)
         features = _features(spec)
@@ -127,17 +168,25 @@ class Controller:
             trial.set_user_attr(key, value)
         cap_wall = cap if self.budget.unit == "wall" else cap / self.devices
         self.running[number] = {"trial": trial, "params": params, "features": features, "start": None,
-                                "predicted": predicted, "cap": cap, "last": None}
+                                "predicted": predicted, "cap": cap, "last": None,
+                                "reported": set()}
         self.emit("admitted", number=number, summary=summary, predicted=predicted, cap=cap, experts=experts)
         return {"number": number, "spec": spec, "trial_dir": str(self.study.trial_dir(number).resolve()),
                 "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
                 "threads": max(1, int(self.study.settings["cpus_per_trial"])),
-                "cap_wall_seconds": cap_wall,
-                "deadline": time.time() + max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS)}
+                "gpus": float(self.study.settings.get("gpus_per_trial") or 0.0), "cap_wall_seconds": cap_wall,
+                # a duration on the worker's own clock (nodes' clocks need not agree), less the worker's
+                # start-up, which the controller counts from Tune's start and the worker cannot see
+                "budget_seconds": max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS - self.startup_seconds())}
+
+    def startup_seconds(self) -> float:
+        """Seconds from Tune starting a trial to its worker's clock starting: the median seen so far."""
+        return statistics.median(self._startups) if self._startups else DEFAULT_STARTUP_SECONDS
 
     def on_start(self, number: int) -> None:
         if number in self.running:
             self.running[number]["start"] = self.clock()
+            self.started_any = True
             self.study.ledger.record_trial(number, 0.0, self.devices, session=self.session)
             self.emit("started", number=number)
 
@@ -145,38 +194,66 @@ class Controller:
         info = self.running.get(number)
         if info is None or result.get("final"):
             return
+        if info["last"] is None and info["start"] is not None and result.get("wall_seconds") is not None:
+            self._startups.append(max(0.0, self.clock() - info["start"] - float(result["wall_seconds"])))
         info["last"] = result
-        if len(self.study.objectives) == 1 and "objective" in result:
-            info["trial"].report(float(result["objective"]), int(result["step"]))
         self._beat(number)
-        self.emit("checkpoint", number=number, step=result["step"], objective=result.get("objective"))
+        self._report(number, info, result)
+
+    def _report(self, number: int, info: dict, result: dict) -> None:
+        """A validation checkpoint, once per step -> Optuna's intermediate value (single objective) and the
+        live view / tracker. Also the checkpoint a scheduler stopped the trial on (Tune passes that one to
+        ``on_complete`` only): the value a pruned trial keeps is the one it was judged on."""
+        step = int(result.get("step", 0))
+        if result.get("final") or step in info["reported"]:
+            return
+        info["reported"].add(step)
+        if len(self.study.objectives) == 1 and result.get("objective") is not None:
+            info["trial"].report(float(result["objective"]), step)
+        self.emit("checkpoint", number=number, step=step, objective=result.get("objective"))
 
     def on_complete(self, number: int, result: dict | None, error: bool) -> None:
-        from optuna.trial import TrialState
-
+        """A trial ended. Tune calls this for a dead worker BEFORE its callbacks learn why (``note_error``):
+        such a trial waits in ``_dead`` for its reason, at most until the next tick."""
         info = self.running.pop(number, None)
         if info is None:
             return
-        trial = info["trial"]
-        wall = self.clock() - info["start"] if info["start"] is not None else 0.0
+        info["wall"] = self.clock() - info["start"] if info["start"] is not None else 0.0
+        self.keeper.finish(number, info["wall"] * self.devices)
+        if error and number not in self.errors:
+            self._dead[number] = info
+            return
+        self._record(number, info, result, error)
+
+    def _record(self, number: int, info: dict, result: dict | None, error: bool) -> None:
+        """Everything a trial's end leaves: results.json, the ledger's final record, Optuna's tell (in that
+        order: a kill between any two is recovered from the first by ``Study.recover``)."""
+        from optuna.trial import TrialState
+
+        trial, wall = info["trial"], info["wall"]
         spend = wall * self.devices
-        self.study.ledger.record_trial(number, wall, self.devices, final=True, session=self.session)
-        self.keeper.finish(number, spend)
         last = result or info["last"] or {}  # the result that ended it (Tune passes it here, not to on_result)
         final = last if last.get("final") else None
+        if final is None and last:
+            self._report(number, info, last)  # the checkpoint the scheduler (or a stop) acted on reaches Optuna
         attrs = {"device_seconds": spend, "wall_seconds": wall, "steps": int(last.get("step", 0)),
                  "trainable_params": last.get("trainable_params")}
+        failure = (final or {}).get("failure") or (self.errors.pop(number, None) if error else None)
         if error or (final and final.get("failure")) or not last:
             state, tstate = "failed", TrialState.FAIL
-            attrs["failure"] = (final or {}).get("failure") or self.errors.pop(number, None) or \
-                "the trial's worker ended without a result"
+            attrs["failure"] = failure or "the trial's worker ended without a result"
+            if is_out_of_memory(attrs["failure"]):
+                # not a crash: the configuration does not fit. PRUNED without a value, marked infeasible
+                # (samplers.constraints), so the sampler learns to avoid it; not counted toward --max-failures
+                state, tstate = "oom", TrialState.PRUNED
+                attrs["infeasible"] = 1.0
         elif final and final.get("status") == "completed":
             state, tstate = "completed", TrialState.COMPLETE
         else:
             state, tstate = "pruned", TrialState.PRUNED
             payload_reason = _payload(final).get("stop_reason") if final else None
             attrs["stop_reason"] = payload_reason or ("user" if self._user_stop else "scheduler")
-        if last.get("objective") is not None:
+        if last.get("objective") is not None and state != "failed":
             attrs["objective"] = float(last["objective"])
         if final and final.get("result_json"):
             payload = _payload(final)
@@ -191,14 +268,18 @@ class Controller:
         elif last.get("train_seconds") and attrs["steps"]:  # pruned at a checkpoint: its step time so far
             attrs["train_seconds"] = last["train_seconds"]
             self.cost.observe(info["features"], wall, attrs["steps"], last["train_seconds"], complete=False)
+        self.study.ledger.record_trial(number, wall, self.devices, final=True, session=self.session)
         attrs["state"] = state
+        self.failed_this_session |= state in ("failed", "oom")
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         values = None
         if tstate == TrialState.COMPLETE:
-            values = [float(last[m]) for m in metric_names(self.study.objectives)]
+            measured = {**last, "device_seconds": spend}  # the spend the ledger charged, one truth
+            values = [float(measured[m]) for m in metric_names(self.study.objectives)]
         self.ostudy.tell(trial, values, state=tstate)
-        self.failures_in_row = self.failures_in_row + 1 if state == "failed" else 0
+        if state != "oom":  # a configuration too big for the device is no sign of a broken search
+            self.failures_in_row = self.failures_in_row + 1 if state == "failed" else 0
         if self.failures_in_row >= self.max_failures:
             self.end_reason = (f"{self.failures_in_row} trials in a row failed (last: {attrs.get('failure')}); "
                                f"fix the cause and start again (--max-failures sets the limit)")
@@ -206,7 +287,14 @@ class Controller:
                   spend=spend, reason=attrs.get("failure") or attrs.get("stop_reason"))
 
     def note_error(self, number: int, reason: str) -> None:
+        """Why a worker died (Tune's error, the worker's last stderr lines); ends a trial waiting for it."""
         self.errors[number] = reason
+        if number in self._dead:
+            self._record(number, self._dead.pop(number), None, True)
+
+    def _flush_dead(self) -> None:
+        for number in list(self._dead):
+            self._record(number, self._dead.pop(number), None, True)
 
     def tick(self) -> None:
         """Called by Tune's loop: heartbeat the ledger, notice a stop request."""
@@ -214,6 +302,7 @@ class Controller:
         if now - self._last_beat < HEARTBEAT_SECONDS:
             return
         self._last_beat = now
+        self._flush_dead()
         for number in self.running:
             self._beat(number)
         self.study.ledger.record_session(self.session, now - self.session_start)
@@ -232,6 +321,11 @@ class Controller:
     def stopping(self) -> bool:
         return self._user_stop
 
+    def interrupt(self, signal_name: str) -> None:
+        """SIGINT / SIGTERM: no new trial; the executor stops the running ones (``close`` records them)."""
+        self.interrupted = signal_name
+        self.emit("stopping", running=len(self.running), signal=signal_name)
+
     def spent(self) -> float:
         """Spend so far: finished trials plus running trials' spend (budget units)."""
         return self.keeper.spent() + self.keeper.in_flight()
@@ -244,17 +338,38 @@ class Controller:
         self.ostudy.tell(trial, None, state=TrialState.FAIL)
 
     # ------------------------------------------------------------------------------ the end
-    def close(self) -> None:
-        """After Tune returns (or fails): nothing sampled is left RUNNING, the session's time is recorded."""
+    def close(self, interrupted: str | None = None) -> None:
+        """After Tune returns (or fails): nothing sampled is left RUNNING, the session's time is recorded.
+        ``interrupted`` (SIGINT / SIGTERM): trials still running are recorded as stopped by the user, their
+        last checkpoint kept (a trial without one: failed, with the reason, so a resume runs it again)."""
+        self._flush_dead()
+        for number in list(self.running):
+            info = self.running[number]
+            if info["start"] is None:
+                self.running.pop(number)
+                self._not_run(info["trial"], "admitted but not started when the search ended")
+                continue
+            if interrupted:
+                self._user_stop = True
+                self.errors[number] = f"stopped by the user ({interrupted}) before its first checkpoint"
+            self.on_complete(number, None, error=info["last"] is None)
         if self.pending is not None:
             self._not_run(self.pending[0], "sampled when the search ended")
             self.pending = None
         self.study.ledger.record_session(self.session, self.clock() - self.session_start)
+        if interrupted:
+            self.end_reason = self.end_reason or f"stopped by the user ({interrupted})"
         if self._user_stop:
             self.end_reason = self.end_reason or "stopped by 'allocsearch stop'"
             self.study.clear_stop()
         if self.end_reason is None:
             self.end_reason = "the budget is spent" if self.keeper.exhausted() else "the search ended"
+
+
+def is_out_of_memory(reason: str | None) -> bool:
+    """A failure that says the device ran out of memory (CUDA, MPS, the CPU allocator, the OOM killer)."""
+    text = (reason or "").lower()
+    return "out of memory" in text or "outofmemory" in text or "oom" in text.split()
 
 
 def _top(space: SearchSpace, key: str, default):

@@ -6,16 +6,21 @@ study) is checked here before Ray starts or anything is written.
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
+from allocsearch.search.samplers import SAMPLERS, make_sampler
 from allocsearch.search.study import Study, StudyError, check_name, parse_objectives
 
-SAMPLERS = ("tpe", "random", "nsga2", "grid")
-SCHEDULERS = ("asha", "hyperband", "none")
+SCHEDULERS = ("asha", "none")
+# how a study runs, free to change on resume; a resume keeps the stored value of each option not given
+EXECUTION_DEFAULTS = {"scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "max_failures": 5,
+                      "mlflow": True, "ray_address": None, "max_concurrent": None, "tracking_uri": None}
 DEFAULT_WORKDIR = "allocsearch-runs"
 DEFAULT_SPACE = "joint"
 
@@ -30,18 +35,18 @@ class StartOptions:
     data_dir: str | None = None
     workdir: str = DEFAULT_WORKDIR
     sampler: str | None = None  # default tpe (nsga2 for several objectives)
-    scheduler: str = "asha"
+    scheduler: str | None = None  # execution options (None: the stored value, or EXECUTION_DEFAULTS)
     objectives: str | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
     max_concurrent: int | None = None
     ray_address: str | None = None
     seed: int = 0
     storage: str | None = None
     priors: bool = True
-    max_failures: int = 5
+    max_failures: int | None = None
     tracking_uri: str | None = None  # any MLflow tracking URI; default: sqlite inside the study directory
-    mlflow: bool = True
+    mlflow: bool | None = None
 
 
 def prepare(opts: StartOptions):
@@ -53,13 +58,6 @@ def prepare(opts: StartOptions):
     budget = Budget.parse(opts.budget) if opts.budget is not None else None
     if opts.sampler is not None and opts.sampler not in SAMPLERS:
         raise StudyError(f"sampler {opts.sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if opts.scheduler not in SCHEDULERS:
-        raise StudyError(f"scheduler {opts.scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-    if not opts.cpus_per_trial > 0 or opts.gpus_per_trial < 0 or opts.max_failures < 1:
-        raise StudyError("--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --max-failures >= 1")
-    if budget is not None and budget.unit == "gpu" and not opts.gpus_per_trial:
-        raise StudyError(f"a GPU budget ({budget.text}) needs --gpus-per-trial > 0 (e.g. 1, or 0.25 to pack "
-                         f"four small trials on a GPU); on CPUs use a cpu budget such as 0.5cpu-h")
     workdir = Path(opts.workdir)
     data = _data_override(opts.data)
     data_dir = str(Path(opts.data_dir).expanduser().resolve()) if opts.data_dir else None
@@ -89,10 +87,10 @@ def prepare(opts: StartOptions):
         if budget is not None:
             new["budget"] = budget.to_dict()
         new.update(_execution(opts, study.settings))
-        study.check_resume(new)
+        study.check_resume(new)  # written once the start holds the study's lock
+        _check_execution(study.settings, Budget.from_dict(study.settings["budget"]))
         num_layers = model_depth(study.settings["model"])
         space.with_overrides(model=study.settings["model"]).check_model()
-        _check_local_gpus(study.settings)
         return study, space, num_layers, False
     if budget is None:
         raise StudyError(f"study {name!r} is new: give --budget, e.g. --budget 0.25cpu-h or --budget 64gpu-h")
@@ -104,11 +102,12 @@ def prepare(opts: StartOptions):
     if sampler == "grid" and space.grid_size(num_layers) is None:
         raise StudyError("--sampler grid needs a finite space, but a dimension is continuous; fix: write it as "
                          "a {choice: [...]} list (allocsearch space check shows which)")
-    _check_local_gpus({"ray_address": opts.ray_address, "gpus_per_trial": opts.gpus_per_trial})
+    execution = _execution(opts, None)
+    _check_execution(execution, budget)
     settings = {"name": name, "model": space.model, "data": space.data, "data_dir": data_dir,
                 "space": space.source, "space_fingerprint": space.fingerprint(), "objectives": objectives,
                 "budget": budget.to_dict(), "seed": opts.seed, "storage": opts.storage,
-                "priors": opts.priors and space.use_priors, "num_layers": num_layers, **_execution(opts, None), "sampler": sampler}
+                "priors": opts.priors and space.use_priors, "num_layers": num_layers, **execution, "sampler": sampler}
     import yaml
 
     study = Study.create(workdir, settings, yaml.safe_dump(space.to_dict(), sort_keys=False))
@@ -116,31 +115,37 @@ def prepare(opts: StartOptions):
 
 
 def _execution(opts: StartOptions, stored: dict | None) -> dict:
-    """Execution choices: free to change on resume."""
-    out = {"scheduler": opts.scheduler, "cpus_per_trial": float(opts.cpus_per_trial), "mlflow": opts.mlflow,
-           "gpus_per_trial": float(opts.gpus_per_trial), "max_failures": int(opts.max_failures),
-           "ray_address": opts.ray_address, "max_concurrent": opts.max_concurrent}
-    if opts.tracking_uri is not None or stored is None:
-        out["tracking_uri"] = opts.tracking_uri or (stored or {}).get("tracking_uri")
-    if opts.sampler is not None or stored is None:
-        out["sampler"] = opts.sampler or (stored or {}).get("sampler", "tpe")
-    return out
+    """Execution choices: a new study takes the given values or the defaults; a resumed one changes only
+    what this start gives (``start --budget 2gpu-h`` keeps the study's GPUs, scheduler, cluster, ...)."""
+    given = {key: getattr(opts, key) for key in EXECUTION_DEFAULTS if getattr(opts, key) is not None}
+    if opts.sampler is not None:
+        given["sampler"] = opts.sampler
+    return given if stored is not None else {**EXECUTION_DEFAULTS, **given}
 
 
-def make_sampler(name: str, seed: int):
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.BruteForceSampler(seed=seed)
+def _check_execution(s: dict, budget: Budget | None) -> None:
+    """The execution settings a start will run with (given, stored or default): one line each when wrong."""
+    if s.get("scheduler") not in SCHEDULERS:
+        raise StudyError(f"scheduler {s.get('scheduler')!r} is not offered (hyperband restarted paused trials "
+                         f"from scratch); fix: --scheduler {' or '.join(SCHEDULERS)}")
+    cpus, gpus = float(s["cpus_per_trial"]), float(s["gpus_per_trial"])
+    if not cpus > 0 or gpus < 0 or int(s["max_failures"]) < 1:
+        raise StudyError("--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --max-failures >= 1")
+    if gpus > 1:
+        raise StudyError(f"--gpus-per-trial {gpus:g}: a trial trains on one GPU, so the others would be billed "
+                         f"and idle; fix: --gpus-per-trial 1 (or a fraction such as 0.25 to pack trials), and "
+                         f"more GPUs run more trials at once")
+    if budget is not None and budget.unit == "gpu" and not gpus:
+        raise StudyError(f"a GPU budget ({budget.text}) needs --gpus-per-trial > 0 (e.g. 1, or 0.25 to pack "
+                         f"four small trials on a GPU); on CPUs use a cpu budget such as 0.5cpu-h")
+    _check_local_gpus(s)
 
 
 def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict:
-    """Run (or resume) a search to its end; returns the study's summary (``analysis.summarize``)."""
+    """Run (or resume) a search to its end; returns the study's summary (``analysis.summarize``).
+    SIGINT (Ctrl-C) or SIGTERM ends it: running trials are recorded as stopped by the user, their last
+    checkpoint kept; a second Ctrl-C ends at once. A start refused before any trial ran leaves the study
+    directory as it found it."""
     import warnings
 
     from allocsearch.analysis import summarize
@@ -150,9 +155,12 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
     warnings.filterwarnings("ignore", module=r"optuna\..*")  # experimental-feature notes on every trial
     study, space, num_layers, created = prepare(opts)
     s = study.settings
-    tracker = None
+    stored = None if created else (study.root / "study.json").read_text(encoding="utf-8")
+    tracker = controller = None
     try:
         with study.lock():
+            if not created:
+                study.save_settings()  # the resumed settings, now that this start owns the study
             if s.get("mlflow", True):
                 from allocsearch.tracking import Tracker
 
@@ -164,22 +172,49 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
                 on_event("study", study=study.name, root=str(study.root), budget=s["budget"],
                          spent=controller.spent(), recovered=controller.recovered)
             try:
-                executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
-                             gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
-                             scheduler=s["scheduler"])
+                with _Interrupts(controller):
+                    executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
+                                 gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
+                                 scheduler=s["scheduler"])
             finally:
-                controller.close()
+                controller.close(interrupted=controller.interrupted)
     except BaseException as exc:
         if tracker is not None:
             tracker.close(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, None, failed=True)
-        if isinstance(exc, AllocsearchError) and created and not study.ledger.trial_spend():
+        refused = isinstance(exc, AllocsearchError) and (controller is None or not controller.started_any)
+        if refused and created and not study.ledger.trial_spend():
             shutil.rmtree(study.root, ignore_errors=True)  # refused before any trial ran: leave nothing behind
+        elif refused and stored is not None:
+            from allocsearch.fileio import write_text_atomic
+
+            write_text_atomic(study.root / "study.json", stored)  # the settings it had before this start
         raise
     summary = summarize(study.root)
     summary["end_reason"] = controller.end_reason
     if tracker is not None:
         tracker.close(controller.end_reason, summary)
     return summary
+
+
+class _Interrupts:
+    """SIGINT / SIGTERM during the search -> ``controller.interrupt``: Tune stops every trial, and the
+    controller records them. A second SIGINT raises KeyboardInterrupt at once. (Main thread only.)"""
+
+    def __init__(self, controller):
+        self.controller, self.previous = controller, {}
+
+    def _handle(self, signum, frame) -> None:
+        self.controller.interrupt(signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _fan_out(*handlers):

@@ -26,7 +26,7 @@ from allocsearch.shapes import group_sizes
 
 VERSION = 1
 TOP_KEYS = ("version", "extends", "model", "data", "objective", "priors", "train", "methods")
-OBJECTIVES = ("validation_macro_balanced_accuracy", "validation_macro_accuracy")
+OBJECTIVES = ("validation_macro_balanced_accuracy",)  # what every trial reports and Optuna is told
 # mappings merged key by key along extends; everything else is a value, replaced whole
 _SECTIONS = (("data",), ("train",), ("methods",), ("methods", "*"), ("methods", "*", "options"),
              ("methods", "*", "train"))
@@ -209,7 +209,8 @@ class SearchSpace:
             raise Bad("data", str(exc).removeprefix("data: ")) from None
         objective = d.get("objective", OBJECTIVES[0])
         if objective not in OBJECTIVES:
-            raise Bad("objective", f"unknown objective {objective!r}", f"use {' or '.join(OBJECTIVES)}")
+            raise Bad("objective", f"objective {objective!r} is not what trials optimise (macro accuracy is "
+                      f"reported beside it)", f"drop the key or write {OBJECTIVES[0]}")
         priors = d.get("priors", True)
         if not isinstance(priors, bool):
             raise Bad("priors", f"priors is {priors!r}", "write true or false")

@@ -1,0 +1,67 @@
+"""The Optuna samplers a study can use, as the controller needs them.
+
+- ``tpe`` (default): multivariate, grouped, constant liar for parallel trials; ``nsga2`` for several
+  objectives; ``random``; ``grid``: Optuna's ``BruteForceSampler`` over a finite space.
+- Trials that ran out of memory are infeasible (``user_attrs["infeasible"] = 1``): TPE and NSGA-II get a
+  constraints function, so they learn to stay away from configurations that do not fit the device.
+- The grid sampler calls ``Study.stop()`` when its grid is used up, which Optuna allows only inside
+  ``Study.optimize`` (the controller uses ask / tell): here it only notes it; the controller ends the
+  search when a sampled point repeats one that already ran (``grid_repeats``).
+"""
+from __future__ import annotations
+
+SAMPLERS = ("tpe", "random", "nsga2", "grid")
+
+
+def infeasibility(trial) -> list[float]:
+    """Optuna constraints (> 0: violated): out of memory on the device it ran on."""
+    return [float(trial.user_attrs.get("infeasible", 0.0))]
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                          constraints_func=infeasibility)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=infeasibility)
+    if name == "grid":
+        return _grid_sampler(seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def _grid_sampler(seed: int):
+    from optuna.samplers import BruteForceSampler
+
+    class GridSampler(BruteForceSampler):
+        used_up = False
+
+        def after_trial(self, study, trial, state, values) -> None:
+            super().after_trial(_NoStop(study, self), trial, state, values)
+
+    return GridSampler(seed=seed)
+
+
+class _NoStop:
+    """The study as the grid sampler sees it after a trial: ``stop()`` notes that the grid is used up."""
+
+    def __init__(self, study, sampler):
+        self._study, self._sampler = study, sampler
+
+    def stop(self) -> None:
+        self._sampler.used_up = True
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+
+def grid_repeats(study, trial) -> bool:
+    """Whether ``trial``'s sampled point is one a trial already ran or runs (the grid has no new point)."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return any(t.number != trial.number and t.params == trial.params
+               for t in study.get_trials(deepcopy=False, states=states))

@@ -1,0 +1,31 @@
+"""A trial's state: one set of names and one mapping from its Optuna record, for everything that shows or
+logs trials (``status``, the dashboard, MLflow, ``export``). Torch-, Optuna- and Ray-free.
+
+    completed   ran to its end and its final evaluation          Optuna COMPLETE (its value)
+    pruned      stopped early: ASHA, its budget cap, the user    Optuna PRUNED (value = last checkpoint)
+    oom         ran out of device memory: the configuration does Optuna PRUNED, infeasible (no crash:
+                not fit; samplers learn to avoid it              not counted toward --max-failures)
+    failed      the trial itself failed (NaN, an exception)      Optuna FAIL
+    crashed     its worker or the controller died under it       Optuna FAIL (retried once on resume)
+    not_run     sampled, never started                           Optuna FAIL
+    running / queued                                             Optuna RUNNING / WAITING
+"""
+from __future__ import annotations
+
+STATES = ("completed", "pruned", "oom", "failed", "crashed", "not_run", "running", "queued")
+ENDED_BADLY = ("oom", "failed", "crashed")
+_OPTUNA = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
+           "WAITING": "queued"}
+# what the controller records in user_attrs["state"] that refines Optuna's state
+_REFINES = {"PRUNED": ("oom",), "FAIL": ("crashed", "not_run", "failed")}
+
+
+def state_of(trial) -> tuple[str, str | None]:
+    """(state, reason) of an Optuna ``FrozenTrial``: Optuna's state, refined by the recorded one."""
+    attrs, name = trial.user_attrs, trial.state.name
+    state = _OPTUNA.get(name, name.lower())
+    if attrs.get("state") in _REFINES.get(name, ()):
+        state = attrs["state"]
+    if state == "pruned":
+        return state, attrs.get("stop_reason") or "scheduler"
+    return state, attrs.get("failure") or attrs.get("stop_reason")

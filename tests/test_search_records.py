@@ -1,0 +1,226 @@
+"""What the study records when trials end in the ways a GPU box or a cluster makes them end (issue 13),
+driven through the controller's hooks in Tune's real call order: dead workers, out of memory, Ctrl-C /
+SIGTERM, a kill between a trial's result and Optuna's tell, a used-up grid, the cluster checks, and a
+resume that keeps the stored execution settings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_search_controller import SPACE, Clock, final, make, run_one, trials
+
+from allocsearch.search.study import Study, StudyError
+
+
+def test_a_dead_worker_without_a_reason_is_recorded_at_the_next_tick(tmp_path):
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock, max_failures=10)
+    c = ctl.propose()
+    ctl.on_start(c["number"])
+    clock.t += 4.0
+    ctl.on_complete(c["number"], None, error=True)
+    assert trials(ctl)[c["number"]].state.name == "RUNNING"  # waiting for Tune's callbacks to say why
+    assert ctl.study.ledger.trial_spend()[c["number"]] == pytest.approx(0.0)  # not yet final
+    clock.t += 5.0
+    ctl.tick()
+    t = trials(ctl)[c["number"]]
+    assert t.state.name == "FAIL" and t.user_attrs["failure"] == "the trial's worker ended without a result"
+    assert ctl.study.ledger.trial_spend()[c["number"]] == pytest.approx(4.0)  # charged to its end, not later
+
+
+def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
+    from allocsearch.search.samplers import infeasibility
+
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock, max_failures=1)
+    n, _ = run_one(ctl, clock, 3.0, final(status="failed", objective=None,
+                                          failure="CUDA out of memory. Tried to allocate 2.00 GiB"))
+    t = trials(ctl)[n]
+    assert t.user_attrs["state"] == "oom" and t.state.name == "PRUNED" and t.value is None
+    assert infeasibility(t) == [1.0] and "out of memory" in t.user_attrs["failure"]
+    assert ctl.failures_in_row == 0 and ctl.end_reason is None  # --max-failures 1 did not end the search
+    from allocsearch.analysis import summarize
+
+    row = next(r for r in summarize(ctl.study.root)["trials"] if r["number"] == n)
+    assert row["state"] == "oom" and "out of memory" in row["reason"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_records_running_trials_as_stopped_by_the_user(tmp_path, signal_name):
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock)
+    a, b = ctl.propose(), ctl.propose()
+    for c in (a, b):
+        ctl.on_start(c["number"])
+    ctl.on_result(a["number"], {"step": 2, "objective": 0.61, "wall_seconds": 1.0})
+    clock.t += 6.0
+    ctl.interrupt(signal_name)
+    assert ctl.propose() == "finished"
+    ctl.close(interrupted=signal_name)  # Tune ended both workers without telling the searcher
+    t = trials(ctl)
+    assert t[a["number"]].state.name == "PRUNED" and t[a["number"]].user_attrs["stop_reason"] == "user"
+    assert t[a["number"]].value == 0.61 and t[a["number"]].intermediate_values == {2: 0.61}
+    assert t[b["number"]].state.name == "FAIL" and signal_name in t[b["number"]].user_attrs["failure"]
+    assert not [x for x in t.values() if x.state.name == "RUNNING"]
+    assert ctl.study.ledger.trial_spend() == {a["number"]: pytest.approx(6.0), b["number"]: pytest.approx(6.0)}
+    assert ctl.study.ledger.finished_trials() == {a["number"], b["number"]}
+    assert signal_name in ctl.end_reason
+
+
+@pytest.mark.parametrize("status", ["completed", "stopped"])
+def test_a_kill_between_the_result_and_optunas_tell_loses_nothing(tmp_path, status):
+    """The worker wrote results.json, the ledger has its final record, the controller died before tell."""
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock)
+    c = ctl.propose()
+    n = c["number"]
+    ctl.on_start(n)
+    ctl.on_result(n, {"step": 2, "objective": 0.6, "wall_seconds": 1.0})
+    clock.t += 9.0
+    checkpoints = [{"step": 2, "metrics": {"macro_balanced_accuracy": 0.6}},
+                   {"step": 4, "metrics": {"macro_balanced_accuracy": 0.66}}]
+    result = {"status": status, "steps": 4, "checkpoints": checkpoints, "trainable_params": 321,
+              "validation": {"macro_balanced_accuracy": 0.7} if status == "completed" else None,
+              "stop_reason": "scheduler" if status == "stopped" else None, "train_seconds": 2.0}
+    (ctl.study.trial_dir(n) / "results.json").write_text(json.dumps(result))
+    ctl.study.ledger.record_trial(n, 9.0, 1.0, final=True, session=ctl.session)
+    del ctl  # kill -9 here: Optuna still has the trial RUNNING
+
+    again = make(tmp_path, clock=clock)
+    t = trials(again)[n]
+    assert again.recovered["recovered"] == [n] and again.recovered["retried"] == []
+    if status == "completed":
+        assert t.state.name == "COMPLETE" and t.value == 0.7
+    else:
+        assert t.state.name == "PRUNED" and t.value == 0.66 and t.intermediate_values == {2: 0.6, 4: 0.66}
+    assert t.user_attrs["device_seconds"] == pytest.approx(9.0) and t.user_attrs["recovered"]
+    # its configuration is not queued again: nothing is paid twice
+    assert not [x for x in trials(again).values() if x.state.name == "WAITING" and x.params == t.params]
+
+
+def test_a_used_up_grid_ends_the_search_cleanly(tmp_path):
+    from allocsearch.search.samplers import make_sampler
+    from allocsearch.search.space import SearchSpace
+    from allocsearch.search.controller import Controller
+    from allocsearch.search.budget import Budget
+
+    grid = {**SPACE, "train": {**SPACE["train"], "lr": 1.0e-3}, "methods": {"lora": {"rank": {"choice": [2, 4]}}}}
+    space = SearchSpace.from_dict(grid)
+    settings = {"name": "g", "model": space.model, "data": space.data, "data_dir": None, "space": "test",
+                "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
+                "budget": Budget.parse("1cpu-h").to_dict(), "seed": 0, "storage": None, "priors": False,
+                "num_layers": 4, "scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0,
+                "max_failures": 3, "sampler": "grid"}
+    study = Study.create(tmp_path, settings, "{}")
+    clock = Clock()
+    ctl = Controller(study, space, num_layers=4, sampler=make_sampler("grid", 0), clock=clock)
+    ranks = []
+    for _ in range(2):
+        n, config = run_one(ctl, clock, 5.0, final())
+        ranks.append(config["spec"]["allocation"]["rank"][0])
+    assert sorted(ranks) == [2, 4]  # no error from the sampler's Study.stop() on the last tell
+    assert ctl.propose() == "finished" and ctl.end_reason == "every point of the grid has run"
+    ctl.close()
+    states = sorted(t.user_attrs.get("state") for t in trials(ctl).values())
+    assert states == ["completed", "completed", "not_run"]
+
+
+def test_multi_objective_studies_are_not_pruned_on_accuracy(tmp_path):
+    assert make(tmp_path, name="one").schedule("asha")["scheduler"] == "asha"
+    assert make(tmp_path, name="two", objectives=["accuracy", "params"]).schedule("asha")["scheduler"] == "none"
+
+
+def test_a_cluster_that_cannot_run_a_trial_is_refused_in_one_line(tmp_path):
+    from allocsearch.search import nodes
+
+    ctl = make(tmp_path, cpus_per_trial=4.0)
+    two = [{"id": "a", "ip": "10.0.0.1", "cpus": 2.0, "gpus": 0.0}, {"id": "b", "ip": "10.0.0.2", "cpus": 2.0, "gpus": 0.0}]
+    too_big = nodes.largest_fit(two, 4.0, 0.0)
+    assert too_big and "10.0.0.2: 2 CPU" in too_big and nodes.largest_fit(two, 2.0, 0.0) is None
+    with pytest.raises(StudyError, match="no node has them") as exc:
+        ctl.cluster_ready(cpus=4.0, gpus=0.0, too_big=too_big)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(StudyError, match=r"node 10.0.0.2 lacks the data folder /data; fix"):
+        ctl.cluster_ready(cpus=4.0, gpus=0.0, lacking={"10.0.0.2": ["the data folder /data"]})
+    assert nodes._missing({"here": str(tmp_path), "gone": str(tmp_path / "nope")}) == [f"gone {tmp_path / 'nope'}"]
+
+
+def test_required_paths_name_the_model_folder_data_dir_and_user_files(tmp_path):
+    data = {"seed": 0, "tasks": [{"name": "mine", "path": "/srv/reviews.jsonl", "test_path": "/srv/test.jsonl"}]}
+    ctl = make(tmp_path, model="/models/llama", data_dir="/datasets", data=data)
+    assert ctl.required_paths() == {"the model folder": "/models/llama", "the data folder": "/datasets",
+                                    "the data file of task mine": "/srv/test.jsonl"} or \
+        set(ctl.required_paths().values()) >= {"/models/llama", "/datasets", "/srv/reviews.jsonl"}
+
+
+def test_the_budget_travels_as_a_duration_less_the_measured_worker_start_up(tmp_path):
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock)
+    c = ctl.propose()
+    assert "deadline" not in c and c["budget_seconds"] < c["cap_wall_seconds"]
+    first = c["cap_wall_seconds"] - c["budget_seconds"]
+    ctl.on_start(c["number"])
+    clock.t += 12.0
+    ctl.on_result(c["number"], {"step": 2, "objective": 0.5, "wall_seconds": 2.0})  # 10 s before its clock began
+    assert ctl.startup_seconds() == pytest.approx(10.0)
+    d = ctl.propose()
+    assert d["cap_wall_seconds"] - d["budget_seconds"] == pytest.approx(first - 3.0 + 10.0 + 0.01 * (d["cap_wall_seconds"] - c["cap_wall_seconds"]), abs=1.0)
+
+
+def _space_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(SPACE))
+    return str(path)
+
+
+def test_a_resume_keeps_every_stored_execution_setting_it_is_not_given(tmp_path):
+    from allocsearch.search.session import StartOptions, prepare
+
+    work = str(tmp_path / "runs")
+    study, *_ = prepare(StartOptions(budget="1cpu-min", space=_space_file(tmp_path), study="s", workdir=work,
+                                     cpus_per_trial=2.0, scheduler="none", max_failures=7, mlflow=False,
+                                     max_concurrent=1))
+    before = (study.root / "study.json").read_text()
+    resumed, *_ = prepare(StartOptions(budget="2cpu-min", study="s", workdir=work))  # the CLI's resume example
+    s = resumed.settings
+    assert (s["cpus_per_trial"], s["scheduler"], s["max_failures"], s["mlflow"], s["max_concurrent"]) == \
+        (2.0, "none", 7, False, 1)
+    assert s["budget"]["text"] == "2cpu-min"
+    assert (study.root / "study.json").read_text() == before  # written only once the start holds the lock
+    again, *_ = prepare(StartOptions(budget="2cpu-min", study="s", workdir=work, scheduler="asha"))
+    assert again.settings["scheduler"] == "asha" and again.settings["cpus_per_trial"] == 2.0
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"gpus_per_trial": 2.0}, "a trial trains on one GPU"),
+    ({"scheduler": "hyperband"}, "not offered"),
+    ({"max_failures": 0}, "--max-failures >= 1"),
+])
+def test_a_refused_start_is_one_line_and_changes_nothing(tmp_path, options, needle):
+    from allocsearch.search.session import StartOptions, prepare, run
+
+    work = str(tmp_path / "runs")
+    study, *_ = prepare(StartOptions(budget="1cpu-min", space=_space_file(tmp_path), study="s", workdir=work))
+    files = {p: p.read_bytes() for p in study.root.rglob("*") if p.is_file()}
+    with pytest.raises(StudyError, match=needle) as exc:
+        run(StartOptions(budget="2cpu-min", study="s", workdir=work, **options))
+    assert "\n" not in str(exc.value)
+    assert {p: p.read_bytes() for p in study.root.rglob("*") if p.is_file()} == files
+    with pytest.raises(StudyError, match=needle):  # a new study asking the same: nothing written either
+        run(StartOptions(budget="1cpu-min", space=_space_file(tmp_path), study="new", workdir=work, **options))
+    assert not (tmp_path / "runs" / "new").exists()
+
+
+def test_a_start_refused_by_the_lock_leaves_the_stored_settings(tmp_path):
+    from allocsearch.search.session import StartOptions, prepare, run
+
+    work = str(tmp_path / "runs")
+    study, *_ = prepare(StartOptions(budget="1cpu-min", space=_space_file(tmp_path), study="s", workdir=work))
+    before = (study.root / "study.json").read_text()
+    with study.lock():
+        with pytest.raises(StudyError, match="already being searched"):
+            run(StartOptions(budget="5cpu-min", study="s", workdir=work, cpus_per_trial=2.0))
+    assert (study.root / "study.json").read_text() == before
