@@ -63,6 +63,9 @@ def test_an_interrupt_records_running_trials_as_stopped_by_the_user(tmp_path, si
     assert t[a["number"]].value == 0.61 and t[a["number"]].intermediate_values == {2: 0.61}
     assert t[b["number"]].state.name == "FAIL" and signal_name in t[b["number"]].user_attrs["failure"]
     assert not [x for x in t.values() if x.state.name == "RUNNING"]
+    # the one stopped before any checkpoint runs again first on the next start; the other does not
+    queued = [x for x in t.values() if x.state.name == "WAITING"]
+    assert [q.user_attrs["retry_of"] for q in queued] == [b["number"]] and queued[0].system_attrs["fixed_params"] == t[b["number"]].params
     assert ctl.study.ledger.trial_spend() == {a["number"]: pytest.approx(6.0), b["number"]: pytest.approx(6.0)}
     assert ctl.study.ledger.finished_trials() == {a["number"], b["number"]}
     assert signal_name in ctl.end_reason

@@ -82,7 +82,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         mlflow=mlflow)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
-        summary = run(opts, on_event=view.event)
+        summary = run(opts, on_event=view.event, subscribers=(mlflow_tracker,))
     finally:
         view.close()
     if as_json:
@@ -91,6 +91,15 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
         from allocsearch.cli.search_view import render_summary
 
         click.echo(render_summary(summary, final=True))
+
+
+def mlflow_tracker(study):
+    """The study's MLflow tracker, subscribed to the controller's events (None with --no-mlflow)."""
+    if not study.settings.get("mlflow", True):
+        return None
+    from allocsearch.tracking import Tracker
+
+    return Tracker(study.root, study.settings.get("tracking_uri"))
 
 
 @click.command("status")

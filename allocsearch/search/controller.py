@@ -8,12 +8,12 @@
        heartbeat of each running trial's spend, so a kill -9 loses at most a few seconds of accounting
     -> no trial fits in what is left (or the user stops, or trials keep failing) -> summary.
 
-Ray specifics live in ``executor``; budget, storage and space in their own modules; nothing here knows the
-command line: ``on_event(kind, **data)`` lets a caller show progress.
+Ray specifics live in ``executor`` (and ``worker``, in the trial's process); what Optuna is told in
+``bookkeeping``; budget, storage and space in their own modules; nothing here knows the command line or
+MLflow: ``on_event(kind, **data)`` lets a caller show progress or track the study.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -21,9 +21,11 @@ import time
 from typing import Any, Callable
 
 from allocsearch.search.budget import Budget, BudgetKeeper, CostModel, devices_per_trial
+from allocsearch.search.bookkeeping import Bookkeeper
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space import SearchSpace
 from allocsearch.search.study import Study, directions, metric_names
+from allocsearch.trial_state import ENDED_BADLY
 
 HEARTBEAT_SECONDS = 2.0
 CAP_SLACK_SECONDS = 2.0
@@ -43,7 +45,8 @@ class Controller:
         self.clock = clock
         self.sampler = sampler
         self.ostudy = study.load_optuna(sampler)
-        self.recovered = study.recover(self.ostudy)
+        self.books = Bookkeeper(study, self.ostudy)
+        self.recovered = self.books.recover()
         if s.get("priors", True) and not s.get("priors_enqueued"):
             for label, params in space.priors(num_layers):
                 self.ostudy.enqueue_trial(params, user_attrs={"prior": label}, skip_if_exists=True)
@@ -208,8 +211,8 @@ class Controller:
         if result.get("final") or step in info["reported"]:
             return
         info["reported"].add(step)
-        if len(self.study.objectives) == 1 and result.get("objective") is not None:
-            info["trial"].report(float(result["objective"]), step)
+        if result.get("objective") is not None:
+            self.books.report(number, step, float(result["objective"]))
         self.emit("checkpoint", number=number, step=step, objective=result.get("objective"))
 
     def on_complete(self, number: int, result: dict | None, error: bool) -> None:
@@ -226,65 +229,24 @@ class Controller:
         self._record(number, info, result, error)
 
     def _record(self, number: int, info: dict, result: dict | None, error: bool) -> None:
-        """Everything a trial's end leaves: results.json, the ledger's final record, Optuna's tell (in that
-        order: a kill between any two is recovered from the first by ``Study.recover``)."""
-        from optuna.trial import TrialState
-
-        trial, wall = info["trial"], info["wall"]
-        spend = wall * self.devices
+        """A trial's end -> the study's records (``Bookkeeper.end``), the cost model, the failure count."""
         last = result or info["last"] or {}  # the result that ended it (Tune passes it here, not to on_result)
-        final = last if last.get("final") else None
-        if final is None and last:
+        if last and not last.get("final"):
             self._report(number, info, last)  # the checkpoint the scheduler (or a stop) acted on reaches Optuna
-        attrs = {"device_seconds": spend, "wall_seconds": wall, "steps": int(last.get("step", 0)),
-                 "trainable_params": last.get("trainable_params")}
-        failure = (final or {}).get("failure") or (self.errors.pop(number, None) if error else None)
-        if error or (final and final.get("failure")) or not last:
-            state, tstate = "failed", TrialState.FAIL
-            attrs["failure"] = failure or "the trial's worker ended without a result"
-            if is_out_of_memory(attrs["failure"]):
-                # not a crash: the configuration does not fit. PRUNED without a value, marked infeasible
-                # (samplers.constraints), so the sampler learns to avoid it; not counted toward --max-failures
-                state, tstate = "oom", TrialState.PRUNED
-                attrs["infeasible"] = 1.0
-        elif final and final.get("status") == "completed":
-            state, tstate = "completed", TrialState.COMPLETE
-        else:
-            state, tstate = "pruned", TrialState.PRUNED
-            payload_reason = _payload(final).get("stop_reason") if final else None
-            attrs["stop_reason"] = payload_reason or ("user" if self._user_stop else "scheduler")
-        if last.get("objective") is not None and state != "failed":
-            attrs["objective"] = float(last["objective"])
-        if final and final.get("result_json"):
-            payload = _payload(final)
-            if self.study.read_result(number) is None:  # the worker could not write it here (another node)
-                from allocsearch.fileio import write_text_atomic
-
-                write_text_atomic(self.study.trial_dir(number) / "results.json", json.dumps(payload, indent=2))
-            attrs["train_seconds"] = payload.get("train_seconds", 0.0)
-            if attrs["steps"] and payload.get("train_seconds"):
-                self.cost.observe(info["features"], wall, attrs["steps"], payload["train_seconds"],
-                                  complete=payload.get("status") == "completed")
-        elif last.get("train_seconds") and attrs["steps"]:  # pruned at a checkpoint: its step time so far
-            attrs["train_seconds"] = last["train_seconds"]
-            self.cost.observe(info["features"], wall, attrs["steps"], last["train_seconds"], complete=False)
-        self.study.ledger.record_trial(number, wall, self.devices, final=True, session=self.session)
-        attrs["state"] = state
-        self.failed_this_session |= state in ("failed", "oom")
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        values = None
-        if tstate == TrialState.COMPLETE:
-            measured = {**last, "device_seconds": spend}  # the spend the ledger charged, one truth
-            values = [float(measured[m]) for m in metric_names(self.study.objectives)]
-        self.ostudy.tell(trial, values, state=tstate)
+        state, attrs, payload = self.books.end(
+            number, last, error=error, failure=self.errors.pop(number, None) if error else None,
+            user_stop=self._user_stop, wall=info["wall"], devices=self.devices, session=self.session)
+        if attrs.get("train_seconds") and attrs["steps"]:  # a stopped trial teaches its step time only
+            self.cost.observe(info["features"], info["wall"], attrs["steps"], attrs["train_seconds"],
+                              complete=payload.get("status") == "completed")
+        self.failed_this_session |= state in ENDED_BADLY
         if state != "oom":  # a configuration too big for the device is no sign of a broken search
             self.failures_in_row = self.failures_in_row + 1 if state == "failed" else 0
         if self.failures_in_row >= self.max_failures:
             self.end_reason = (f"{self.failures_in_row} trials in a row failed (last: {attrs.get('failure')}); "
                                f"fix the cause and start again (--max-failures sets the limit)")
         self.emit("finished", number=number, state=state, objective=attrs.get("objective"),
-                  spend=spend, reason=attrs.get("failure") or attrs.get("stop_reason"))
+                  spend=attrs["device_seconds"], reason=attrs.get("failure") or attrs.get("stop_reason"))
 
     def note_error(self, number: int, reason: str) -> None:
         """Why a worker died (Tune's error, the worker's last stderr lines); ends a trial waiting for it."""
@@ -331,11 +293,7 @@ class Controller:
         return self.keeper.spent() + self.keeper.in_flight()
 
     def _not_run(self, trial, reason: str) -> None:
-        from optuna.trial import TrialState
-
-        trial.set_user_attr("state", "not_run")
-        trial.set_user_attr("failure", reason)
-        self.ostudy.tell(trial, None, state=TrialState.FAIL)
+        self.books.not_run(trial.number, reason)
 
     # ------------------------------------------------------------------------------ the end
     def close(self, interrupted: str | None = None) -> None:
@@ -353,6 +311,9 @@ class Controller:
                 self._user_stop = True
                 self.errors[number] = f"stopped by the user ({interrupted}) before its first checkpoint"
             self.on_complete(number, None, error=info["last"] is None)
+            if interrupted and info["last"] is None and "retry_of" not in info["trial"].user_attrs:
+                # nothing measured yet: its configuration runs first on the next start (once)
+                self.ostudy.enqueue_trial(info["params"], user_attrs={"retry_of": number})
         if self.pending is not None:
             self._not_run(self.pending[0], "sampled when the search ended")
             self.pending = None
@@ -364,12 +325,6 @@ class Controller:
             self.study.clear_stop()
         if self.end_reason is None:
             self.end_reason = "the budget is spent" if self.keeper.exhausted() else "the search ended"
-
-
-def is_out_of_memory(reason: str | None) -> bool:
-    """A failure that says the device ran out of memory (CUDA, MPS, the CPU allocator, the OOM killer)."""
-    text = (reason or "").lower()
-    return "out of memory" in text or "outofmemory" in text or "oom" in text.split()
 
 
 def _top(space: SearchSpace, key: str, default):
@@ -397,7 +352,3 @@ def _experts(spec: dict, num_layers: int) -> list[int] | None:
         return resolve_allocation(spec["allocation"], num_layers).experts
     except Exception:  # noqa: BLE001 - drawing only; the trial itself reports a bad allocation
         return None
-
-
-def _payload(final: dict | None) -> dict:
-    return json.loads(final["result_json"]) if final and final.get("result_json") else {}

@@ -27,6 +27,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
+from allocsearch.search.interrupts import Interrupts
 from allocsearch.search.worker import METRIC, TIME_ATTR, trainable, worker_log_tail
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,7 +189,8 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
                                       stop=StopOnRequest(controller), callbacks=[ControllerCallback(controller)],
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
         )
-        tuner.fit()
+        with Interrupts(controller):
+            tuner.fit()
     finally:
         if ray.is_initialized():
             ray.shutdown()

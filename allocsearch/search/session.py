@@ -6,8 +6,6 @@ study) is checked here before Ray starts or anything is written.
 from __future__ import annotations
 
 import shutil
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -141,11 +139,13 @@ def _check_execution(s: dict, budget: Budget | None) -> None:
     _check_local_gpus(s)
 
 
-def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict:
+def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscribers: tuple = ()) -> dict:
     """Run (or resume) a search to its end; returns the study's summary (``analysis.summarize``).
     SIGINT (Ctrl-C) or SIGTERM ends it: running trials are recorded as stopped by the user, their last
     checkpoint kept; a second Ctrl-C ends at once. A start refused before any trial ran leaves the study
-    directory as it found it."""
+    directory as it found it. ``subscribers``: factories ``f(study)`` of listeners to the controller's
+    events (the MLflow tracker; None when off) with ``event(kind, **data)`` and ``close(reason, summary,
+    failed=False)``; the search knows nothing of them."""
     import warnings
 
     from allocsearch.analysis import summarize
@@ -156,31 +156,28 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
     study, space, num_layers, created = prepare(opts)
     s = study.settings
     stored = None if created else (study.root / "study.json").read_text(encoding="utf-8")
-    tracker = controller = None
+    listeners: list = []
+    controller = None
     try:
         with study.lock():
             if not created:
                 study.save_settings()  # the resumed settings, now that this start owns the study
-            if s.get("mlflow", True):
-                from allocsearch.tracking import Tracker
-
-                tracker = Tracker(study.root, s.get("tracking_uri"))
-                on_event = _fan_out(on_event, tracker.event)
+            listeners = [x for x in (make(study) for make in subscribers) if x is not None]
+            on_event = _fan_out(on_event, *(x.event for x in listeners))
             controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
                                     sampler=make_sampler(s["sampler"], int(s["seed"])))
             if on_event:
                 on_event("study", study=study.name, root=str(study.root), budget=s["budget"],
                          spent=controller.spent(), recovered=controller.recovered)
             try:
-                with _Interrupts(controller):
-                    executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
-                                 gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
-                                 scheduler=s["scheduler"])
+                executor.run(controller, address=s.get("ray_address"), cpus_per_trial=s["cpus_per_trial"],
+                             gpus_per_trial=s["gpus_per_trial"], max_concurrent=s.get("max_concurrent"),
+                             scheduler=s["scheduler"])
             finally:
                 controller.close(interrupted=controller.interrupted)
     except BaseException as exc:
-        if tracker is not None:
-            tracker.close(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, None, failed=True)
+        for listener in listeners:
+            listener.close(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, None, failed=True)
         refused = isinstance(exc, AllocsearchError) and (controller is None or not controller.started_any)
         if refused and created and not study.ledger.trial_spend():
             shutil.rmtree(study.root, ignore_errors=True)  # refused before any trial ran: leave nothing behind
@@ -191,30 +188,9 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None) -> dict
         raise
     summary = summarize(study.root)
     summary["end_reason"] = controller.end_reason
-    if tracker is not None:
-        tracker.close(controller.end_reason, summary)
+    for listener in listeners:
+        listener.close(controller.end_reason, summary)
     return summary
-
-
-class _Interrupts:
-    """SIGINT / SIGTERM during the search -> ``controller.interrupt``: Tune stops every trial, and the
-    controller records them. A second SIGINT raises KeyboardInterrupt at once. (Main thread only.)"""
-
-    def __init__(self, controller):
-        self.controller, self.previous = controller, {}
-
-    def _handle(self, signum, frame) -> None:
-        self.controller.interrupt(signal.Signals(signum).name)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _fan_out(*handlers):

@@ -10,9 +10,8 @@ Optuna's own tools, and the only state a resumed search needs.
       ray/              Ray Tune's own experiment folders, one per controller session
       controller.lock   held (flock) by the running controller; STOP asks it to stop
 
-Resume: a trial left RUNNING in the storage by a controller that died is marked FAIL with the reason, and
-its configuration is enqueued once more (a retry is never retried again); a trial that never started
-(no spend in the ledger) is enqueued again without counting as a retry.
+Resume: trials a dead controller left RUNNING are recovered by ``bookkeeping.Bookkeeper.recover`` (told
+what their results.json measured, or marked crashed and retried once).
 """
 from __future__ import annotations
 
@@ -173,75 +172,6 @@ class Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return optuna.create_study(storage=self.storage_url, study_name=self.name, sampler=sampler,
                                    directions=directions(self.objectives), load_if_exists=True)
-
-    def recover(self, ostudy) -> dict[str, list[int]]:
-        """Trials left RUNNING by a dead controller. One whose results.json says it ended (the controller
-        died between the worker's result and Optuna's ``tell``) is told what it measured: nothing that
-        completed is lost or run again. The others -> FAIL with the reason, their configurations enqueued
-        again (once for trials that ran; always for trials that never started)."""
-        from optuna.trial import TrialState
-
-        spent = self.ledger.trial_spend()
-        retried = {t.user_attrs.get("retry_of") for t in ostudy.get_trials(deepcopy=False)}
-        out: dict[str, list[int]] = {"crashed": [], "not_started": [], "retried": [], "recovered": []}
-        storage = ostudy._storage  # the public BaseStorage API below; Study exposes no setter for states
-        for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            result = self.read_result(t.number)
-            if result and result.get("status") in ("completed", "stopped", "failed"):
-                self._tell_from_result(storage, t, result, spent.get(t.number, 0.0))
-                out["recovered"].append(t.number)
-                continue
-            started = t.number in spent
-            reason = CRASHED if started else NOT_STARTED
-            storage.set_trial_user_attr(t._trial_id, "failure", reason)
-            storage.set_trial_user_attr(t._trial_id, "state", "crashed" if started else "not_run")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            out["crashed" if started else "not_started"].append(t.number)
-            if not t.params:
-                continue
-            if not started:
-                attrs = {k: v for k, v in t.user_attrs.items() if k in ("retry_of", "prior")}
-                ostudy.enqueue_trial(t.params, user_attrs=attrs)
-            elif "retry_of" not in t.user_attrs and t.number not in retried:
-                ostudy.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-                out["retried"].append(t.number)
-        return out
-
-    def _tell_from_result(self, storage, t, result: dict, spend: float) -> None:
-        """Tell Optuna a trial's end from its results.json, as the controller would have."""
-        from optuna.trial import TrialState
-
-        from allocsearch.trial import result_objective
-
-        objective = result_objective(result)
-        single = len(self.objectives) == 1
-        if single:
-            for c in result.get("checkpoints") or []:
-                if c.get("step") not in t.intermediate_values:
-                    storage.set_trial_intermediate_value(t._trial_id, int(c["step"]),
-                                                         float(c["metrics"]["macro_balanced_accuracy"]))
-        attrs = {"device_seconds": spend, "steps": int(result.get("steps") or 0), "recovered": True,
-                 "wall_seconds": float(result.get("wall_seconds") or 0.0),
-                 "trainable_params": result.get("trainable_params"), "train_seconds": result.get("train_seconds")}
-        values = None
-        if result["status"] == "failed":
-            attrs.update(state="failed", failure=result.get("failure") or "failed")
-            tstate = TrialState.FAIL
-        elif result["status"] == "completed" and objective is not None:
-            attrs.update(state="completed", objective=objective)
-            tstate = TrialState.COMPLETE
-            measured = {"objective": objective, "trainable_params": result.get("trainable_params"),
-                        "device_seconds": spend}
-            values = [float(measured[m]) for m in metric_names(self.objectives)]
-        else:
-            attrs.update(state="pruned", stop_reason=result.get("stop_reason") or "scheduler")
-            if objective is not None:
-                attrs["objective"] = objective
-            tstate = TrialState.PRUNED
-            values = [objective] if single and objective is not None else None
-        for key, value in attrs.items():
-            storage.set_trial_user_attr(t._trial_id, key, value)
-        storage.set_trial_state_values(t._trial_id, tstate, values)
 
     # ---------------------------------------------------------------------------- control
     @contextlib.contextmanager
