@@ -122,3 +122,45 @@ def test_a_dead_controllers_local_ray_leftovers_are_cleaned(tmp_path):
         assert not fake_tmp.exists() and not record.exists()
     finally:
         leftover.kill()
+
+
+def test_a_fractional_gpu_trial_is_capped_to_its_share_of_the_gpu_memory(monkeypatch):
+    import torch
+
+    from allocsearch.search import worker
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    for gpus in (0.0, 0.25, 1.0):
+        worker._cap_gpu_memory(gpus)
+    assert calls == [(0.25, 0)]  # a whole GPU or a CPU trial is not capped
+
+
+def test_a_segfaulting_worker_leaves_its_stack_where_the_controller_reads_it(tmp_path):
+    """The crash log (Python's fault handler) in the trial folder, and the reason the callback records."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes; from allocsearch.search import worker; "
+            f"worker._crash_log({str(tmp_path)!r}); ctypes.string_at(0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    from allocsearch.search.worker import worker_log_tail
+
+    tail = worker_log_tail(tmp_path)
+    assert tail.startswith("Fatal Python error: Segmentation fault") and "<string>" in tail
+
+    class Trial:
+        config = {"number": 3, "trial_dir": str(tmp_path)}
+        error_file = str(tmp_path / "error.txt")
+
+    (tmp_path / "error.txt").write_text("Traceback ...\nray.exceptions.ActorDiedError: The actor died unexpectedly\n")
+    seen = {}
+
+    class Ctl:
+        def note_error(self, number, reason):
+            seen[number] = reason
+
+    executor.ControllerCallback(Ctl()).on_trial_error(0, [], Trial())
+    assert "ActorDiedError" in seen[3] and "worker stderr: Fatal Python error: Segmentation fault" in seen[3]

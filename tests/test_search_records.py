@@ -29,6 +29,18 @@ def test_a_dead_worker_without_a_reason_is_recorded_at_the_next_tick(tmp_path):
     assert ctl.study.ledger.trial_spend()[c["number"]] == pytest.approx(4.0)  # charged to its end, not later
 
 
+@pytest.mark.parametrize("reason, oom", [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("OutOfMemoryError: MPS backend out of memory", True),
+    ("RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory", True),
+    ("ActorDiedError: killed by the OOM killer", True),
+    ("loss became nan at step 3", False), ("ValueError: room for doom", False)])
+def test_what_counts_as_out_of_memory(reason, oom):
+    from allocsearch.search.bookkeeping import is_out_of_memory
+
+    assert is_out_of_memory(reason) is oom
+
+
 def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
     from allocsearch.search.samplers import infeasibility
 
@@ -227,3 +239,22 @@ def test_a_start_refused_by_the_lock_leaves_the_stored_settings(tmp_path):
         with pytest.raises(StudyError, match="already being searched"):
             run(StartOptions(budget="5cpu-min", study="s", workdir=work, cpus_per_trial=2.0))
     assert (study.root / "study.json").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2"])
+def test_the_sampler_is_told_an_out_of_memory_trial_is_infeasible(name):
+    import optuna
+
+    from allocsearch.search.samplers import make_sampler
+
+    directions = ["maximize"] if name == "tpe" else ["maximize", "minimize"]
+    study = optuna.create_study(directions=directions, sampler=make_sampler(name, 0))
+    fits, oom = study.ask(), study.ask()
+    for t in (fits, oom):
+        t.suggest_int("rank", 1, 64)
+    oom.set_user_attr("infeasible", 1.0)
+    study.tell(fits, [0.7] if name == "tpe" else [0.7, 10.0])
+    study.tell(oom, None, state=optuna.trial.TrialState.PRUNED)
+    frozen = {t.number: t for t in study.get_trials()}
+    assert list(frozen[oom.number].system_attrs["constraints"]) == [1.0]
+    assert list(frozen[fits.number].system_attrs["constraints"]) == [0.0]

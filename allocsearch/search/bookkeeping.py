@@ -25,7 +25,8 @@ _OPTUNA_STATE = {"completed": "COMPLETE", "pruned": "PRUNED", "oom": "PRUNED", "
 def is_out_of_memory(reason: str | None) -> bool:
     """A failure that says the device ran out of memory (CUDA, MPS, the CPU allocator, the OOM killer)."""
     text = (reason or "").lower()
-    return "out of memory" in text or "outofmemory" in text or "oom" in text.split()
+    return any(sign in text for sign in ("out of memory", "outofmemory", "can't allocate memory")) or \
+        "oom" in text.split()
 
 
 def decide(last: dict, *, error: bool, failure: str | None, user_stop: bool) -> tuple[str, dict]:
