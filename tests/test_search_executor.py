@@ -164,3 +164,17 @@ def test_a_segfaulting_worker_leaves_its_stack_where_the_controller_reads_it(tmp
 
     executor.ControllerCallback(Ctl()).on_trial_error(0, [], Trial())
     assert "ActorDiedError" in seen[3] and "worker stderr: Fatal Python error: Segmentation fault" in seen[3]
+
+
+def test_the_trial_report_travels_through_tunes_dicts_unchanged():
+    from allocsearch.search.report import TrialReport
+
+    checkpoint = TrialReport(number=4, step=25, objective=0.71, wall_seconds=3.0, device_seconds=6.0,
+                             trainable_params=1234, train_seconds=2.5, checkpoint={"n": 16})
+    sent = checkpoint.metrics()
+    assert "final" not in sent and "failure" not in sent and sent["objective"] == 0.71
+    back = TrialReport.parse({**sent, "training_iteration": 1, "trial_id": "x", "time_total_s": 3.1})
+    assert back == checkpoint
+    failed = TrialReport(number=4, step=3, final=True, status="failed", failure="loss became nan")
+    assert "objective" not in failed.metrics() and TrialReport.parse(failed.metrics()) == failed
+    assert TrialReport.parse(None) is None and TrialReport.parse({}) is None

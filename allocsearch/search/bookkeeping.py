@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+from allocsearch.search.report import TrialReport
 from allocsearch.search.study import CRASHED, NOT_STARTED, Study, metric_names
 
 KILL_BEFORE_TELL = "ALLOCSEARCH_TEST_KILL_BEFORE_TELL"  # test hook: a trial number; kill -9 before its tell
@@ -29,39 +30,28 @@ def is_out_of_memory(reason: str | None) -> bool:
         "oom" in text.split()
 
 
-def decide(last: dict, *, error: bool, failure: str | None, user_stop: bool) -> tuple[str, dict]:
-    """(state, attrs) of a trial's end from ``last``, the result that ended it: a final report (``final``:
-    status, failure, result_json), or the checkpoint a scheduler / stop acted on, or {} (nothing came)."""
-    final = last if last.get("final") else None
-    payload = json.loads(final["result_json"]) if final and final.get("result_json") else {}
-    attrs = {"steps": int(last.get("step", 0)), "trainable_params": last.get("trainable_params")}
-    failure = (final or {}).get("failure") or failure
-    if error or failure or not last:
+def decide(last: TrialReport | None, *, error: bool, failure: str | None, user_stop: bool) -> tuple[str, dict]:
+    """(state, attrs) of a trial's end from ``last``, the report that ended it: its final report, or the
+    checkpoint a scheduler / stop acted on, or None (nothing came back)."""
+    attrs = {"steps": last.step if last else 0, "trainable_params": last.trainable_params if last else None}
+    failure = (last.failure if last else None) or failure
+    if error or failure or last is None:
         attrs["failure"] = failure or NO_RESULT
         if not is_out_of_memory(attrs["failure"]):
             return "failed", attrs
         # the configuration does not fit the device: not a crash, and infeasible for the sampler
         state, attrs["infeasible"] = "oom", 1.0
-    elif final and final.get("status") == "completed":
+    elif last.final and last.status == "completed":
         state = "completed"
     else:
         state = "pruned"
-        attrs["stop_reason"] = payload.get("stop_reason") or ("user" if user_stop else "scheduler")
-    if last.get("objective") is not None:
-        attrs["objective"] = float(last["objective"])
-    train_seconds = payload.get("train_seconds") or last.get("train_seconds")
+        attrs["stop_reason"] = last.payload.get("stop_reason") or ("user" if user_stop else "scheduler")
+    if last is not None and last.objective is not None:
+        attrs["objective"] = float(last.objective)
+    train_seconds = last.payload.get("train_seconds") or last.train_seconds if last else None
     if train_seconds:
         attrs["train_seconds"] = float(train_seconds)
     return state, attrs
-
-
-def _final_from(result: dict) -> dict:
-    """The final report a worker would have sent, rebuilt from its results.json."""
-    from allocsearch.trial import result_objective
-
-    return {"final": True, "status": result.get("status"), "failure": result.get("failure"),
-            "step": int(result.get("steps") or 0), "objective": result_objective(result),
-            "trainable_params": result.get("trainable_params"), "result_json": json.dumps(result)}
 
 
 class Bookkeeper:
@@ -77,11 +67,11 @@ class Bookkeeper:
             trial_id = self.ostudy._storage.get_trial_id_from_study_id_trial_number(self.ostudy._study_id, number)
             self.ostudy._storage.set_trial_intermediate_value(trial_id, int(step), float(value))
 
-    def end(self, number: int, last: dict, *, error: bool = False, failure: str | None = None,
+    def end(self, number: int, last: TrialReport | None, *, error: bool = False, failure: str | None = None,
             user_stop: bool = False, wall: float, devices: float, session: int) -> tuple[str, dict, dict]:
         """Record a trial's end (see the module's order); returns (state, attrs, its results payload)."""
         state, attrs = decide(last, error=error, failure=failure, user_stop=user_stop)
-        payload = json.loads(last["result_json"]) if last.get("final") and last.get("result_json") else {}
+        payload = last.payload if last else {}
         if payload and self.study.read_result(number) is None:  # the worker could not write it here
             from allocsearch.fileio import write_text_atomic
 
@@ -129,7 +119,7 @@ class Bookkeeper:
                 for c in result.get("checkpoints") or []:  # the curve, as the live run would have reported it
                     if c.get("step") not in t.intermediate_values:
                         self.report(t.number, c["step"], c["metrics"]["macro_balanced_accuracy"])
-                state, attrs = decide(_final_from(result), error=False, failure=None, user_stop=False)
+                state, attrs = decide(TrialReport.from_result(result), error=False, failure=None, user_stop=False)
                 spend = spent.get(t.number, 0.0)
                 attrs.update(state=state, device_seconds=spend, recovered=True,
                              wall_seconds=float(result.get("wall_seconds") or 0.0))

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from allocsearch.search.budget import Budget, BudgetKeeper, CostModel, devices_per_trial
 from allocsearch.search.bookkeeping import Bookkeeper
+from allocsearch.search.report import TrialReport
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space import SearchSpace
 from allocsearch.search.study import Study, directions, metric_names
@@ -194,26 +195,25 @@ class Controller:
             self.emit("started", number=number)
 
     def on_result(self, number: int, result: dict) -> None:
-        info = self.running.get(number)
-        if info is None or result.get("final"):
+        info, report = self.running.get(number), TrialReport.parse(result)
+        if info is None or report is None or report.final:
             return
-        if info["last"] is None and info["start"] is not None and result.get("wall_seconds") is not None:
-            self._startups.append(max(0.0, self.clock() - info["start"] - float(result["wall_seconds"])))
-        info["last"] = result
+        if info["last"] is None and info["start"] is not None:
+            self._startups.append(max(0.0, self.clock() - info["start"] - report.wall_seconds))
+        info["last"] = report
         self._beat(number)
-        self._report(number, info, result)
+        self._report(number, info, report)
 
-    def _report(self, number: int, info: dict, result: dict) -> None:
+    def _report(self, number: int, info: dict, report: TrialReport) -> None:
         """A validation checkpoint, once per step -> Optuna's intermediate value (single objective) and the
         live view / tracker. Also the checkpoint a scheduler stopped the trial on (Tune passes that one to
         ``on_complete`` only): the value a pruned trial keeps is the one it was judged on."""
-        step = int(result.get("step", 0))
-        if result.get("final") or step in info["reported"]:
+        if report.final or report.step in info["reported"]:
             return
-        info["reported"].add(step)
-        if result.get("objective") is not None:
-            self.books.report(number, step, float(result["objective"]))
-        self.emit("checkpoint", number=number, step=step, objective=result.get("objective"))
+        info["reported"].add(report.step)
+        if report.objective is not None:
+            self.books.report(number, report.step, report.objective)
+        self.emit("checkpoint", number=number, step=report.step, objective=report.objective)
 
     def on_complete(self, number: int, result: dict | None, error: bool) -> None:
         """A trial ended. Tune calls this for a dead worker BEFORE its callbacks learn why (``note_error``):
@@ -230,8 +230,8 @@ class Controller:
 
     def _record(self, number: int, info: dict, result: dict | None, error: bool) -> None:
         """A trial's end -> the study's records (``Bookkeeper.end``), the cost model, the failure count."""
-        last = result or info["last"] or {}  # the result that ended it (Tune passes it here, not to on_result)
-        if last and not last.get("final"):
+        last = TrialReport.parse(result) or info["last"]  # what ended it (Tune passes it here, not to on_result)
+        if last is not None and not last.final:
             self._report(number, info, last)  # the checkpoint the scheduler (or a stop) acted on reaches Optuna
         state, attrs, payload = self.books.end(
             number, last, error=error, failure=self.errors.pop(number, None) if error else None,

@@ -28,7 +28,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from allocsearch.search.interrupts import Interrupts
-from allocsearch.search.worker import METRIC, TIME_ATTR, trainable, worker_log_tail
+from allocsearch.search.report import METRIC, TIME_ATTR
+from allocsearch.search.worker import trainable, worker_log_tail
 
 if TYPE_CHECKING:  # pragma: no cover
     from allocsearch.search.controller import Controller

@@ -23,7 +23,8 @@ from typing import Any
 
 from ray import tune
 
-METRIC, TIME_ATTR = "objective", "step"
+from allocsearch.search.report import TrialReport
+
 WORKER_LOG = "worker.err"
 
 
@@ -45,11 +46,9 @@ def trainable(config: dict) -> None:
 
     def report(step: int, objective: float | None, **extra) -> None:
         wall = time.monotonic() - start
-        metrics = {TIME_ATTR: step, "wall_seconds": wall, "device_seconds": wall * devices,
-                   "trainable_params": state["params"], "number": config["number"], **extra}
-        if objective is not None:
-            metrics[METRIC] = objective
-        tune.report(metrics)
+        tune.report(TrialReport(number=config["number"], step=step, objective=objective, wall_seconds=wall,
+                                device_seconds=wall * devices, trainable_params=state["params"],
+                                **extra).metrics())
 
     def over_cap() -> str | None:
         return "budget" if deadline is not None and time.monotonic() >= deadline else None
