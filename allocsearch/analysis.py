@@ -13,7 +13,7 @@ from typing import Any
 from allocsearch.search.budget import Budget
 from allocsearch.search.ledger import Ledger
 from allocsearch.search.study import Study, StudyError, metric_names
-from allocsearch.trial_state import STATES, state_of
+from allocsearch.trial_state import STATES, best_of, state_of
 
 STATE_ORDER = STATES
 
@@ -86,7 +86,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
     trials = load_trials(study)
     counts = {state: sum(t["state"] == state for t in trials) for state in STATE_ORDER}
     completed = [t for t in trials if t["state"] == "completed" and t["objective"] is not None]
-    best = max(completed, key=lambda t: t["objective"], default=None)
+    best = best_of(trials)
     predicted = [t["predicted"] for t in trials if t["predicted"]]
     baseline = next((t for t in completed if (t["prior"] or "").lower().startswith("lora")), None)
     out = {"study": study.name, "root": str(root), "model": s["model"], "space": s.get("space"),
@@ -241,13 +241,12 @@ def anytime_curve(trials: list[dict]) -> list[dict]:
     ended: one point per ended trial (``number``, ``state``, ``objective``, ``device_seconds``, ``best``)."""
     ended = sorted((t for t in trials if t["end"] and t["state"] not in ("running", "queued")),
                    key=lambda t: (t["end"], t["number"]))
-    out, spent, best = [], 0.0, None
-    for t in ended:
+    out, spent = [], 0.0
+    for i, t in enumerate(ended):
         spent += t["spend"] or 0.0
-        if t["state"] == "completed" and t["objective"] is not None:
-            best = t["objective"] if best is None else max(best, t["objective"])
+        best = best_of(ended[:i + 1])
         out.append({"number": t["number"], "state": t["state"], "objective": t["objective"],
-                    "device_seconds": spent, "best": best, "summary": t["summary"]})
+                    "device_seconds": spent, "best": best["objective"] if best else None, "summary": t["summary"]})
     return out
 
 

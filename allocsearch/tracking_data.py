@@ -235,9 +235,11 @@ class OptunaReader:
         if self._open() is None:
             return None
         storage, study_id = self._storage
-        done = [(t.values[0], t.number) for t in storage.get_all_trials(study_id, deepcopy=False)
-                if t.state.name == "COMPLETE" and t.values]
-        return max(done, default=None)
+        from allocsearch.trial_state import best_of, state_of
+
+        best = best_of({"number": t.number, "state": state_of(t)[0], "objective": t.values[0] if t.values else None}
+                       for t in storage.get_all_trials(study_id, deepcopy=False))
+        return (best["objective"], best["number"]) if best else None
 
 
 def read_yaml(path: Path) -> dict | None:

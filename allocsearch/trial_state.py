@@ -29,3 +29,11 @@ def state_of(trial) -> tuple[str, str | None]:
     if state == "pruned":
         return state, attrs.get("stop_reason") or "scheduler"
     return state, attrs.get("failure") or attrs.get("stop_reason")
+
+
+def best_of(rows):
+    """THE best trial of a study (``status``, the dashboard, MLflow, ``export --best``): of rows with
+    ``number``, ``state``, ``objective``, the completed one with the highest objective, the earlier on a tie;
+    None before any completed."""
+    done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None]
+    return max(done, key=lambda r: (r["objective"], -r["number"]), default=None)

@@ -258,3 +258,20 @@ def test_the_sampler_is_told_an_out_of_memory_trial_is_infeasible(name):
     frozen = {t.number: t for t in study.get_trials()}
     assert list(frozen[oom.number].system_attrs["constraints"]) == [1.0]
     assert list(frozen[fits.number].system_attrs["constraints"]) == [0.0]
+
+
+def test_one_best_for_status_and_mlflow(tmp_path):
+    """The same trial is "best" for status (analysis) and the tracker (its Optuna reader), ties to the earlier."""
+    from allocsearch.analysis import summarize
+    from allocsearch.tracking_data import OptunaReader
+    from allocsearch.trial_state import best_of
+
+    rows = [{"number": 0, "state": "pruned", "objective": 0.9}, {"number": 1, "state": "completed", "objective": 0.8},
+            {"number": 2, "state": "completed", "objective": 0.8}, {"number": 3, "state": "oom", "objective": None}]
+    assert best_of(rows)["number"] == 1 and best_of(rows[:1]) is None
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock)
+    for objective in (0.7, 0.75, 0.75):
+        run_one(ctl, clock, 5.0, final(objective=objective))
+    assert summarize(ctl.study.root)["best"]["number"] == 1
+    assert OptunaReader(ctl.study.root, ctl.study.settings).best() == (0.75, 1)
