@@ -8,6 +8,12 @@
        heartbeat of each running trial's spend, so a kill -9 loses at most a few seconds of accounting
     -> no trial fits in what is left (or the user stops, or trials keep failing) -> summary.
 
+The executor interface (what ``executor.run`` calls, and what a replay executor on a simulated clock would):
+``propose()`` -> a trial's config, None (ask again later) or "finished"; ``on_start(n)``;
+``on_result(n, report)`` per checkpoint; ``on_complete(n, report | None, error)`` at the end, then
+``note_error(n, why)`` for a dead worker; ``tick()`` every loop step; ``stopping()`` / ``interrupted`` to
+stop trials; ``schedule(name)`` the scheduler's settings; ``cluster_ready(...)`` before anything runs.
+
 Ray specifics live in ``executor`` (and ``worker``, in the trial's process); what Optuna is told in
 ``bookkeeping``; budget, storage and space in their own modules; nothing here knows the command line or
 MLflow: ``on_event(kind, **data)`` lets a caller show progress or track the study.
