@@ -56,6 +56,15 @@ def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
 
     row = next(r for r in summarize(ctl.study.root)["trials"] if r["number"] == n)
     assert row["state"] == "oom" and "out of memory" in row["reason"]
+    # its configuration runs once more with half the batch and twice the accumulation (SPACE: batch 4)
+    retry = ctl.propose()
+    assert trials(ctl)[retry["number"]].params == t.params and trials(ctl)[retry["number"]].user_attrs["retry_of"] == n
+    assert (retry["spec"]["train"]["batch_size"], retry["spec"]["train"]["grad_accum"]) == (2, 2)
+    assert (ctl.study.trial_dir(retry["number"]) / "trial.yaml").read_text().count("batch_size: 2") == 1
+    ctl.on_start(retry["number"])
+    ctl.on_complete(retry["number"], final(status="failed", objective=None, failure="CUDA out of memory"), error=False)
+    nxt = ctl.propose()  # the retry that ran out of memory again is not retried
+    assert trials(ctl)[nxt["number"]].user_attrs.get("retry_of") is None
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])

@@ -85,6 +85,9 @@ class LiveView:
                     f"checkpoint (again to end at once)")
         elif kind == "stopping":
             line = f"stop requested: {d['running']} running trial(s) stop at their next checkpoint"
+        elif kind == "oom_retry":
+            line = (f"trial {d['number']}: out of memory; its configuration runs again with batch {d['batch_size']} "
+                    f"x {d['grad_accum']} accumulation")
         elif kind == "ray_logs_kept":
             line = f"a trial failed: Ray's worker logs are kept in {d['path']}"
         if line:

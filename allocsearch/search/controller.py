@@ -153,6 +153,7 @@ class Controller:
                 return "finished"
         trial, params = self.pending
         spec = self.space.trial_spec(params, self.num_layers)
+        spec["train"].update(trial.user_attrs.get("oom_retry") or {})  # half the batch, twice the accumulation
         features = _features(spec)
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
         predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
@@ -179,7 +180,7 @@ class Controller:
         cap_wall = cap if self.budget.unit == "wall" else cap / self.devices
         self.running[number] = {"trial": trial, "params": params, "features": features, "start": None,
                                 "predicted": predicted, "cap": cap, "last": None,
-                                "reported": set()}
+                                "reported": set(), "train": spec["train"]}
         self.emit("admitted", number=number, summary=summary, predicted=predicted, cap=cap, experts=experts)
         return {"number": number, "spec": spec, "trial_dir": str(self.study.trial_dir(number).resolve()),
                 "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
@@ -246,6 +247,8 @@ class Controller:
             self.cost.observe(info["features"], info["wall"], attrs["steps"], attrs["train_seconds"],
                               complete=payload.get("status") == "completed")
         self.failed_this_session |= state in ENDED_BADLY
+        if state == "oom":
+            self._retry_smaller(number, info)
         if state != "oom":  # a configuration too big for the device is no sign of a broken search
             self.failures_in_row = self.failures_in_row + 1 if state == "failed" else 0
         if self.failures_in_row >= self.max_failures:
@@ -253,6 +256,17 @@ class Controller:
                                f"fix the cause and start again (--max-failures sets the limit)")
         self.emit("finished", number=number, state=state, objective=attrs.get("objective"),
                   spend=attrs["device_seconds"], reason=attrs.get("failure") or attrs.get("stop_reason"))
+
+    def _retry_smaller(self, number: int, info: dict) -> None:
+        """An out-of-memory trial runs once more with half the batch and twice the gradient accumulation
+        (the same examples per optimizer step, so the same configuration), unless it was that retry."""
+        train = info["train"]
+        batch, accum = int(train.get("batch_size", 8)), int(train.get("grad_accum", 1))
+        if info["trial"].user_attrs.get("oom_retry") or batch < 2:
+            return
+        retry = {"batch_size": batch // 2, "grad_accum": accum * 2}
+        self.ostudy.enqueue_trial(info["params"], user_attrs={"retry_of": number, "oom_retry": retry})
+        self.emit("oom_retry", number=number, **retry)
 
     def note_error(self, number: int, reason: str) -> None:
         """Why a worker died (Tune's error, the worker's last stderr lines); ends a trial waiting for it."""

@@ -62,6 +62,8 @@ def grid_repeats(study, trial) -> bool:
     """Whether ``trial``'s sampled point is one a trial already ran or runs (the grid has no new point)."""
     from optuna.trial import TrialState
 
+    if "retry_of" in trial.user_attrs:
+        return False  # a point run again on purpose (a crash or out-of-memory retry)
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return any(t.number != trial.number and t.params == trial.params
                for t in study.get_trials(deepcopy=False, states=states))
