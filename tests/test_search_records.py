@@ -33,7 +33,9 @@ def test_a_dead_worker_without_a_reason_is_recorded_at_the_next_tick(tmp_path):
     ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
     ("OutOfMemoryError: MPS backend out of memory", True),
     ("RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory", True),
-    ("ActorDiedError: killed by the OOM killer", True),
+    ("ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory.", True),
+    ("ActorDiedError: The actor died unexpectedly. Potential root causes: (1) The process is killed by SIGKILL "
+     "by OOM killer due to high memory usage. (2) ray stop --force is called.", False),
     ("loss became nan at step 3", False), ("ValueError: room for doom", False)])
 def test_what_counts_as_out_of_memory(reason, oom):
     from allocsearch.search.bookkeeping import is_out_of_memory
@@ -71,7 +73,7 @@ def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
 def test_an_interrupt_records_running_trials_as_stopped_by_the_user(tmp_path, signal_name):
     clock = Clock()
     ctl = make(tmp_path, clock=clock)
-    a, b = ctl.propose(), ctl.propose()
+    admitted, a, b = ctl.propose(), ctl.propose(), ctl.propose()  # the first (a paper prior): never started
     for c in (a, b):
         ctl.on_start(c["number"])
     ctl.on_result(a["number"], {"step": 2, "objective": 0.61, "wall_seconds": 1.0})
@@ -85,8 +87,13 @@ def test_an_interrupt_records_running_trials_as_stopped_by_the_user(tmp_path, si
     assert t[b["number"]].state.name == "FAIL" and signal_name in t[b["number"]].user_attrs["failure"]
     assert not [x for x in t.values() if x.state.name == "RUNNING"]
     # the one stopped before any checkpoint runs again first on the next start; the other does not
-    queued = [x for x in t.values() if x.state.name == "WAITING"]
-    assert [q.user_attrs["retry_of"] for q in queued] == [b["number"]] and queued[0].system_attrs["fixed_params"] == t[b["number"]].params
+    queued = {x.system_attrs["fixed_params"]["lr"]: x for x in t.values() if x.state.name == "WAITING"}
+    retry = queued[t[b["number"]].params["lr"]]
+    assert retry.user_attrs == {"retry_of": b["number"]}
+    # the admitted, never started one (a paper prior here) is recorded not run and queued again, label kept
+    never = t[admitted["number"]]
+    assert never.user_attrs["state"] == "not_run" and len(queued) == 2 and never.user_attrs["prior"] == "MoLA 5555"
+    assert queued[never.params["lr"]].user_attrs == {"prior": "MoLA 5555"}
     assert ctl.study.ledger.trial_spend() == {a["number"]: pytest.approx(6.0), b["number"]: pytest.approx(6.0)}
     assert ctl.study.ledger.finished_trials() == {a["number"], b["number"]}
     assert signal_name in ctl.end_reason
@@ -284,3 +291,16 @@ def test_one_best_for_status_and_mlflow(tmp_path):
         run_one(ctl, clock, 5.0, final(objective=objective))
     assert summarize(ctl.study.root)["best"]["number"] == 1
     assert OptunaReader(ctl.study.root, ctl.study.settings).best() == (0.75, 1)
+
+
+def test_with_json_only_the_document_reaches_stdout():
+    """What Ray's processes (or anything) print on file descriptor 1 during `start --json` goes to stderr."""
+    import subprocess
+    import sys
+
+    code = ("import os, subprocess, sys; from allocsearch.cli.search import _stdout_to_stderr\n"
+            "with _stdout_to_stderr():\n"
+            "    os.write(1, b'(raylet) A worker died\\n'); print('progress'); subprocess.run(['echo', 'child'])\n"
+            "print('{\"doc\": 1}')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == '{"doc": 1}\n' and "(raylet) A worker died" in out.stderr and "child" in out.stderr

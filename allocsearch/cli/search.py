@@ -1,7 +1,10 @@
 """``allocsearch start | status | stop``: the search service's commands (logic in allocsearch.search)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 
 import click
 
@@ -82,7 +85,8 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         mlflow=mlflow)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
-        summary = run(opts, on_event=view.event, subscribers=(mlflow_tracker,))
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            summary = run(opts, on_event=view.event, subscribers=(mlflow_tracker,))
     finally:
         view.close()
     if as_json:
@@ -91,6 +95,21 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
         from allocsearch.cli.search_view import render_summary
 
         click.echo(render_summary(summary, final=True))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """With --json, stdout is one JSON document: whatever Ray or a library prints meanwhile (file
+    descriptor 1, child processes included) goes to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def mlflow_tracker(study):

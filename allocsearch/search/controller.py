@@ -315,6 +315,12 @@ class Controller:
     def _not_run(self, trial, reason: str) -> None:
         self.books.not_run(trial.number, reason)
 
+    def _requeue(self, trial, params: dict, **attrs) -> None:
+        """A configuration that never ran (or ran without a measurement) goes back to the front of the
+        queue with what marks it (a paper prior, a retry), so the next start runs it first."""
+        keep = {k: v for k, v in trial.user_attrs.items() if k in ("prior", "retry_of", "oom_retry")}
+        self.ostudy.enqueue_trial(params, user_attrs={**keep, **attrs})
+
     # ------------------------------------------------------------------------------ the end
     def close(self, interrupted: str | None = None) -> None:
         """After Tune returns (or fails): nothing sampled is left RUNNING, the session's time is recorded.
@@ -326,6 +332,7 @@ class Controller:
             if info["start"] is None:
                 self.running.pop(number)
                 self._not_run(info["trial"], "admitted but not started when the search ended")
+                self._requeue(info["trial"], info["params"])
                 continue
             if interrupted:
                 self._user_stop = True
@@ -333,9 +340,10 @@ class Controller:
             self.on_complete(number, None, error=info["last"] is None)
             if interrupted and info["last"] is None and "retry_of" not in info["trial"].user_attrs:
                 # nothing measured yet: its configuration runs first on the next start (once)
-                self.ostudy.enqueue_trial(info["params"], user_attrs={"retry_of": number})
+                self._requeue(info["trial"], info["params"], retry_of=number)
         if self.pending is not None:
             self._not_run(self.pending[0], "sampled when the search ended")
+            self._requeue(*self.pending)
             self.pending = None
         self.study.ledger.record_session(self.session, self.clock() - self.session_start)
         if interrupted:
