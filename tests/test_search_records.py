@@ -97,6 +97,16 @@ def test_an_interrupt_records_running_trials_as_stopped_by_the_user(tmp_path, si
     assert ctl.study.ledger.trial_spend() == {a["number"]: pytest.approx(6.0), b["number"]: pytest.approx(6.0)}
     assert ctl.study.ledger.finished_trials() == {a["number"], b["number"]}
     assert signal_name in ctl.end_reason
+    # interrupted again before its first checkpoint, the retry is queued again (a user's stop is no crash)
+    again = make(tmp_path, clock=clock)
+    first = [again.propose() for _ in range(2)]
+    rerun = next(c for c in first if c["number"] in {x.number for x in trials(again).values()
+                                                       if x.user_attrs.get("retry_of") == b["number"]})
+    again.on_start(rerun["number"])
+    again.interrupt(signal_name)
+    again.close(interrupted=signal_name)
+    waiting = [x for x in trials(again).values() if x.state.name == "WAITING"]
+    assert [x.user_attrs.get("retry_of") for x in waiting].count(rerun["number"]) == 1
 
 
 @pytest.mark.parametrize("status", ["completed", "stopped"])

@@ -338,8 +338,8 @@ class Controller:
                 self._user_stop = True
                 self.errors[number] = f"stopped by the user ({interrupted}) before its first checkpoint"
             self.on_complete(number, None, error=info["last"] is None)
-            if interrupted and info["last"] is None and "retry_of" not in info["trial"].user_attrs:
-                # nothing measured yet: its configuration runs first on the next start (once)
+            if interrupted and info["last"] is None:
+                # nothing measured yet, and not the trial's fault: its configuration runs first next time
                 self._requeue(info["trial"], info["params"], retry_of=number)
         if self.pending is not None:
             self._not_run(self.pending[0], "sampled when the search ended")
