@@ -314,3 +314,23 @@ def test_with_json_only_the_document_reaches_stdout():
             "print('{\"doc\": 1}')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout == '{"doc": 1}\n' and "(raylet) A worker died" in out.stderr and "child" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["tpe", "random"])
+def test_a_resumed_sampler_does_not_replay_the_draws_of_the_sessions_before(name):
+    """Found by the reliability run: every resume seeded the sampler alike, so TPE's random start-up (and a
+    random sampler) drew the configurations of the first session again: paid twice."""
+    import optuna
+
+    from allocsearch.search.samplers import make_sampler, session_seed
+
+    study = optuna.create_study(direction="maximize")
+    drawn = []
+    for session in range(3):  # each session: a fresh controller, sampler and a few trials
+        study.sampler = make_sampler(name, session_seed(0, session))
+        for _ in range(3):
+            t = study.ask()
+            drawn.append((t.suggest_int("rank", 1, 64), round(t.suggest_float("lr", 1e-5, 1e-2, log=True), 12)))
+            study.tell(t, 0.5)
+    assert len(set(drawn)) == len(drawn)
+    assert session_seed(0, 0) == 0 and len({session_seed(0, s) for s in range(50)}) == 50

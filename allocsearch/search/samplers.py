@@ -18,6 +18,13 @@ def infeasibility(trial) -> list[float]:
     return [float(trial.user_attrs.get("infeasible", 0.0))]
 
 
+def session_seed(seed: int, session: int) -> int:
+    """The sampler's seed for one controller session of a study: ``seed`` for the first, another for each
+    resume. With one seed for all, a resumed TPE replays its random start-up draws (and a random sampler
+    its whole sequence), running configurations that already ran."""
+    return seed if session == 0 else (seed * 1_000_003 + session * 7_919) % 2**32
+
+
 def make_sampler(name: str, seed: int):
     import optuna
 

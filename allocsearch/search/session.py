@@ -12,7 +12,7 @@ from typing import Callable
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
-from allocsearch.search.samplers import SAMPLERS, make_sampler
+from allocsearch.search.samplers import SAMPLERS, make_sampler, session_seed
 from allocsearch.search.study import Study, StudyError, check_name, parse_objectives
 
 SCHEDULERS = ("asha", "none")
@@ -165,7 +165,8 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
             listeners = [x for x in (make(study) for make in subscribers) if x is not None]
             on_event = _fan_out(on_event, *(x.event for x in listeners))
             controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
-                                    sampler=make_sampler(s["sampler"], int(s["seed"])))
+                                    sampler=make_sampler(s["sampler"], session_seed(int(s["seed"]),
+                                                                                    study.ledger.next_session())))
             if on_event:
                 on_event("study", study=study.name, root=str(study.root), budget=s["budget"],
                          spent=controller.spent(), recovered=controller.recovered)
