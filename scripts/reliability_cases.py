@@ -95,6 +95,8 @@ def sigint_case(case: Case, args, rng) -> None:
         if not branches[key]:
             case.notes.append(f"no trial was {key} at a SIGINT (branch not exercised)")
     case.details["branches"] = dict(branches)
+    case.summary = (f"{len(stopped_sessions)} SIGINTs: {branches['pruned by user']} trials pruned by the user, "
+                    f"{branches['failed before its first checkpoint']} stopped before a checkpoint and re-run")
 
 
 def _past_checkpoint(case: Case, session: int) -> bool:
