@@ -5,8 +5,8 @@ logs trials (``status``, the dashboard, MLflow, ``export``). Torch-, Optuna- and
     pruned      stopped early: ASHA, its budget cap, the user    Optuna PRUNED (value = last checkpoint)
     oom         ran out of device memory: the configuration does Optuna PRUNED, infeasible (no crash:
                 not fit; samplers learn to avoid it              not counted toward --max-failures)
-    failed      the trial itself failed (NaN, an exception)      Optuna FAIL
-    crashed     its worker or the controller died under it       Optuna FAIL (retried once on resume)
+    failed      it failed (NaN, an exception, its worker died)   Optuna FAIL
+    crashed     the controller died while it ran                 Optuna FAIL (retried once on resume)
     not_run     sampled, never started                           Optuna FAIL
     running / queued                                             Optuna RUNNING / WAITING
 """
