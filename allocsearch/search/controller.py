@@ -124,9 +124,9 @@ class Controller:
         if s.get("data_dir"):
             out["the data folder"] = s["data_dir"]
         for task in (s.get("data") or {}).get("tasks", []):
-            for key in ("path", "test_path"):
+            for key, what in (("path", "data file"), ("test_path", "test file")):
                 if isinstance(task, dict) and task.get(key):
-                    out[f"the data file of task {task.get('name')}"] = str(task[key])
+                    out[f"the {what} of task {task.get('name')}"] = str(task[key])
         return out
 
     def schedule(self, scheduler: str = "asha") -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
 METRIC, TIME_ATTR = "objective", "step"  # what Tune's scheduler reads: the objective over training steps
 
@@ -40,7 +41,7 @@ class TrialReport:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in result.items() if k in known})
 
-    @property
+    @cached_property
     def payload(self) -> dict:
         """The final report's whole result (results.json), {} when it has none."""
         return json.loads(self.result_json) if self.final and self.result_json else {}
