@@ -66,6 +66,7 @@ def load_trials(study: Study) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": state, "objective": objective,
                      "values": list(t.values) if t.values else None, "params": dict(t.params),
                      "summary": attrs.get("summary", ""), "prior": attrs.get("prior"),
+                     "seed": attrs.get("seed", 0), "confirm": attrs.get("confirm"),
                      "retry_of": attrs.get("retry_of"), "spend": spend.get(t.number, 0.0),
                      "predicted": attrs.get("predicted_cost"), "steps": attrs.get("steps"),
                      "trainable_params": attrs.get("trainable_params"),
@@ -98,8 +99,37 @@ def summarize(root: str | Path) -> dict[str, Any]:
                       "describe": budget.describe(), "spent_text": budget.format(spent)},
            "counts": counts, "trials": trials, "best": best, "baseline": baseline,
            "controller_pid": study.running_pid()}
+    if len(s["objectives"]) == 1:
+        out["evidence"] = _evidence(trials, s.get("noise"))
     if len(s["objectives"]) > 1:
         out["pareto"] = pareto_front(completed, s["objectives"])
+    return out
+
+
+def _evidence(trials: list[dict], noise: float | None) -> dict | None:
+    """The winner's evidence (``allocsearch.confidence.evidence``), with each finalist's summary line."""
+    from allocsearch.confidence import evidence
+
+    ev = evidence(trials, noise)
+    if ev is None:
+        return None
+    summaries = {t["number"]: t["summary"] for t in trials}
+    for e in [ev["winner"], *ev["finalists"], *ev["tied"]]:
+        e["summary"] = summaries.get(e["trials"][0], "")
+    return ev
+
+
+def finalists_table(summary: dict) -> list[dict]:
+    """The dashboard's finalists: one row per configuration in the evidence (the winner first), its mean,
+    95% CI half width, n, seeds, trials and mark (winner / tied / '')."""
+    ev = summary.get("evidence")
+    if not ev:
+        return []
+    out = []
+    for f in ev["finalists"]:
+        mark = "winner" if f["trials"] == ev["winner"]["trials"] else ("tied" if f["tied"] else "")
+        out.append({"mark": mark, "summary": f.get("summary", ""), "mean": f["mean"], "ci95": f["ci95"], "n": f["n"],
+                    "seeds": f["seeds"], "trials": f["trials"]})
     return out
 
 

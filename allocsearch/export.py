@@ -85,7 +85,8 @@ def export_trial(study_root: str | Path, number: int) -> str:
             "test": _macro(result.get("test")), "trainable_params": result.get("trainable_params"),
             "threads": result.get("threads"), "device": result.get("device"), "dtype": result.get("dtype"),
             "device_seconds": row["spend"], "mlflow_run_id": _mlflow_run(root, number),
-            "package_version": _version(), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+            "package_version": _version(), "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "evidence": _evidence_of(summary.get("evidence"), row["params"])},
     }
     if isinstance(allocation, dict) and allocation.get("method") in ("lora", "dora"):
         doc["peft_config"] = _peft_config(allocation)
@@ -103,6 +104,21 @@ def strip_export(data: dict, where: str) -> dict:
         raise ExportError(f"{where} is an allocsearch export of format {version!r}; this allocsearch reads format "
                           f"{EXPORT_VERSION}: " + ("upgrade allocsearch" if newer else "export it again"))
     return {k: v for k, v in data.items() if k not in (EXPORT_KEY, "provenance", "peft_config")}
+
+
+def _evidence_of(ev: dict | None, params: dict) -> dict | None:
+    """How sure the study is of this configuration: its mean +- 95% CI over seeds (n), whether it is the
+    winner, and the configurations statistically tied with the winner (each with its mean, CI and n)."""
+    if not ev:
+        return None
+    from allocsearch.confidence import config_key
+
+    key = config_key(params)
+    mine = next((f for f in [ev["winner"], *ev["finalists"], *ev["tied"]] if config_key(f["params"]) == key), None)
+    short = lambda f: {k: f.get(k) for k in ("params", "summary", "n", "mean", "ci95", "seeds", "trials")}  # noqa: E731
+    return {"this": short(mine) if mine else None, "is_winner": config_key(ev["winner"]["params"]) == key,
+            "winner": short(ev["winner"]), "seed_noise": ev["noise"], "configurations": ev["configurations"],
+            "tied_with_winner": [short(f) for f in ev["tied"]][:20], "tied_count": len(ev["tied"])}
 
 
 def _peft_config(allocation: dict) -> dict:

@@ -48,6 +48,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32; fp16 trains with a GradScaler
     threads: int | None = None  # torch CPU threads (from the trial's resources)
     evaluate_test: bool = True  # final evaluation on the test split (reports only, never for choices)
+    test_at_checkpoints: bool = False  # also the test split at each checkpoint (benchmark tables' curves)
     zero_shot: bool = False  # also evaluate the untrained model (validation and test)
 
     def __post_init__(self):
@@ -134,11 +135,12 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, device: torch.device,
           autocast_dtype: torch.dtype | None = None, phases: tuple[str, ...] = (),
           on_checkpoint: Callable[[int, dict], bool | str | None] | None = None,
-          on_step: Callable[[int, float], bool | str | None] | None = None) -> TrainLog:
+          on_step: Callable[[int, float], bool | str | None] | None = None, test_examples=None) -> TrainLog:
     """Train ``adapter`` for ``cfg.steps`` optimizer steps; returns the log. Raises :class:`TrialFailed`.
 
     ``on_checkpoint(step, metrics)`` and ``on_step(step, loss)`` returning a true value stop training early
-    (a string is kept as the stop reason)."""
+    (a string is kept as the stop reason). ``test_examples`` (with ``cfg.test_at_checkpoints``): each
+    checkpoint also records the test split's metrics (``eval_examples`` of them), never seen by the search."""
     from allocsearch.evaluate import autocast_context, evaluate, supports_logits_to_keep
 
     model = adapter.model
@@ -208,8 +210,13 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
             t0 = time.perf_counter()
             metrics = evaluate(model, encoder, val_subset, batch_size=cfg.eval_batch_size, device=device,
                                autocast_dtype=autocast_dtype, max_new_tokens=cfg.max_new_tokens)
+            entry = {"step": step + 1, "metrics": metrics}
+            if cfg.test_at_checkpoints and test_examples:
+                entry["test"] = evaluate(model, encoder, test_examples[: cfg.eval_examples or None],
+                                         batch_size=cfg.eval_batch_size, device=device, autocast_dtype=autocast_dtype,
+                                         max_new_tokens=cfg.max_new_tokens)
             log.eval_seconds += time.perf_counter() - t0
-            log.checkpoints.append({"step": step + 1, "metrics": metrics})
+            log.checkpoints.append(entry)
             stop = on_checkpoint(step + 1, metrics) if on_checkpoint else None
             if stop:
                 log.stopped_early, log.stop_reason = True, stop if isinstance(stop, str) else "requested"

@@ -246,7 +246,8 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
     try:
         log = train(adapter, encoder, splits["train"], splits["validation"], cfg, device=device,
                     autocast_dtype=autocast, phases=get_method(allocation.method).phases,
-                    on_checkpoint=on_checkpoint, on_step=on_step)
+                    on_checkpoint=on_checkpoint, on_step=on_step,
+                    test_examples=splits["test"] if cfg.test_at_checkpoints else None)
         result.status = "stopped" if log.stopped_early else "completed"
         result.stop_reason = log.stop_reason
         _record_log(result, log)

@@ -49,6 +49,17 @@ def anytime(points: list[dict]) -> go.Figure:
                    yaxis_title="objective")
 
 
+def finalists(rows: list[dict]) -> go.Figure:
+    """Each finalist's mean with its 95% interval over seeds; the winner green, ties amber."""
+    color = {"winner": "#2e7d32", "tied": "#f9a825", "": "#78909c"}
+    fig = go.Figure(go.Scatter(
+        x=[r["mean"] for r in rows], y=[f"{r['summary']} (n={r['n']})" for r in rows], mode="markers",
+        error_x=dict(type="data", array=[r["ci95"] or 0 for r in rows], visible=True),
+        marker=dict(size=11, color=[color[r["mark"]] for r in rows])))
+    return _layout(fig, height=120 + 28 * len(rows), title="Finalists: mean +- 95% CI over seeds",
+                   yaxis=dict(autorange="reversed"), xaxis_title="objective")
+
+
 def allocation(alloc: dict, title: str = "") -> go.Figure:
     """Experts per layer as bars centred on the axis (the MoLA diagrams' shape), rank and top-k beside
     them; layer 0 (input side) at the bottom."""

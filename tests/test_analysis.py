@@ -31,10 +31,10 @@ def _snapshot(root: Path) -> dict:
 def test_status_keys_stay_as_they_were(wd):
     s = analysis.summarize(wd / "demo")
     assert {"study", "root", "model", "space", "objectives", "sampler", "scheduler", "budget", "counts", "trials",
-            "best", "baseline", "controller_pid"} <= set(s)
+            "best", "baseline", "controller_pid", "evidence"} <= set(s)
     assert set(s["trials"][0]) == {"number", "state", "objective", "values", "params", "summary", "prior",
                                    "retry_of", "spend", "predicted", "steps", "trainable_params", "reason",
-                                   "experts", "intermediate", "start", "end"}
+                                   "experts", "intermediate", "start", "end", "seed", "confirm"}
     assert s["counts"]["completed"] == 6 and s["best"]["objective"] == pytest.approx(0.82)
     assert "pareto" in analysis.summarize(wd / "multi")
 

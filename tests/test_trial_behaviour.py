@@ -125,6 +125,18 @@ def test_no_test_evaluation_when_evaluate_test_is_off(monkeypatch):
     assert r.test is None and r.zero_shot["test"] is None and r.validation is not None and r.checkpoints == []
 
 
+def test_test_at_checkpoints_adds_the_test_splits_curve_outside_training_time(splits, monkeypatch):
+    spy = Spy(monkeypatch)
+    r = run_trial(make_spec(test_at_checkpoints=True, zero_shot=False), on_stage=spy.on_stage)
+    test = [e.uid for e in splits["test"]]
+    val = [e.uid for e in splits["validation"]]
+    assert [(c["stage"], c["uids"]) for c in spy.calls] == [
+        ("training", val[:4]), ("training", test[:4]), ("training", val[:4]), ("training", test[:4]),
+        ("evaluation", val), ("evaluation", test)]
+    assert [c["test"] for c in r.checkpoints] == [spy.calls[1]["metrics"], spy.calls[3]["metrics"]]
+    assert all("test" not in c for c in run_trial(make_spec(zero_shot=False)).checkpoints)  # off by default
+
+
 # ----------------------------------------------------------------------------------------------- result fields
 
 

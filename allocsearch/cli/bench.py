@@ -20,12 +20,15 @@ def _run_with_progress(first: str, verb: str, run):
 
 @click.group()
 def bench():
-    """Measure speed (and memory) of allocsearch's parts against plain LoRA, side by side.
+    """Measure speed (and memory) of allocsearch's parts against plain LoRA, side by side; record a table
+    of real trials and replay search strategies on it (does the search beat a grid per device-hour?).
 
     \b
     Examples:
       allocsearch bench layers --repeats 20
       allocsearch bench trial --methods mola,omoe --steps 5
+      allocsearch bench record --space benchmarks/sst2-minilm.yaml --name sst2-minilm --budget 1cpu-h
+      allocsearch bench search --table benchmarks/sst2-minilm --seeds 20 --budgets 10%,25%,50%
     """
 
 
@@ -164,3 +167,14 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
                       f"{r['peak_ratio']:.2f}x ({m['peak_mb']:.0f}/{l['peak_mb']:.0f} MB)",
                       f"{r['train_memory_ratio']:.2f}x ({m['train_mb']:.0f}/{l['train_mb']:.0f} MB)")
     Console().print(table)
+
+
+def _attach_table_commands() -> None:
+    """``bench record`` / ``bench search`` live in their own module (the recorded-table benchmark)."""
+    from allocsearch.cli.bench_table import record_cmd, search_cmd
+
+    bench.add_command(record_cmd, "record")
+    bench.add_command(search_cmd, "search")
+
+
+_attach_table_commands()

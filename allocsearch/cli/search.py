@@ -58,10 +58,15 @@ def json_option(f):
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (e.g. http://mlflow.internal:5000); "
               "default: an sqlite store inside the study folder.")
 @click.option("--mlflow/--no-mlflow", "mlflow", default=None, help="Log the study to MLflow (default on).")
+@click.option("--confirm", default=None, callback=lambda c, p, v: _fraction(v), metavar="SHARE|off",
+              help="The confirmation phase's share of the budget (default 0.2): the finalists re-run on fresh "
+              "seeds, raced against the best, so the exported winner is not a lucky seed; off to skip it.")
+@click.option("--noise", type=float, default=None, help="The task's seed noise (std of the objective across "
+              "seeds, e.g. 0.012) for early stopping and ties until the study has measured its own.")
 @json_option
 def start(budget, space, study, workdir, model, data, data_dir, sampler, scheduler, objectives, cpus_per_trial,
           gpus_per_trial, max_concurrent, ray_address, seed, storage, no_priors, max_failures, tracking_uri,
-          mlflow, as_json):
+          mlflow, confirm, noise, as_json):
     """Search the best expert allocation within a compute budget (resumes an existing study).
 
     A resumed study keeps every setting it was started with unless this start gives a new value (the
@@ -73,6 +78,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
       allocsearch start --budget 64gpu-h --space mola --model ./my-llama --gpus-per-trial 0.5
       allocsearch start --budget 2h --ray-address 10.0.0.5:6379 --gpus-per-trial 1
       allocsearch start --study demo --budget 0.5cpu-h             # resume it with a bigger budget
+      allocsearch start --budget 8gpu-h --space mola --confirm 0.3 # a bigger confirmation reserve
     """
     from allocsearch.cli.search_view import LiveView
     from allocsearch.search.session import StartOptions, run
@@ -82,7 +88,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                         max_concurrent=max_concurrent, ray_address=ray_address, seed=seed, storage=storage,
                         priors=not no_priors, max_failures=max_failures, tracking_uri=tracking_uri,
-                        mlflow=mlflow)
+                        mlflow=mlflow, confirm=confirm, noise=noise)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
@@ -95,6 +101,17 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
         from allocsearch.cli.search_view import render_summary
 
         click.echo(render_summary(summary, final=True))
+
+
+def _fraction(value: str | None) -> float | None:
+    if value is None:
+        return None
+    if value.strip().lower() in ("off", "no", "none", "0"):
+        return 0.0
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a share of the budget; use e.g. 0.2 or off") from None
 
 
 @contextlib.contextmanager

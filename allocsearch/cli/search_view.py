@@ -138,6 +138,26 @@ class LiveView:
 
 
 # ------------------------------------------------------------------------------------- summaries
+def render_evidence(ev: dict | None) -> list[str]:
+    """The finalists' mean +- 95% CI over seeds and the configurations tied with the winner."""
+    if not ev or max(f["n"] for f in ev["finalists"]) < 2:
+        if ev and ev["noise"] is None and len(ev["tied"]) > 0:
+            return ["        single-seed scores, no seed noise measured: the best may be a lucky seed "
+                    "(the confirmation phase re-runs the finalists)"]
+        return []
+    noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] else "no seed noise measured"
+    lines = [f"finalists (mean +- 95% CI over seeds; {noise})"]
+    for f in ev["finalists"]:
+        ci = f" +- {f['ci95']:.4f}" if f.get("ci95") is not None else ""
+        mark = "winner" if f["trials"] == ev["winner"]["trials"] else ("tied" if f["tied"] else "")
+        lines.append(f"  {mark:<6} {f['mean']:.4f}{ci} (n={f['n']}, trials {','.join(map(str, f['trials']))})  "
+                     f"{f.get('summary', '')}")
+    tied = len(ev["tied"])
+    lines.append(f"        {tied} configuration{'s' if tied != 1 else ''} statistically tied with the winner"
+                 if tied else "        the winner is separated from every other configuration")
+    return lines
+
+
 def render_summary(s: dict, final: bool) -> str:
     b = s["budget"]
     budget = Budget(unit=b["unit"], seconds=b["total"], text=b["text"])
@@ -163,6 +183,7 @@ def render_summary(s: dict, final: bool) -> str:
         lines.append(f"        files: {s['root']}/trials/{best['number']:04d}")
     elif final:
         lines.append("best    no trial completed")
+    lines += render_evidence(s.get("evidence"))
     for t in s.get("pareto") or []:
         lines.append(f"pareto  trial {t['number']}: " + ", ".join(f"{v:.4g}" for v in t["values"]) +
                      f"  {t['summary']}")

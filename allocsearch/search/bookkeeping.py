@@ -94,6 +94,23 @@ class Bookkeeper:
             values = [float(attrs[m]) for m in metric_names(self.study.objectives)]
         self.ostudy.tell(number, values, state=TrialState[_OPTUNA_STATE[state]])
 
+    def rows(self) -> list[dict]:
+        """The study's trials as ``allocsearch.confidence`` and the confirmation phase read them."""
+        from allocsearch.trial_state import state_of
+
+        return [{"number": t.number, "state": state_of(t)[0], "params": t.params, "seed": t.user_attrs.get("seed", 0),
+                 "objective": t.values[0] if t.values else t.user_attrs.get("objective"),
+                 "confirm": t.user_attrs.get("confirm")} for t in self.ostudy.get_trials(deepcopy=False)]
+
+    def reserve_left(self, reserve: float) -> float:
+        """What is left of the confirmation phase's ``reserve`` after the confirmation runs so far."""
+        if not reserve:
+            return 0.0
+        spent = self.study.ledger.trial_spend()
+        used = sum(spent.get(t.number, 0.0) for t in self.ostudy.get_trials(deepcopy=False)
+                   if t.user_attrs.get("confirm") is not None)
+        return max(0.0, reserve - used)
+
     def not_run(self, number: int, reason: str) -> None:
         from optuna.trial import TrialState
 

@@ -123,6 +123,7 @@ class BudgetKeeper:
         self._caps: dict[int, float] = {}  # running trial -> reserved cap
         self._running: dict[int, float] = {}  # running trial -> spend so far
         self.epsilon = 0.005 * budget.seconds
+        self.held = 0.0  # held back from admission (the confirmation phase's reserve, while the search runs)
 
     @property
     def wall(self) -> bool:
@@ -188,8 +189,8 @@ class BudgetKeeper:
         return max(0.0, self.budget.seconds - self.spent())
 
     def free(self) -> float:
-        """What ``admit`` can hand out now: remaining minus reservations, at least 0."""
-        return max(0.0, self.remaining() - self.reserved())
+        """What ``admit`` can hand out now: remaining minus reservations and what is held, at least 0."""
+        return max(0.0, self.remaining() - self.reserved() - self.held)
 
     def exhausted(self) -> bool:
         """Less than 0.5% of the budget remains."""

@@ -26,8 +26,10 @@ import statistics
 import time
 from typing import Any, Callable
 
+from allocsearch.confidence import config_key
 from allocsearch.search.budget import Budget, BudgetKeeper, CostModel, devices_per_trial
 from allocsearch.search.bookkeeping import Bookkeeper
+from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.report import TrialReport
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space import SearchSpace
@@ -76,6 +78,11 @@ class Controller:
         self._last_beat = -math.inf
         self._user_stop = False
         study.clear_stop()
+        # the confirmation phase (single objective): a reserve of the budget, held back while the search runs
+        fraction = float(s.get("confirm") or 0.0) if len(study.objectives) == 1 else 0.0
+        self.phase = "search"
+        self.confirm = Confirmation(max_seeds=int(s.get("max_seeds", 5)), noise=s.get("noise")) if fraction else None
+        self.keeper.held = self.books.reserve_left(fraction * self.budget.seconds)
 
     # ------------------------------------------------------------------------------ set-up
     def _cost_model(self) -> CostModel:
@@ -86,6 +93,13 @@ class Controller:
                 model.observe(t.user_attrs["features"], t.user_attrs["wall_seconds"], t.user_attrs["steps"],
                               t.user_attrs["train_seconds"], complete=t.user_attrs.get("state") == "completed")
         return model
+
+    def noise(self) -> float | None:
+        """Seed noise (a standard deviation): pooled over the study's repeated configurations, else the
+        one declared in the settings (``--noise``, or the replayed table's), else None."""
+        from allocsearch.confidence import estimates, pooled_noise
+
+        return pooled_noise(estimates(self.books.rows())) or self.study.settings.get("noise")
 
     def tune_metrics(self) -> tuple[list[str], list[str]]:
         """The metric names trials report and Tune's modes, one per objective."""
@@ -136,7 +150,8 @@ class Controller:
         steps = int(_top(self.space, "steps", 60))
         every = int(_top(self.space, "eval_every", 0) or steps)
         name = scheduler if len(self.study.objectives) == 1 else "none"
-        return {"scheduler": name, "max_t": steps, "grace_period": min(every, steps)}
+        margin = self.noise() or 0.0 if self.study.settings.get("noise_aware_stopping", True) else 0.0
+        return {"scheduler": name, "max_t": steps, "grace_period": min(every, steps), "margin": margin}
 
     # ------------------------------------------------------------------------------ the loop
     def propose(self):
@@ -144,16 +159,28 @@ class Controller:
         if self._user_stop or self.end_reason or self.interrupted:
             return "finished"
         if self.pending is None:
+            if self.phase == "confirm":
+                plan = self.confirm.next(self.books.rows(), {(i["key"], i["seed"]) for i in self.running.values()})
+                if plan == WAIT:
+                    return None
+                if plan is None:
+                    self.end_reason = f"confirmation ended: {self.confirm.ended}"
+                    return "finished"
+                params, seed, first = plan
+                self.ostudy.enqueue_trial(params, user_attrs={"confirm": first, "seed": seed})
             trial = self.ostudy.ask()
             self.pending = (trial, self.space.sample(trial, self.num_layers))
             if self.study.settings.get("sampler") == "grid" and grid_repeats(self.ostudy, trial):
                 self._not_run(trial, "the grid is used up")
                 self.pending = None
+                if self._confirming():
+                    return self.propose()
                 self.end_reason = "every point of the grid has run"
                 return "finished"
         trial, params = self.pending
         spec = self.space.trial_spec(params, self.num_layers)
         spec["train"].update(trial.user_attrs.get("oom_retry") or {})  # half the batch, twice the accumulation
+        seed = spec["train"]["seed"] = self._seed(trial, params, int(spec["train"].get("seed", 0)))
         features = _features(spec)
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
         predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
@@ -164,9 +191,12 @@ class Controller:
                 return None  # wait for a running trial to give back its reservation
             self._not_run(trial, "nothing more fits in the budget")
             self.pending = None
+            if self._confirming():
+                return self.propose()
             left = self.budget.format(self.keeper.remaining())
             self.end_reason = (f"nothing more fits: {left} left, the next trial needs about "
-                               f"{self.budget.format(first)} to its first checkpoint")
+                               f"{self.budget.format(first)} to its first checkpoint"
+                               + (" (the confirmation reserve is spent)" if self.phase == "confirm" else ""))
             return "finished"
         self.pending = None
         number = trial.number
@@ -174,13 +204,14 @@ class Controller:
         self.study.write_trial_config(number, spec)
         summary = self.space.summarize(params)
         experts = _experts(spec, self.num_layers)
-        for key, value in (("summary", summary), ("predicted_cost", predicted), ("cap", cap),
+        for key, value in (("summary", summary), ("predicted_cost", predicted), ("cap", cap), ("seed", seed),
                            ("features", features), ("session", self.session), ("experts", experts)):
             trial.set_user_attr(key, value)
         cap_wall = cap if self.budget.unit == "wall" else cap / self.devices
         self.running[number] = {"trial": trial, "params": params, "features": features, "start": None,
                                 "predicted": predicted, "cap": cap, "last": None,
-                                "reported": set(), "train": spec["train"]}
+                                "reported": set(), "train": spec["train"], "seed": seed, "times": {},
+                                "key": config_key(params)}
         self.emit("admitted", number=number, summary=summary, predicted=predicted, cap=cap, experts=experts)
         return {"number": number, "spec": spec, "trial_dir": str(self.study.trial_dir(number).resolve()),
                 "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
@@ -189,6 +220,32 @@ class Controller:
                 # a duration on the worker's own clock (nodes' clocks need not agree), less the worker's
                 # start-up, which the controller counts from Tune's start and the worker cannot see
                 "budget_seconds": max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS - self.startup_seconds())}
+
+    def _confirming(self) -> bool:
+        """The search phase is over: the reserve is released to the confirmation phase, or, when it has
+        nothing to race (fewer than two configurations completed), back to the search. True when there is
+        budget to go on with; False when the search simply ends."""
+        if self.confirm is None or self.phase != "search":
+            return False
+        self.keeper.held = 0.0
+        finalists = self.confirm.start(self.books.rows())
+        self.phase = "search, reserve released" if self.confirm.ended else "confirm"
+        self.emit("confirming", finalists=[{"params": e.params, "n": e.n, "mean": e.mean} for e in finalists],
+                  ended=self.confirm.ended, reserve=self.keeper.free())
+        return self.keeper.free() > 0
+
+    def _seed(self, trial, params: dict, default: int) -> int:
+        """The training seed of a trial: a confirmation run's own; else ``default``, unless the sampler
+        drew a configuration that already ran (TPE does, on a finite space): then the next seed it has not
+        run on, so the repeat measures seed noise instead of paying for the same number twice."""
+        if "seed" in trial.user_attrs:
+            return int(trial.user_attrs["seed"])
+        if "retry_of" in trial.user_attrs:
+            return default
+        used = {r["seed"] for r in self.books.rows() if r["params"] == params and r["number"] != trial.number
+                and r["state"] in ("completed", "pruned", "running")}
+        fresh = [s for s in range(default, default + int(self.study.settings.get("max_seeds", 5))) if s not in used]
+        return fresh[0] if fresh else default  # every seed ran: a plain repeat (it counts once)
 
     def startup_seconds(self) -> float:
         """Seconds from Tune starting a trial to its worker's clock starting: the median seen so far."""
@@ -218,6 +275,9 @@ class Controller:
         if report.final or report.step in info["reported"]:
             return
         info["reported"].add(report.step)
+        if info["start"] is not None:  # device-seconds to this checkpoint, as the ledger charges them
+            info["times"][str(report.step)] = round((self.clock() - info["start"]) * self.devices, 3)
+            info["trial"].set_user_attr("checkpoint_seconds", info["times"])
         if report.objective is not None:
             self.books.report(number, report.step, report.objective)
         self.emit("checkpoint", number=number, step=report.step, objective=report.objective)

@@ -23,12 +23,14 @@ import tempfile
 from typing import TYPE_CHECKING
 
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from allocsearch.search.interrupts import Interrupts
-from allocsearch.search.report import METRIC, TIME_ATTR
+from allocsearch.search.report import TrialReport
+from allocsearch.search.rungs import Rungs
 from allocsearch.search.worker import trainable, worker_log_tail
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,19 +135,33 @@ def _error_text(trial, lines: int = 3) -> str:
         return "the trial's worker failed"
 
 
-def make_scheduler(name: str, max_t: int, grace_period: int):
-    """ASHA (default) on the trials' validation checkpoints; ``none``: run every trial out. (Hyperband's
-    pause-and-resume would restart paused trials from scratch with their time billed twice: not offered.)"""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+def make_scheduler(name: str, max_t: int, grace_period: int, margin: float = 0.0):
+    """ASHA (default) on the trials' validation checkpoints, not stopping a trial within ``margin`` (the
+    measured seed noise) of a rung's cutoff (``allocsearch.search.rungs``); ``none``: run every trial out.
+    (Hyperband's pause-and-resume would restart paused trials from scratch with their time billed twice:
+    not offered.)"""
     if name == "asha":
-        return ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max", max_t=max_t,
-                             grace_period=grace_period, reduction_factor=2)
+        return RungScheduler(Rungs(max_t, grace_period, 2, margin))
     if name == "none":
         return FIFOScheduler()
     from allocsearch.search.study import StudyError
 
     raise StudyError(f"scheduler {name!r} is not supported; fix: start with --scheduler asha or none")
+
+
+class RungScheduler(FIFOScheduler):
+    """Tune's face of :class:`~allocsearch.search.rungs.Rungs`: the very rule the replay runs."""
+
+    def __init__(self, rungs):
+        super().__init__()
+        self.rungs = rungs
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        report = TrialReport.parse(result)
+        if report is None or report.final or report.objective is None:
+            return TrialScheduler.CONTINUE
+        stop = self.rungs.stop(trial.trial_id, report.step, report.objective)
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -181,7 +197,7 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
             tune_config=tune.TuneConfig(search_alg=StudySearcher(controller),
                                         scheduler=make_scheduler(plan["scheduler"], plan["max_t"],
-                                                                 plan["grace_period"]),
+                                                                 plan["grace_period"], plan["margin"]),
                                         num_samples=-1, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse_actors, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),

@@ -18,7 +18,8 @@ from allocsearch.search.study import Study, StudyError, check_name, parse_object
 SCHEDULERS = ("asha", "none")
 # how a study runs, free to change on resume; a resume keeps the stored value of each option not given
 EXECUTION_DEFAULTS = {"scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "max_failures": 5,
-                      "mlflow": True, "ray_address": None, "max_concurrent": None, "tracking_uri": None}
+                      "mlflow": True, "ray_address": None, "max_concurrent": None, "tracking_uri": None,
+                      "confirm": 0.2, "noise": None}
 DEFAULT_WORKDIR = "allocsearch-runs"
 DEFAULT_SPACE = "joint"
 
@@ -45,6 +46,8 @@ class StartOptions:
     max_failures: int | None = None
     tracking_uri: str | None = None  # any MLflow tracking URI; default: sqlite inside the study directory
     mlflow: bool | None = None
+    confirm: float | None = None  # the confirmation phase's share of the budget (0: off)
+    noise: float | None = None  # the task's seed noise (std), until the study measures its own
 
 
 def prepare(opts: StartOptions):
@@ -136,6 +139,13 @@ def _check_execution(s: dict, budget: Budget | None) -> None:
     if budget is not None and budget.unit == "gpu" and not gpus:
         raise StudyError(f"a GPU budget ({budget.text}) needs --gpus-per-trial > 0 (e.g. 1, or 0.25 to pack "
                          f"four small trials on a GPU); on CPUs use a cpu budget such as 0.5cpu-h")
+    confirm, noise = float(s.get("confirm") or 0.0), s.get("noise")
+    if not 0 <= confirm <= 0.5:
+        raise StudyError(f"--confirm {confirm:g}: the confirmation reserve is a share of the budget from 0 (off) "
+                         f"to 0.5; fix: e.g. --confirm 0.2 (the default) or --confirm off")
+    if noise is not None and not 0 < float(noise) < 1:
+        raise StudyError(f"--noise {noise}: the seed noise is a standard deviation of the objective (0 to 1), "
+                         f"e.g. 0.012 as scripts/measure_signal.py measures it")
     _check_local_gpus(s)
 
 

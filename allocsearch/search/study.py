@@ -36,6 +36,7 @@ OBJECTIVES = {"accuracy": ("objective", "maximize"), "params": ("trainable_param
               "device_seconds": ("device_seconds", "minimize")}
 CRASHED = "the controller stopped (killed or crashed) while this trial was running"
 NOT_STARTED = "sampled but not started before the controller stopped"
+MEMORY = ":memory:"  # the storage of a replayed search's study: Optuna's in-memory storage
 
 
 
@@ -170,7 +171,10 @@ class Study:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.create_study(storage=self.storage_url, study_name=self.name, sampler=sampler,
+        storage = self.storage_url
+        if storage == MEMORY:  # a replayed search (allocsearch.bench.replay): nothing outlives the process
+            storage = self.__dict__.setdefault("_memory", optuna.storages.InMemoryStorage())
+        return optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
                                    directions=directions(self.objectives), load_if_exists=True)
 
     # ---------------------------------------------------------------------------- control

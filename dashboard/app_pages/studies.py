@@ -79,6 +79,19 @@ def selected() -> None:
             st.markdown(f"experts per layer `{sparkline(best['experts'])}` {best['experts']}")
         if st.button(f"Open trial {best['number']}", key="open_best"):
             dk.open_trial(best["number"])
+    rows = analysis.finalists_table(summary)
+    if rows and max(r["n"] for r in rows) > 1:
+        ev = summary["evidence"]
+        st.subheader("How sure is the winner?")
+        st.plotly_chart(charts.finalists(rows), key="finalists")
+        noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] else "no seed noise measured yet"
+        tied = len(ev["tied"])
+        st.caption(f"{noise}; {tied} configuration{'s' if tied != 1 else ''} statistically tied with the winner"
+                   if tied else f"{noise}; the winner is separated from every other configuration")
+        st.dataframe([{**r, "seeds": ", ".join(map(str, r["seeds"])), "trials": ", ".join(map(str, r["trials"]))}
+                      for r in rows], hide_index=True, column_config={
+            "mean": st.column_config.NumberColumn(format="%.4f"), "ci95": st.column_config.NumberColumn(
+                "95% CI +-", format="%.4f")})
     if summary.get("pareto"):
         st.subheader("Pareto front")
         st.dataframe([{"trial": t["number"], **dict(zip(analysis.objective_names(summary["objectives"]), t["values"])),

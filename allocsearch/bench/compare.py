@@ -1,0 +1,161 @@
+"""``allocsearch bench search``: strategies replayed on a recorded table, many seeds, several budgets, and
+what a user pays for: the true quality of what each would export (its mean over the table's seeds, not
+the lucky seed it was seen on), as a function of device-seconds.
+
+Per strategy and budget (a share of the grid: every configuration once, in full), mean +- standard error
+over the replay seeds:
+- ``quality``: the exported configuration's true mean;
+- ``regret``: normalised, 0 = the table's best true mean, 1 = the median configuration's;
+- ``to_noise``: device-seconds until the export is within the seed noise of the best true mean (median over
+  seeds; a seed that never gets there counts as never), and that as a share of the grid's device-seconds;
+- ``hit``: how often the export is the true best or statistically tied with it (a paired t-test on the
+  table's seeds, ``allocsearch.confidence.separated``), and ``argmax_hit`` the same for the single-seed
+  argmax the search had before its confirmation phase;
+- ``confirm_share``: what the confirmation runs spent, as a share of the budget.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from allocsearch.bench.replay import STRATEGIES, Trace, replay
+from allocsearch.bench.table import Table
+from allocsearch.confidence import separated
+from allocsearch.errors import AllocsearchError
+
+CURVE_POINTS = 40
+
+
+def parse_budgets(text: str) -> list[float]:
+    """``10%,25%,50%`` -> [0.1, 0.25, 0.5] (shares of the grid's device-seconds)."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
+        except ValueError:
+            raise AllocsearchError(f"--budgets {text!r}: {part!r} is not a share; write e.g. 10%,25%,50%") from None
+        if not 0 < value <= 10:
+            raise AllocsearchError(f"--budgets {text!r}: {part} must be above 0% (and at most 1000% of the grid)")
+        out.append(value)
+    if not out:
+        raise AllocsearchError("--budgets is empty; write e.g. 10%,25%,50%")
+    return sorted(set(out))
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [n for n in names if n not in STRATEGIES]
+    if bad or not names:
+        raise AllocsearchError(f"--strategies: {', '.join(bad) or '(none)'} unknown; use some of "
+                               f"{', '.join(STRATEGIES)}")
+    return names
+
+
+def run(table: Table, strategies: list[str], budgets: list[float], seeds: int, *, max_concurrent: int = 1,
+        progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Replay every (strategy, budget, seed); returns {"rows": [...], "curves": {...}, "table": summary}."""
+    import tempfile
+
+    grid = table.grid_seconds()
+    total, done = len(strategies) * len(budgets) * seeds, 0
+    traces: dict[tuple[str, float], list[Trace]] = {}
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # no fsync cost for throw-away studies
+    with tempfile.TemporaryDirectory(prefix="as-bench-", dir=shm) as work:
+        for name in strategies:
+            for share in budgets:
+                for seed in range(seeds):
+                    if progress:
+                        progress(done, total, f"{name} at {share:.0%} of the grid, seed {seed}")
+                    traces.setdefault((name, share), []).append(
+                        replay(table, name, budget_seconds=share * grid, seed=seed, max_concurrent=max_concurrent,
+                               workdir=work))
+                    done += 1
+    scorer = _Scorer(table)
+    rows = [scorer.row(name, share, ts) for (name, share), ts in traces.items()]
+    top = max(budgets)
+    curves = {name: scorer.curve(traces[(name, top)], top * grid) for name in strategies}
+    return {"rows": rows, "curves": curves, "table": table.summary(), "budgets": budgets, "seeds": seeds,
+            "strategies": strategies, "curve_budget": top}
+
+
+class _Scorer:
+    def __init__(self, table: Table):
+        self.table, self.grid = table, table.grid_seconds()
+        ests = table.estimates()
+        self.by_key = {e.key: e for e in ests}
+        self.best, self.noise = ests[0], table.noise()
+        self.median = statistics.median(e.mean for e in ests)
+
+    def quality(self, key: str | None) -> float:
+        return self.by_key[key].mean if key else self.median  # nothing exported yet: a configuration at random
+
+    def regret(self, key: str | None) -> float:
+        span = self.best.mean - self.median
+        return (self.best.mean - self.quality(key)) / span if span > 0 else 0.0
+
+    def hit(self, key: str | None) -> bool:
+        return key is not None and (key == self.best.key or not separated(self.best, self.by_key[key], self.noise))
+
+    def to_noise(self, trace: Trace) -> float:
+        for spent, key, _ in trace.points:
+            if key and self.best.mean - self.quality(key) <= self.noise:
+                return spent
+        return math.inf
+
+    def row(self, name: str, share: float, traces: list[Trace]) -> dict:
+        q = [self.quality(t.final) for t in traces]
+        reg = [self.regret(t.final) for t in traces]
+        reach = [self.to_noise(t) for t in traces]
+        med = statistics.median(reach)
+        return {"strategy": name, "budget": share, "seeds": len(traces),
+                "quality": _mean_se(q), "regret": _mean_se(reg),
+                "to_noise_seconds": med, "to_noise_share": med / self.grid,
+                "reached": sum(math.isfinite(r) for r in reach) / len(reach),
+                "hit": statistics.fmean(self.hit(t.final) for t in traces),
+                "argmax_hit": statistics.fmean(self.hit(t.argmax) for t in traces),
+                "trials": statistics.fmean(t.trials for t in traces),
+                "confirm_share": statistics.fmean(t.confirm_seconds / t.budget for t in traces),
+                "confirm_reserve": STRATEGIES[name]["confirm"],
+                "confirm_over": max(max(0.0, t.confirm_seconds - t.confirm_given) / t.budget for t in traces)}
+
+    def curve(self, traces: list[Trace], budget: float) -> dict:
+        xs = [budget * i / (CURVE_POINTS - 1) for i in range(CURVE_POINTS)]
+        ys = [[self.quality(t.export_at(x)) for t in traces] for x in xs]
+        return {"seconds": xs, "mean": [statistics.fmean(y) for y in ys],
+                "se": [_mean_se(y)[1] for y in ys]}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def goals(result: dict) -> list[tuple[str, bool, str]]:
+    """The issue's goals, measured: (goal, met, the numbers)."""
+    rows = {(r["strategy"], r["budget"]): r for r in result["rows"]}
+    out = []
+    if any(s == "default" for s, _ in rows):
+        d = [rows[("default", b)] for b in result["budgets"] if ("default", b) in rows]
+        share = min(r["to_noise_share"] for r in d)
+        out.append(("default within noise of the grid's best at <= 20% of the grid's device-seconds (median)",
+                    share <= 0.2, f"{share:.0%}" if math.isfinite(share) else "never"))
+        if any(s == "random" for s, _ in rows):
+            worse = [f"{b:.0%}" for b in result["budgets"] if ("random", b) in rows and ("default", b) in rows
+                     and rows[("default", b)]["regret"][0] > rows[("random", b)]["regret"][0]]
+            out.append(("default's normalised regret <= random search's at every budget", not worse,
+                        "worse at " + ", ".join(worse) if worse else "at or below at every budget"))
+        hit = min(r["hit"] for r in d)
+        arg = min(r["argmax_hit"] for r in d)
+        out.append(("with confirmation, the export is the true best or tied in >= 90% of seeds", hit >= 0.9,
+                    f"{hit:.0%} (single-seed argmax: {arg:.0%}), lowest over budgets"))
+        over = max(r["confirm_over"] for r in d)
+        spent = max(r["confirm_share"] for r in d)
+        out.append(("the confirmation phase costs at most what it was given (its reserve + what the search "
+                    "phase left)", over <= 0.005, f"spent up to {spent:.1%} of the budget on average at a budget; "
+                    f"largest overspend {over:.1%}"))
+    return out
+
+
+__all__ = ["goals", "parse_budgets", "parse_strategies", "run"]

@@ -1,0 +1,50 @@
+"""The benchmark's figure (PNG): the anytime curve of the exported configuration's true quality per
+strategy (mean +- standard error over replay seeds) and the normalised regret at each budget."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def draw(result: dict, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = result["table"]
+    grid = table["grid_device_seconds"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, c in result["curves"].items():
+        xs = [s / grid * 100 for s in c["seconds"]]
+        lo = [m - e for m, e in zip(c["mean"], c["se"])]
+        hi = [m + e for m, e in zip(c["mean"], c["se"])]
+        left.plot(xs, c["mean"], label=name)
+        left.fill_between(xs, lo, hi, alpha=0.2)
+    best, noise = table["best"]["mean"], table["noise"]
+    left.axhline(best, color="black", lw=1, ls="--", label="grid's best (true mean)")
+    left.axhspan(best - noise, best, color="grey", alpha=0.15, label="within seed noise")
+    left.axhline(table["median"], color="grey", lw=1, ls=":", label="median configuration")
+    left.set_xlabel("device-seconds spent (% of the whole grid)")
+    left.set_ylabel("true quality of the export (mean over seeds)")
+    left.set_title(f"anytime, budget {result['curve_budget']:.0%} of the grid, {result['seeds']} seeds")
+    left.legend(fontsize=7)
+    for name in result["strategies"]:
+        rows = sorted((r for r in result["rows"] if r["strategy"] == name), key=lambda r: r["budget"])
+        right.errorbar([r["budget"] * 100 for r in rows], [r["regret"][0] for r in rows],
+                       yerr=[r["regret"][1] for r in rows], marker="o", capsize=3, label=name)
+    right.axhline(0, color="black", lw=1, ls="--")
+    right.set_xlabel("budget (% of the grid's device-seconds)")
+    right.set_ylabel("normalised regret (0 best, 1 median)")
+    right.set_title("regret of the exported configuration")
+    right.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["draw"]

@@ -1,0 +1,145 @@
+"""``allocsearch bench record``: run every point of a finite space on several seeds, through the search
+service itself (a study with the grid sampler over the space x seeds, no early stopping, no priors, no
+confirmation), then write its table (``allocsearch.bench.table``). The study under ``<workdir>/<name>``
+is the recording's state: a second call resumes it with this call's budget on top of what was spent, so a
+table is recorded in parts and in parallel (``--max-concurrent``, ``--ray-address``) like any search.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+from allocsearch.bench.table import write
+from allocsearch.errors import AllocsearchError
+
+
+def recording_space(space_path: str, seeds: list[int]) -> tuple[dict, dict]:
+    """(the table's space, the recording's space: the same with ``train.seed`` searched over ``seeds``)."""
+    from allocsearch.search.space import SearchSpace, load_space, model_depth, resolve_space_path
+
+    space = load_space(resolve_space_path(space_path))
+    if "seed" in space.train_dims:
+        raise AllocsearchError(f"{space.source}: train.seed is searched; fix: fix it, bench record adds the seeds")
+    if space.grid_size(model_depth(space.model)) is None:
+        raise AllocsearchError(f"{space.source}: a dimension is continuous ({', '.join(space.continuous())}); "
+                               f"fix: write it as a {{choice: [...]}} list: a table covers a finite space")
+    table_space = space.to_dict()
+    rec = json.loads(json.dumps(table_space))
+    rec["train"] = {**rec.get("train", {}), "seed": {"choice": list(seeds)}}
+    SearchSpace.from_dict(rec, source=space.source)  # valid as a space
+    return table_space, rec
+
+
+def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir: str, out: str | None = None,
+           data_dir: str | None = None, cpus_per_trial: float | None = None, max_concurrent: int | None = None,
+           ray_address: str | None = None, on_event: Callable | None = None) -> dict:
+    """Record (or go on recording) the table; returns {"study", "table", "runs", "expected", "complete"}."""
+    import yaml
+
+    from allocsearch.search.budget import Budget
+    from allocsearch.search.session import StartOptions, run
+    from allocsearch.search.space import model_depth, SearchSpace
+    from allocsearch.search.study import Study, check_name
+
+    if len(set(seeds)) < 2:
+        raise AllocsearchError(f"--seeds {seeds}: a table needs at least 2 seeds (3 or more to see seed noise)")
+    check_name(name, "table name")
+    part = Budget.parse(budget)
+    table_space, rec = recording_space(space_path, seeds)
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    space_file = work / f"{name}.space.yaml"
+    opts = StartOptions(study=name, workdir=str(work), data_dir=data_dir, cpus_per_trial=cpus_per_trial,
+                        max_concurrent=max_concurrent, ray_address=ray_address, mlflow=False)
+    if Study.exists(work, name):  # this part's budget on top of what the recording has spent
+        study = Study.open(work, name)
+        total = Budget.from_dict(study.settings["budget"])
+        spent = study.ledger.spent(total.unit)
+        if part.unit != total.unit:
+            raise AllocsearchError(f"the recording {name!r} counts {total.unit} time; fix: give --budget in "
+                                   f"{total.unit} (e.g. 1{total.unit}-h)")
+        opts.budget = _text(spent + part.seconds, part.unit)
+        _requeue_unfinished(study)
+    else:
+        space_file.write_text(yaml.safe_dump(rec, sort_keys=False))
+        opts.budget, opts.space = part.text, str(space_file)
+        opts.sampler, opts.scheduler, opts.priors, opts.confirm = "grid", "none", False, 0.0
+    summary = run(opts, on_event=on_event)
+    study = Study.open(work, name)
+    rows = table_rows(study)
+    space = SearchSpace.from_dict(table_space)
+    expected = space.grid_size(model_depth(space.model)) * len(seeds)
+    runs = len({(r["config"], r["seed"]) for r in rows})
+    card = {"name": name, "task": space.data, "model": space.model, "train": space.train,
+            "space": str(Path(space_path)), "seeds": sorted(seeds), "configurations": expected // len(seeds),
+            "runs": runs, "complete": runs == expected, "objective": "validation macro balanced accuracy",
+            "cpus_per_trial": study.settings["cpus_per_trial"], "gpus_per_trial": study.settings["gpus_per_trial"],
+            "budget_unit": Budget.from_dict(study.settings["budget"]).unit, "commit": _commit(),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "spent_device_seconds": study.ledger.spent(Budget.from_dict(study.settings["budget"]).unit),
+            "end_reason": summary.get("end_reason")}
+    folder = Path(out) if out else Path("benchmarks") / name
+    write(folder, rows, card, yaml.safe_dump(table_space, sort_keys=False))
+    return {"study": str(study.root), "table": str(folder), "runs": runs, "expected": expected,
+            "complete": runs == expected}
+
+
+def _requeue_unfinished(study) -> None:
+    """Points of the grid that ran but did not complete (cut by the last part's budget, failed) go back to
+    the front of the queue: the grid sampler alone would count them as run."""
+    from optuna.trial import TrialState
+
+    ostudy = study.load_optuna()
+    trials = ostudy.get_trials(deepcopy=False)
+    done = [t.params for t in trials if t.state == TrialState.COMPLETE]
+    queued = [t.params for t in trials if t.state == TrialState.WAITING]
+    for t in trials:
+        if t.state in (TrialState.PRUNED, TrialState.FAIL) and t.params and t.params not in done + queued:
+            ostudy.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            queued.append(t.params)
+
+
+def table_rows(study) -> list[dict]:
+    """The table's rows from a recording study: every completed trial's checkpoints and end."""
+    from allocsearch.analysis import optuna_trials
+    from allocsearch.confidence import config_key
+    from allocsearch.trial_state import state_of
+
+    rows = []
+    for t in optuna_trials(study):
+        result = study.read_result(t.number)
+        if state_of(t)[0] != "completed" or not result:
+            continue
+        params = {k: v for k, v in t.params.items() if k != "seed"}
+        base = {"config": config_key(params), "seed": int(t.params.get("seed", t.user_attrs.get("seed", 0))),
+                "trainable_params": t.user_attrs.get("trainable_params")}
+        seconds = t.user_attrs.get("checkpoint_seconds") or {}
+        for c in result.get("checkpoints") or []:
+            rows.append({**base, "step": c["step"], "final": 0, "validation": c["metrics"]["macro_balanced_accuracy"],
+                         "test": (c.get("test") or {}).get("macro_balanced_accuracy"),
+                         "device_seconds": seconds.get(str(c["step"]))})
+        rows.append({**base, "step": result.get("steps"), "final": 1, "validation": t.values[0],
+                     "test": (result.get("test") or {}).get("macro_balanced_accuracy"),
+                     "device_seconds": t.user_attrs.get("device_seconds"),
+                     "train_seconds": result.get("train_seconds"), "peak_memory_mb": result.get("peak_memory_mb"),
+                     "expert_load": result.get("expert_load") or None})
+    return rows
+
+
+def _text(seconds: float, unit: str) -> str:
+    return f"{seconds / 60:.6f}{'' if unit == 'wall' else unit + '-'}min"
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+__all__ = ["record", "recording_space", "table_rows"]

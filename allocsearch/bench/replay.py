@@ -1,0 +1,230 @@
+"""Replay a search on a recorded table, on a simulated clock: the controller's own code (admission, the
+cost model, the confirmation phase, the samplers and priors, the rungs of early stopping) runs as in a live
+search; only the executor differs. It plays Ray Tune's part: it starts the trials the controller proposes
+(``max_concurrent`` at once), and answers each from the table's recorded run of that configuration on one
+of its seeds (checkpoints at their recorded device-seconds), stopping trials by the same
+``allocsearch.search.rungs`` rule Tune runs live, and by the budget cap the worker enforces live.
+
+Which recorded seed answers a run: the search's seed s of a configuration is the table's seed
+``perm[s]``, with ``perm`` a random permutation per (replay seed, configuration): every replay sees other
+draws of the seed noise, and a confirmation run never repeats a recorded seed (at most as many seeds as
+the table has).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from allocsearch.bench.table import Table
+from allocsearch.confidence import config_key, estimates, winner
+
+# name -> settings of the study (see ``allocsearch.search.session.EXECUTION_DEFAULTS``)
+STRATEGIES = {
+    "default": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": True},
+    "default-no-confirm": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.0, "noise_aware": True},
+    "default-plain-asha": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": False},
+    "tpe-no-priors": {"sampler": "tpe", "priors": False, "scheduler": "asha", "confirm": 0.2, "noise_aware": True},
+    "priors-only": {"sampler": "random", "priors": True, "scheduler": "none", "confirm": 0.0, "only_priors": True},
+    "random": {"sampler": "random", "priors": False, "scheduler": "none", "confirm": 0.0},
+    "random-asha": {"sampler": "random", "priors": False, "scheduler": "asha", "confirm": 0.0, "noise_aware": False},
+    "grid": {"sampler": "grid", "priors": False, "scheduler": "none", "confirm": 0.0},
+}
+STARTUP_SECONDS = 0.0  # the table's device-seconds already count each trial from Tune's start
+
+
+@dataclass
+class Trace:
+    """What one replayed search did: at each trial's end, the spend so far and what it would export."""
+    strategy: str
+    seed: int
+    budget: float
+    points: list = field(default_factory=list)  # (device-seconds spent, exported key, single-seed argmax key)
+    trials: int = 0
+    confirm_trials: int = 0
+    confirm_seconds: float = 0.0
+    confirm_given: float = 0.0  # what the confirmation phase could spend when it started (reserve + leftover)
+    spent: float = 0.0
+    end_reason: str | None = None
+
+    def export_at(self, seconds: float) -> str | None:
+        """The configuration the search would export after ``seconds`` of spend (None before any)."""
+        key = None
+        for spent, exported, _ in self.points:
+            if spent > seconds:
+                break
+            key = exported
+        return key
+
+    @property
+    def final(self) -> str | None:
+        return self.points[-1][1] if self.points else None
+
+    @property
+    def argmax(self) -> str | None:
+        """The single-seed argmax before any confirmation run (what a search without one exports)."""
+        return self.points[-1][2] if self.points else None
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max_concurrent: int = 1,
+           workdir: str | Path | None = None) -> Trace:
+    """Run one search of ``strategy`` with ``budget_seconds`` device-seconds against the table."""
+    from allocsearch.search.controller import Controller
+    from allocsearch.search.rungs import Rungs
+    from allocsearch.search.samplers import make_sampler
+    from allocsearch.search.space import SearchSpace, model_depth
+    from allocsearch.search.study import MEMORY, Study
+
+    plan = STRATEGIES[strategy]
+    space = SearchSpace.from_dict(table.space, source="table")
+    layers = model_depth(space.model)
+    cpus = float(table.card.get("cpus_per_trial") or 1.0)
+    unit = table.card.get("budget_unit") or "cpu"
+    settings = {"name": f"replay-{strategy}-{seed}", "model": space.model, "data": space.data, "data_dir": None,
+                "space": "table", "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
+                "budget": _budget(budget_seconds, unit), "seed": seed, "storage": MEMORY,
+                "priors": plan["priors"] and space.use_priors, "num_layers": layers, "scheduler": plan["scheduler"],
+                "cpus_per_trial": cpus, "gpus_per_trial": 0.0, "max_failures": 5, "sampler": plan["sampler"],
+                "confirm": plan["confirm"], "max_seeds": len(table.seeds), "mlflow": False,
+                "noise": table.noise() if plan.get("noise_aware") else None,
+                "noise_aware_stopping": bool(plan.get("noise_aware"))}
+    with tempfile.TemporaryDirectory(prefix="as-replay-", dir=workdir) as tmp:
+        study = Study.create(tmp, settings, json.dumps(table.space))
+        clock = _Clock()
+        trace = Trace(strategy, seed, budget_seconds)
+
+        def on_event(kind, **data):
+            if kind == "confirming":
+                trace.confirm_given = data["reserve"]
+
+        ctl = Controller(study, space, num_layers=layers, sampler=make_sampler(plan["sampler"], seed), clock=clock,
+                         on_event=on_event)
+        sched = ctl.schedule(plan["scheduler"])
+        rungs = Rungs(sched["max_t"], sched["grace_period"], 2, sched["margin"]) if sched["scheduler"] == "asha" else None
+        _Loop(table, ctl, clock, rungs, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
+        ctl.close()
+        trace.end_reason, trace.spent = ctl.end_reason, ctl.spent()
+    return trace
+
+
+class _Loop:
+    """Tune's part on a simulated clock: an event queue of the running trials' next checkpoints."""
+
+    def __init__(self, table, ctl, clock, rungs, trace, rng, slots, only_priors):
+        self.table, self.ctl, self.clock, self.rungs, self.trace = table, ctl, clock, rungs, trace
+        self.rng, self.slots, self.only_priors = rng, slots, only_priors
+        self.perm: dict[str, list[int]] = {}
+        self.events: list = []  # (time, number, index into the run's checkpoints; len = the end)
+        self.running: dict[int, dict] = {}
+        self.done = False
+
+    def run(self) -> None:
+        while True:
+            self._fill()
+            if not self.events:
+                break
+            t, number, i = heapq.heappop(self.events)
+            self.clock.t = t
+            self._deliver(number, i)
+            self.ctl.tick()
+
+    def _fill(self) -> None:
+        while not self.done and len(self.running) < self.slots:
+            config = self.ctl.propose()
+            if config == "finished":
+                self.done = True
+            if not isinstance(config, dict):
+                return
+            number = config["number"]
+            trial = self.ctl.running[number]["trial"]
+            if self.only_priors and "prior" not in trial.user_attrs:
+                self.ctl.end_reason, self.done = "every prior has run", True
+                return  # close() records the admitted, never started trial
+            self._start(number, config)
+
+    def _start(self, number: int, config: dict) -> None:
+        info = self.ctl.running[number]
+        key = config_key(info["params"])
+        perm = self.perm.setdefault(key, self.rng.sample(range(len(self.table.seeds)), len(self.table.seeds)))
+        run = self.table.run(info["params"], perm[info["seed"] % len(perm)])
+        self.ctl.on_start(number)
+        start, devices = self.clock.t, config["devices"]
+        cap_at = start + config["cap_wall_seconds"]
+        self.running[number] = {"run": run, "start": start, "devices": devices, "cap_at": cap_at, "last": None,
+                                "confirm": "confirm" in self.ctl.running[number]["trial"].user_attrs}
+        self._next(number, 0)
+
+    def _next(self, number: int, i: int) -> None:
+        """Queue the run's checkpoint ``i`` (its end when i = the number of checkpoints), or its budget cap
+        (index -1) when the cap comes first: the worker stops there with its last checkpoint."""
+        r = self.running[number]
+        run = r["run"]
+        seconds = run.checkpoints[i][2] if i < len(run.checkpoints) else run.device_seconds
+        t = r["start"] + seconds / r["devices"]
+        heapq.heappush(self.events, (t, number, i) if t <= r["cap_at"] else (r["cap_at"], number, -1))
+
+    def _deliver(self, number: int, i: int) -> None:
+        r = self.running[number]
+        run = r["run"]
+        if i == -1 or i == len(run.checkpoints):
+            self._end(number, cap=i == -1)
+            return
+        step, value, seconds = run.checkpoints[i]
+        report = {"number": number, "step": step, "objective": value, "device_seconds": seconds,
+                  "wall_seconds": seconds / r["devices"], "trainable_params": run.trainable_params,
+                  "train_seconds": (run.train_seconds or 0.0) * step / max(run.steps, 1)}
+        self.ctl.on_result(number, report)
+        r["last"] = report
+        if self.rungs is not None and self.rungs.stop(number, step, value):
+            self._finish(number, report)
+            return
+        self._next(number, i + 1)
+
+    def _end(self, number: int, cap: bool) -> None:
+        r = self.running[number]
+        run = r["run"]
+        if cap:  # stopped by its budget cap: a final report with its last checkpoint, status stopped
+            last = r["last"] or {}
+            result = {"status": "stopped", "stop_reason": "budget", "steps": last.get("step", 0),
+                      "train_seconds": last.get("train_seconds")}
+            report = {"final": True, "status": "stopped", "step": last.get("step", 0), "objective": last.get("objective"),
+                      "trainable_params": run.trainable_params, "result_json": json.dumps(result)}
+        else:
+            result = {"status": "completed", "steps": run.steps, "train_seconds": run.train_seconds,
+                      "validation": {"macro_balanced_accuracy": run.final}, "trainable_params": run.trainable_params}
+            report = {"final": True, "status": "completed", "step": run.steps, "objective": run.final,
+                      "trainable_params": run.trainable_params, "result_json": json.dumps(result)}
+        self._finish(number, report)
+
+    def _finish(self, number: int, report: dict) -> None:
+        r = self.running.pop(number)
+        spent_before = self.ctl.keeper.spent()
+        self.ctl.on_complete(number, report, error=False)
+        self.trace.trials += 1
+        if r["confirm"]:
+            self.trace.confirm_trials += 1
+            self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
+        rows = self.ctl.books.rows()
+        best = winner(estimates(rows))
+        argmax = winner(estimates([row for row in rows if row["confirm"] is None]))
+        self.trace.points.append((self.ctl.spent(), best.key if best else None, argmax.key if argmax else None))
+
+
+def _budget(seconds: float, unit: str) -> dict:
+    from allocsearch.search.budget import Budget
+
+    return Budget.parse(f"{seconds / 60:.6f}{'' if unit == 'wall' else unit + '-'}min").to_dict()
+
+
+__all__ = ["STRATEGIES", "Trace", "replay"]

@@ -1,0 +1,129 @@
+"""How sure is the winner? One configuration's trials on several seeds -> mean +- a 95% confidence
+interval, and which configurations are statistically tied with the best. Torch-, Optuna- and Ray-free:
+``status``, the dashboard, ``export``, the confirmation phase and the replay benchmark all read this.
+
+A configuration is its parameters (every seed of it is its own trial). Ties with the best:
+- paired by seed where both were run on >= 2 common seeds: the best is separated from a configuration when
+  the 95% interval of their per-seed differences lies above 0 (a paired t-test, one sided at 2.5%);
+- otherwise (a single run on either side) the difference of means against the seed noise ``noise`` (a
+  standard deviation, measured by the study's repeated runs or declared by the space):
+  ``diff > 1.96 * noise * sqrt(1/n_best + 1/n_other)``; without a noise estimate nothing is separated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+
+# two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def t95(df: int) -> float:
+    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
+
+
+def config_key(params: dict) -> str:
+    """One configuration's identity: its parameters, canonical JSON."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+@dataclass
+class Estimate:
+    key: str
+    params: dict
+    values: dict = field(default_factory=dict)  # seed -> objective of its completed trial
+    trials: dict = field(default_factory=dict)  # seed -> trial number
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values.values())
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values.values()) if self.n > 1 else None
+
+    def half_width(self, noise: float | None = None) -> float | None:
+        """The 95% interval's half width: from its own seeds (n >= 2), or from ``noise`` for one run."""
+        if self.n > 1:
+            return t95(self.n - 1) * self.std / math.sqrt(self.n)
+        return 1.96 * noise if noise else None
+
+    def first_trial(self) -> int:
+        return min(self.trials.values())
+
+    def to_dict(self, noise: float | None = None) -> dict:
+        return {"params": self.params, "n": self.n, "mean": self.mean, "std": self.std,
+                "ci95": self.half_width(noise), "seeds": sorted(self.values), "trials": sorted(self.trials.values()),
+                "values": [self.values[s] for s in sorted(self.values)]}
+
+
+def estimates(rows) -> list[Estimate]:
+    """Completed trials (rows with number, state, objective, params and seed) grouped by configuration,
+    best mean first. A seed run twice (a retry) counts once: its first completed trial."""
+    out: dict[str, Estimate] = {}
+    for r in sorted(rows, key=lambda r: r["number"]):
+        if r.get("state") != "completed" or r.get("objective") is None or not r.get("params"):
+            continue
+        key = config_key(r["params"])
+        est = out.setdefault(key, Estimate(key, dict(r["params"])))
+        seed = r.get("seed", 0)
+        if seed not in est.values:
+            est.values[seed], est.trials[seed] = float(r["objective"]), r["number"]
+    return sorted(out.values(), key=lambda e: (-e.mean, e.first_trial()))
+
+
+def pooled_noise(ests: list[Estimate]) -> float | None:
+    """The seed noise (standard deviation) pooled over every configuration run on >= 2 seeds."""
+    num = sum((e.n - 1) * e.std ** 2 for e in ests if e.n > 1)
+    dof = sum(e.n - 1 for e in ests if e.n > 1)
+    return math.sqrt(num / dof) if dof else None
+
+
+def separated(best: Estimate, other: Estimate, noise: float | None) -> bool:
+    """Whether ``best`` is better than ``other`` beyond seed noise (see the module's rule)."""
+    common = sorted(set(best.values) & set(other.values))
+    if len(common) >= 2 and (best.n > 1 and other.n > 1):
+        diffs = [best.values[s] - other.values[s] for s in common]
+        sd = statistics.stdev(diffs)
+        low = statistics.fmean(diffs) - t95(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+        return low > 0
+    if not noise:
+        return False
+    return best.mean - other.mean > 1.96 * noise * math.sqrt(1 / best.n + 1 / other.n)
+
+
+def winner(ests: list[Estimate]) -> Estimate | None:
+    """The configuration to export: of those run on the most seeds (the confirmed finalists), the highest
+    mean; with no repeats, the single best run (the argmax, as without a confirmation phase)."""
+    if not ests:
+        return None
+    most = max(e.n for e in ests)
+    return max((e for e in ests if e.n == most), key=lambda e: (e.mean, -e.first_trial()))
+
+
+def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
+    """What ``status``, the dashboard and ``export`` show about the winner: the finalists (mean, 95% CI,
+    n, seeds), which are tied with the winner, and the noise the calls were made with."""
+    ests = estimates(rows)
+    best = winner(ests)
+    if best is None:
+        return None
+    noise = pooled_noise(ests) or noise
+    others = [e for e in ests if e is not best]
+    finalists = [best] + sorted([e for e in others if e.n > 1], key=lambda e: -e.mean)
+    finalists += [e for e in others if e.n == 1][:max(0, top - len(finalists))]
+    tied = [e for e in others if not separated(best, e, noise)]
+    return {"winner": best.to_dict(noise), "noise": noise, "configurations": len(ests),
+            "finalists": [dict(e.to_dict(noise), tied=e is not best and e in tied) for e in finalists],
+            "tied": [e.to_dict(noise) for e in tied]}
+
+
+__all__ = ["Estimate", "config_key", "estimates", "evidence", "pooled_noise", "separated", "t95", "winner"]

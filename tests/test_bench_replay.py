@@ -1,0 +1,197 @@
+"""The recorded-table benchmark without training: a table written and read back, searches replayed on a
+simulated clock through the controller's own code (confirmation phase, early stopping, budget), the
+strategies scored, and ``allocsearch bench search`` end to end on a synthetic table."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from conftest import run_cli
+
+from allocsearch.bench import compare
+from allocsearch.bench.replay import STRATEGIES, replay
+from allocsearch.bench.table import Table, TableError, write
+from allocsearch.confidence import config_key
+
+SPACE = {
+    "version": 1, "model": "tiny-llama",
+    "data": {"seed": 0, "tasks": [{"name": "sst2", "train": 16, "validation": 8, "test": 8}]},
+    "train": {"steps": 8, "batch_size": 4, "max_length": 64, "eval_every": 2, "eval_examples": 8,
+              "lr": {"choice": [1.0e-3, 3.0e-3]}},
+    "methods": {"mola": {"experts": {"choice": [2, 4]}, "top_k": {"int": [1, 2]}, "rank": {"choice": [2, 4]}},
+                "lora": {"rank": {"choice": [2, 4]}}},
+}
+
+
+def grid_points():
+    import optuna
+
+    from allocsearch.search.samplers import make_sampler
+    from allocsearch.search.space import SearchSpace
+
+    space, sampler = SearchSpace.from_dict(SPACE), make_sampler("grid", 0)
+    study = optuna.create_study(sampler=sampler)
+    points = []
+    while not sampler.used_up:
+        trial = study.ask()
+        params = space.sample(trial, 4)
+        if params not in points:
+            points.append(params)
+        study.tell(trial, 0.0)
+    return points
+
+
+def truth_of(params: dict) -> float:
+    """A synthetic task where allocation matters: the higher lr and MoLA with 4 experts help."""
+    q = 0.70 + 0.05 * (params["lr"] == 3e-3)
+    if params.get("method") == "mola":
+        q += 0.03 * (params["mola.experts"] == 4) + 0.004 * params["mola.rank"]
+    return q
+
+
+def make_table(folder, noise=0.01, seeds=(0, 1, 2)):
+    rng = random.Random(0)
+    rows = []
+    for p in grid_points():
+        cost = 20.0 if p.get("method") == "mola" else 10.0
+        for s in seeds:
+            final = truth_of(p) + rng.gauss(0, noise)
+            for step in (2, 4, 6):
+                rows.append({"config": config_key(p), "seed": s, "step": step, "final": 0,
+                             "validation": final - 0.05 * (8 - step) / 8 + rng.gauss(0, noise),
+                             "device_seconds": 2.0 + cost * step / 8})
+            rows.append({"config": config_key(p), "seed": s, "step": 8, "final": 1, "validation": final,
+                         "test": final - 0.01, "device_seconds": cost + 3.0, "train_seconds": cost,
+                         "trainable_params": 100})
+    write(folder, rows, {"name": "synthetic", "cpus_per_trial": 1.0, "budget_unit": "cpu"}, json.dumps(SPACE))
+    return Table.load(folder)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    return make_table(tmp_path_factory.mktemp("table"))
+
+
+def test_a_table_reads_back_what_was_written(table, tmp_path):
+    assert len(table.runs) == 20 and table.seeds == [0, 1, 2]
+    ests = table.estimates()
+    best = max(grid_points(), key=truth_of)
+    assert ests[0].params == best  # the synthetic truth's best is the table's (noise 0.01 < its margin)
+    assert 0.005 < table.noise() < 0.02
+    # the grid: 4 LoRA configurations at 13 s, 16 MoLA at 23 s
+    assert table.grid_seconds() == pytest.approx(4 * 13 + 16 * 23)
+    run = table.run(best, 1)
+    assert [c[0] for c in run.checkpoints] == [2, 4, 6] and run.steps == 8 and run.test == pytest.approx(run.final - 0.01)
+    with pytest.raises(TableError, match="not in the table"):
+        table.run({"method": "lora", "lora.rank": 99, "lr": 1e-3}, 0)
+    # a table missing a seed of one configuration is refused with the fix
+    rows = [r for r in _rows_of(table) if not (r["seed"] == 2 and r["config"] == ests[0].key)]
+    write(tmp_path / "x", rows, {}, json.dumps(SPACE))
+    with pytest.raises(TableError, match="lack some of the seeds"):
+        Table.load(tmp_path / "x")
+    with pytest.raises(TableError, match="no benchmark table"):
+        Table.load(tmp_path / "nothing")
+
+
+def _rows_of(table):
+    out = []
+    for key, by in table.runs.items():
+        for seed, run in by.items():
+            for step, value, seconds in run.checkpoints:
+                out.append({"config": key, "seed": seed, "step": step, "final": 0, "validation": value,
+                            "device_seconds": seconds})
+            out.append({"config": key, "seed": seed, "step": run.steps, "final": 1, "validation": run.final,
+                        "device_seconds": run.device_seconds})
+    return out
+
+
+def test_a_grid_with_the_whole_budget_runs_every_configuration_once(table):
+    trace = replay(table, "grid", budget_seconds=1.05 * table.grid_seconds(), seed=0)
+    assert trace.trials == 20 and trace.confirm_trials == 0
+    assert trace.end_reason == "every point of the grid has run"
+    assert trace.spent == pytest.approx(table.grid_seconds())
+    # what it exports is the argmax of the single seeds it saw; every configuration is in the table
+    assert trace.final in table.runs and trace.argmax == trace.final
+
+
+def test_a_search_confirms_its_finalists_inside_its_reserve(table, monkeypatch):
+    # without early stopping every trial completes, so the race has finalists
+    monkeypatch.setitem(STRATEGIES, "tpe-confirm", {**STRATEGIES["default"], "scheduler": "none"})
+    budget = 0.6 * table.grid_seconds()
+    trace = replay(table, "tpe-confirm", budget_seconds=budget, seed=3)
+    assert trace.confirm_trials >= 2  # the finalists re-ran on fresh seeds
+    assert trace.confirm_given >= 0.2 * budget - 1e-6  # the reserve was held back for it
+    assert trace.confirm_seconds <= trace.confirm_given + 1e-6
+    assert trace.spent <= budget * 1.001
+    assert trace.final in table.runs and "confirmation" in trace.end_reason
+
+
+def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search(table):
+    # ASHA on this table completes only the best configuration: nothing to race, the search goes on
+    budget = 0.6 * table.grid_seconds()
+    trace = replay(table, "default", budget_seconds=budget, seed=3)
+    assert trace.confirm_trials == 0 and trace.confirm_given == pytest.approx(0.2 * budget, rel=0.05)
+    assert trace.spent > 0.9 * budget
+    # spend is monotone along the trace and the anytime export is defined after the first trial
+    spends = [p[0] for p in trace.points]
+    assert spends == sorted(spends) and trace.export_at(spends[0]) is not None and trace.export_at(-1) is None
+
+
+def test_replays_are_reproducible_and_differ_across_seeds(table):
+    budget = 0.3 * table.grid_seconds()
+    a = replay(table, "random-asha", budget_seconds=budget, seed=5)
+    b = replay(table, "random-asha", budget_seconds=budget, seed=5)
+    c = replay(table, "random-asha", budget_seconds=budget, seed=6)
+    assert a.points == b.points and a.points != c.points
+    assert a.trials > budget / 23  # early stopping made room for more trials than whole runs would
+
+
+def test_priors_only_runs_the_papers_settings_and_stops(table):
+    trace = replay(table, "priors-only", budget_seconds=table.grid_seconds(), seed=0)
+    assert trace.end_reason == "every prior has run" and 1 <= trace.trials < 20
+
+
+def test_compare_scores_strategies_against_the_tables_truth(table):
+    result = compare.run(table, ["default", "random", "grid"], [0.25, 0.5], seeds=3)
+    rows = {(r["strategy"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {(s, b) for s in ("default", "random", "grid") for b in (0.25, 0.5)}
+    for r in rows.values():
+        assert 0.70 <= r["quality"][0] <= 0.85 and 0 <= r["hit"] <= 1 and r["seeds"] == 3
+        assert r["regret"][0] >= 0 or math.isclose(r["regret"][0], 0, abs_tol=0.3)
+    assert rows[("grid", 0.5)]["confirm_share"] == 0 and rows[("default", 0.5)]["confirm_share"] > 0
+    curve = result["curves"]["default"]
+    assert len(curve["seconds"]) == compare.CURVE_POINTS and curve["seconds"][-1] == pytest.approx(0.5 * table.grid_seconds())
+    goals = compare.goals(result)
+    assert [g[0][:40] for g in goals][0].startswith("default within noise")
+    assert all(isinstance(met, bool) for _, met, _ in goals)
+
+
+@pytest.mark.parametrize("bad,message", [("--budgets 10%,x", "is not a share"), ("--budgets 0%", "above 0%"),
+                                         ("--strategies default,nope", "nope unknown"), ("--seeds 0", "at least once")])
+def test_bench_search_refuses_bad_flags_in_one_line(tmp_path, capsys, bad, message):
+    folder = tmp_path / "t"
+    make_table(folder)
+    code, out, err = run_cli(capsys, "bench", "search", "--table", str(folder), *bad.split())
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (folder / "replay.png").exists()
+    code, _, err = run_cli(capsys, "bench", "search", "--table", str(tmp_path / "none"))
+    assert code != 0 and "no benchmark table" in err
+
+
+def test_bench_search_prints_the_goals_and_draws_the_plot(tmp_path, capsys):
+    folder = tmp_path / "t"
+    make_table(folder)
+    code, text, err = run_cli(capsys, "bench", "search", "--table", str(folder), "--seeds", "2", "--budgets", "50%",
+                              "--strategies", "default,random", "--json")
+    assert code == 0, err
+    out = json.loads(text)
+    assert (folder / "replay.png").read_bytes()[:4] == b"\x89PNG"
+    assert {r["strategy"] for r in out["rows"]} == {"default", "random"} and len(out["goals"]) == 4
+
+
+def test_every_strategy_names_settings_the_controller_reads():
+    for name, plan in STRATEGIES.items():
+        assert plan["sampler"] in ("tpe", "random", "grid") and plan["scheduler"] in ("asha", "none")
+        assert 0 <= plan["confirm"] <= 0.5, name

@@ -1,0 +1,116 @@
+"""The confirmation phase inside a search (the controller driven by hand, as Ray would), and the evidence
+it leaves: every seed its own trial linked to its configuration, the reserve respected, and the same
+winner with its mean +- CI and ties in ``status``, ``export`` and Optuna's best."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import yaml
+from test_search_controller import Clock, final, make
+
+from allocsearch import analysis
+from allocsearch.cli.search_view import render_summary
+from allocsearch.confidence import config_key
+from allocsearch.export import export_trial
+
+
+def score(params: dict, seed: int) -> float:
+    """A task where the learning rate matters and seeds add noise (std 0.01)."""
+    return 0.70 + 20 * params["lr"] + random.Random(f"{config_key(params)}-{seed}").gauss(0, 0.01)
+
+
+def search(tmp_path, **settings):
+    """Run a whole search through the controller's hooks; returns (controller, [(number, config)])."""
+    clock = Clock()
+    ctl = make(tmp_path, budget="12cpu-min", clock=clock, scheduler="none", max_seeds=4, **settings)
+    ran = []
+    for _ in range(200):
+        config = ctl.propose()
+        if config == "finished":
+            break
+        assert config is not None  # one trial at a time: nothing is running to wait for
+        n = config["number"]
+        ctl.on_start(n)
+        clock.t += 30.0
+        params = ctl.running[n]["params"]
+        ctl.on_complete(n, final(objective=score(params, config["spec"]["train"]["seed"])), error=False)
+        ran.append((n, config))
+    ctl.close()
+    return ctl, ran
+
+
+def test_the_confirmation_phase_reruns_finalists_on_fresh_seeds_inside_its_reserve(tmp_path):
+    ctl, ran = search(tmp_path, confirm=0.3)
+    trials = {t.number: t for t in ctl.ostudy.get_trials(deepcopy=False)}
+    confirm = [n for n, _ in ran if trials[n].user_attrs.get("confirm") is not None]
+    assert len(confirm) >= 3, ctl.end_reason
+    for n in confirm:
+        t, first = trials[n], trials[trials[n].user_attrs["confirm"]]
+        assert t.params == first.params  # linked to its configuration's first trial
+        assert t.user_attrs["seed"] != first.user_attrs["seed"]  # on a fresh seed
+        assert dict(ran)[n]["spec"]["train"]["seed"] == t.user_attrs["seed"]  # the seed the trial trained with
+    seeds = {}
+    for n in confirm:
+        seeds.setdefault(config_key(trials[n].params), []).append(trials[n].user_attrs["seed"])
+    assert all(len(v) == len(set(v)) for v in seeds.values())  # no seed twice for a configuration
+    spent = ctl.study.ledger.trial_spend()
+    assert sum(spent[n] for n in confirm) <= 0.3 * 12 * 60 + 30.0  # the reserve (plus what the search left)
+    assert "confirmation" in ctl.end_reason or "nothing more fits" in ctl.end_reason
+
+
+def test_status_export_and_optuna_name_the_same_winner_with_its_evidence(tmp_path):
+    ctl, _ = search(tmp_path, confirm=0.3)
+    summary = analysis.summarize(ctl.study.root)
+    ev = summary["evidence"]
+    assert ev["winner"]["n"] >= 2 and ev["noise"] is not None
+    best = summary["best"]
+    assert config_key(best["params"]) == config_key(ev["winner"]["params"]) and best["number"] == ev["winner"]["trials"][0]
+    text = render_summary(summary, final=True)
+    assert "finalists (mean +- 95% CI over seeds" in text and "winner" in text
+    assert f"{ev['winner']['mean']:.4f}" in text
+    doc = yaml.safe_load(export_trial(ctl.study.root, best["number"]))
+    evidence = doc["provenance"]["evidence"]
+    assert evidence["is_winner"] and evidence["this"]["n"] == ev["winner"]["n"]
+    assert evidence["this"]["mean"] == pytest.approx(ev["winner"]["mean"])
+    assert evidence["tied_count"] == len(ev["tied"])
+    rows = analysis.finalists_table(summary)
+    assert rows[0]["mark"] == "winner" and rows[0]["n"] == ev["winner"]["n"]
+
+
+def test_with_confirmation_off_the_budget_all_goes_to_the_search(tmp_path):
+    ctl, ran = search(tmp_path, confirm=0.0)
+    trials = {t.number: t for t in ctl.ostudy.get_trials(deepcopy=False)}
+    assert not any(t.user_attrs.get("confirm") is not None for t in trials.values())
+    assert ctl.keeper.held == 0.0 and len(ran) >= 22  # 12 CPU-min of 30 s trials, nothing held back
+
+
+def test_a_configuration_drawn_again_runs_on_the_next_seed(tmp_path):
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock, scheduler="none", priors=False)
+    params = {"method": "lora", "lora.rank": 2, "lr": 1e-3}
+    for _ in range(3):
+        ctl.ostudy.enqueue_trial(params)
+    seeds = []
+    for _ in range(3):
+        config = ctl.propose()
+        ctl.on_start(config["number"])
+        clock.t += 10
+        ctl.on_complete(config["number"], final(objective=0.8), error=False)
+        seeds.append(config["spec"]["train"]["seed"])
+    assert seeds == [0, 1, 2]
+
+
+def test_the_dashboard_shows_how_sure_the_winner_is(tmp_path):
+    pytest.importorskip("streamlit")
+    pytest.importorskip("plotly")
+    from test_dashboard import charts, clean, open_app, shown
+
+    ctl, _ = search(tmp_path, confirm=0.3)
+    ev = analysis.summarize(ctl.study.root)["evidence"]
+    at = clean(open_app(tmp_path, study=ctl.study.name))
+    assert "How sure is the winner?" in shown(at)
+    assert any("Finalists: mean +- 95% CI" in t for t in charts(at))
+    table = next(d.value for d in at.dataframe if "ci95" in d.value.columns)
+    assert list(table["mark"])[0] == "winner" and list(table["n"])[0] == ev["winner"]["n"]
+    assert list(table["mean"])[0] == pytest.approx(ev["winner"]["mean"])
