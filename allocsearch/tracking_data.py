@@ -193,6 +193,13 @@ def summary_metrics(summary: dict, ts: int) -> tuple[list, dict]:
         metrics += [("best.objective", best.get("objective"), ts, 0), ("best.trial", best.get("number"), ts, 0)]
         tags.update({"best.trial": best.get("number"), "best.summary": best.get("summary"),
                      "best.params": json.dumps(best.get("params"), sort_keys=True)})
+    winner = (summary.get("evidence") or {}).get("winner")
+    if winner and winner["n"] > 1:  # the confirmed winner: its mean over seeds, as status and export show it
+        ev = summary["evidence"]
+        metrics += [("winner.mean", winner["mean"], ts, 0), ("winner.ci95", winner.get("ci95"), ts, 0),
+                    ("winner.n", winner["n"], ts, 0), ("winner.tied", len(ev["tied"]), ts, 0),
+                    ("seed_noise", ev.get("noise"), ts, 0)]
+        tags["winner.trials"] = ",".join(map(str, winner["trials"]))
     if summary.get("pareto"):
         tags["pareto_trials"] = ",".join(str(t["number"]) for t in summary["pareto"])
     return metrics, tags

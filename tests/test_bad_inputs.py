@@ -139,6 +139,16 @@ OTHER = [  # data specs, budgets, spaces: (full arguments, text of the one error
      "hf download some-org/not-cached"),
     (["space", "check", "space-scope-omoe.yaml"], "omoe has no FFN-block form"),
     (["alloc", "--method", "omoe", "--layers", "2", "--router-scope", "ffn_block"], "router_scope ffn_block is for"),
+    (["start", "--budget", "1cpu-h", "--confirm", "lots", "--workdir", "out"], "is not a share of the budget"),
+    (["start", "--budget", "1cpu-h", "--confirm", "0.9", "--workdir", "out"], "--confirm 0.9"),
+    (["start", "--budget", "1cpu-h", "--noise", "3", "--workdir", "out"], "--noise 3"),
+    (["bench", "search", "--table", "nothing"], "no benchmark table"),
+    (["bench", "record", "--space", "space-inverted.yaml", "--name", "t", "--budget", "1cpu-h", "--workdir", "out",
+      "--out", "out/t"], "inverted"),
+    (["bench", "record", "--space", "missing.yaml", "--name", "t", "--budget", "1cpu-h", "--workdir", "out",
+      "--out", "out/t"], "not found"),
+    (["bench", "record", "--space", "demo", "--name", "../t", "--budget", "1cpu-h", "--workdir", "out",
+      "--out", "out/t"], "table name '../t'"),
 ]
 
 CASES = ([pytest.param(["train", *a, "--out", "out/run"], n, id="train " + " ".join(a)) for a, n in TRAIN]

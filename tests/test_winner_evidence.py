@@ -76,6 +76,12 @@ def test_status_export_and_optuna_name_the_same_winner_with_its_evidence(tmp_pat
     assert evidence["tied_count"] == len(ev["tied"])
     rows = analysis.finalists_table(summary)
     assert rows[0]["mark"] == "winner" and rows[0]["n"] == ev["winner"]["n"]
+    from allocsearch.tracking_data import summary_metrics  # what the MLflow parent run gets at the end
+
+    metrics, tags = summary_metrics(summary, 0)
+    logged = {k: v for k, v, _, _ in metrics}
+    assert logged["winner.mean"] == pytest.approx(ev["winner"]["mean"]) and logged["winner.n"] == ev["winner"]["n"]
+    assert logged["best.trial"] == best["number"] and tags["winner.trials"].split(",")[0] == str(best["number"])
 
 
 def test_with_confirmation_off_the_budget_all_goes_to_the_search(tmp_path):

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +52,6 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
     part = Budget.parse(budget)
     table_space, rec = recording_space(space_path, seeds)
     work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    space_file = work / f"{name}.space.yaml"
     opts = StartOptions(study=name, workdir=str(work), data_dir=data_dir, cpus_per_trial=cpus_per_trial,
                         max_concurrent=max_concurrent, ray_address=ray_address, mlflow=False)
     if Study.exists(work, name):  # this part's budget on top of what the recording has spent
@@ -65,10 +64,13 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
         opts.budget = _text(spent + part.seconds, part.unit)
         _requeue_unfinished(study)
     else:
+        opts.budget, opts.sampler, opts.scheduler, opts.priors, opts.confirm = part.text, "grid", "none", False, 0.0
+    with tempfile.TemporaryDirectory(prefix="as-record-") as tmp:  # the study keeps its own space.yaml
+        space_file = Path(tmp) / f"{name}.yaml"
         space_file.write_text(yaml.safe_dump(rec, sort_keys=False))
-        opts.budget, opts.space = part.text, str(space_file)
-        opts.sampler, opts.scheduler, opts.priors, opts.confirm = "grid", "none", False, 0.0
-    summary = run(opts, on_event=on_event)
+        if opts.sampler == "grid":
+            opts.space = str(space_file)
+        summary = run(opts, on_event=on_event)
     study = Study.open(work, name)
     rows = table_rows(study)
     space = SearchSpace.from_dict(table_space)
@@ -78,6 +80,7 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
             "space": str(Path(space_path)), "seeds": sorted(seeds), "configurations": expected // len(seeds),
             "runs": runs, "complete": runs == expected, "objective": "validation macro balanced accuracy",
             "cpus_per_trial": study.settings["cpus_per_trial"], "gpus_per_trial": study.settings["gpus_per_trial"],
+            "max_concurrent": study.settings.get("max_concurrent"),
             "budget_unit": Budget.from_dict(study.settings["budget"]).unit, "commit": _commit(),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "spent_device_seconds": study.ledger.spent(Budget.from_dict(study.settings["budget"]).unit),

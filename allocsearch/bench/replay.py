@@ -217,8 +217,11 @@ class _Loop:
             self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
         rows = self.ctl.books.rows()
         best = winner(estimates(rows))
-        argmax = winner(estimates([row for row in rows if row["confirm"] is None]))
-        self.trace.points.append((self.ctl.spent(), best.key if best else None, argmax.key if argmax else None))
+        # Optuna's best trial: the single highest score of the search phase (no confirmation run counted)
+        done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None and r["confirm"] is None]
+        argmax = max(done, key=lambda r: (r["objective"], -r["number"]), default=None)
+        self.trace.points.append((self.ctl.spent(), best.key if best else None,
+                                  config_key(argmax["params"]) if argmax else None))
 
 
 def _budget(seconds: float, unit: str) -> dict:

@@ -60,7 +60,7 @@ def record_cmd(space, name, seeds, budget, workdir, out, data_dir, cpus_per_tria
 @click.option("--seeds", default=20, show_default=True, help="Replays per strategy and budget.")
 @click.option("--budgets", default="10%,25%,50%", show_default=True,
               help="Budgets as shares of the grid's device-seconds (every configuration once, in full).")
-@click.option("--max-concurrent", default=1, show_default=True, help="Trials at once, as the recording ran.")
+@click.option("--max-concurrent", type=int, default=None, help="Trials at once (default: as the recording ran).")
 @click.option("--plot", default=None, help="Where to draw the PNG (default: <table>/replay.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def search_cmd(table_dir, strategies, seeds, budgets, max_concurrent, plot, as_json):
@@ -84,6 +84,9 @@ def search_cmd(table_dir, strategies, seeds, budgets, max_concurrent, plot, as_j
     if seeds < 1:
         raise AllocsearchError(f"--seeds {seeds}: replay at least once per strategy and budget, e.g. --seeds 20")
     table = Table.load(table_dir)
+    max_concurrent = max_concurrent or int(table.card.get("max_concurrent") or 1)
+    if max_concurrent < 1:
+        raise AllocsearchError(f"--max-concurrent {max_concurrent}: at least 1 trial runs at a time")
     result = _run_with_progress("replaying", "replaying", lambda progress: compare.run(
         table, names, shares, seeds, max_concurrent=max_concurrent, progress=progress))
     png = draw(result, plot or Path(table_dir) / "replay.png", title=f"{table.card.get('name', table_dir)}: "
@@ -100,8 +103,10 @@ def _finite(v):
 
 
 def render(result: dict) -> None:
+    import shutil
+
     t = result["table"]
-    console = Console()
+    console = Console(width=max(150, shutil.get_terminal_size((150, 40)).columns))
     console.print(f"table: {t['configurations']} configurations x {len(t['seeds'])} seeds; seed noise (std) "
                   f"{t['noise']:.4f}; true means: best {t['best']['mean']:.4f}, median {t['median']:.4f}, "
                   f"spread (std) {t['spread_std']:.4f}; the grid costs {t['grid_device_seconds'] / 3600:.2f} "
@@ -109,7 +114,7 @@ def render(result: dict) -> None:
     table = RichTable(title=f"replayed searches, mean +- standard error over {result['seeds']} seeds")
     for col in ("strategy", "budget", "true quality", "norm. regret", "to within noise", "(share of grid)",
                 "true best or tied", "single-seed argmax", "trials", "confirmation spent"):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for r in sorted(result["rows"], key=lambda r: (r["budget"], result["strategies"].index(r["strategy"]))):
         reach = r["to_noise_seconds"]
         table.add_row(r["strategy"], f"{r['budget']:.0%}", f"{r['quality'][0]:.4f} +- {r['quality'][1]:.4f}",

@@ -63,7 +63,8 @@ class LiveView:
             line = f"ray: {d['cpus']:g} CPUs, {d['gpus']:g} GPUs"
         elif kind == "admitted":
             self.trials[d["number"]] = {"summary": d["summary"], "experts": d.get("experts")}
-            line = f"trial {d['number']}: {d['summary']} (predicted {self._fmt(d['predicted'])})"
+            again = f", confirming trial {d['confirm']} on seed {d['seed']}" if d.get("confirm") is not None else ""
+            line = f"trial {d['number']}: {d['summary']} (predicted {self._fmt(d['predicted'])}{again})"
         elif kind == "started":
             self.counts["running"] += 1
         elif kind == "checkpoint":
@@ -88,6 +89,11 @@ class LiveView:
         elif kind == "oom_retry":
             line = (f"trial {d['number']}: out of memory; its configuration runs again with batch {d['batch_size']} "
                     f"x {d['grad_accum']} accumulation")
+        elif kind == "confirming" and not d.get("ended"):
+            line = (f"confirmation phase: {len(d['finalists'])} finalists re-run on fresh seeds, raced against the "
+                    f"best ({self._fmt(d['reserve'])} left for it)")
+        elif kind == "confirming":
+            line = f"no confirmation phase ({d['ended']}): the reserve goes back to the search"
         elif kind == "ray_logs_kept":
             line = f"a trial failed: Ray's worker logs are kept in {d['path']}"
         if line:

@@ -212,7 +212,8 @@ class Controller:
                                 "predicted": predicted, "cap": cap, "last": None,
                                 "reported": set(), "train": spec["train"], "seed": seed, "times": {},
                                 "key": config_key(params)}
-        self.emit("admitted", number=number, summary=summary, predicted=predicted, cap=cap, experts=experts)
+        self.emit("admitted", number=number, summary=summary, predicted=predicted, cap=cap, experts=experts,
+                  seed=seed, confirm=trial.user_attrs.get("confirm"))
         return {"number": number, "spec": spec, "trial_dir": str(self.study.trial_dir(number).resolve()),
                 "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
                 "threads": max(1, int(self.study.settings["cpus_per_trial"])),
