@@ -82,9 +82,10 @@ def kill9_case(case: Case, args, rng) -> None:
     unit = Budget.parse(args.budget).unit
     space = case.space(args.steps)
     kills: list[dict] = []
+    run = None
     for k in range(args.kills + 1):
         session = case.ledger().next_session()  # the session number this run's controller will take
-        killed, run = (run if kills else None), Run(case, ["--budget", args.budget, "--space", str(space)])
+        killed, run = run, Run(case, ["--budget", args.budget, "--space", str(space)])
         if kills:  # a resume: the new controller recovers the study, then writes its session record
             _after_resume(case, kills[-1], run, session, unit)
             _leftovers_ended(case, kills[-1], killed)

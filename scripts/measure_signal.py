@@ -5,8 +5,8 @@ seed-to-seed noise of one configuration, on whole trials (no early stopping), as
     python3 scripts/measure_signal.py [--space demo] [--configs 6] [--seeds 3] [--out signal.json]
 
 Noise: the first prior of the space (LoRA r8 where the space has LoRA; ``--noise-from first``: the first
-sampled configuration) trained with seeds 0..S-1 (data split fixed). Spread: C configurations sampled
-uniformly from the space (Optuna RandomSampler, seed 0), seed 0. Prints a table and the ratio spread /
+sampled configuration) trained with seeds 0..S-1 (data split fixed). Spread: C distinct configurations
+sampled uniformly from the space (Optuna RandomSampler, seed 0), seed 0. Prints a table and the ratio spread /
 noise (standard deviations); writes the numbers as JSON.
 
 Probing a benchmark task (issue 14): a probe space fixes a good learning rate, so the spread is the
@@ -51,7 +51,13 @@ def main() -> int:
     layers = model_depth(space.model)
     priors = dict(space.priors(layers))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
-    sampled = [space.sample(study.ask(), layers) for _ in range(args.configs)]
+    sampled: list[dict] = []
+    for _ in range(50 * args.configs):  # distinct configurations (a finite space repeats draws)
+        params = space.sample(study.ask(), layers)
+        if params not in sampled:
+            sampled.append(params)
+        if len(sampled) == args.configs:
+            break
     if args.noise_from == "prior" and priors:
         label = "LoRA r8" if "LoRA r8" in priors else next(iter(priors))
         noise_params = priors[label]

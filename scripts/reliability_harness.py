@@ -247,7 +247,8 @@ def snapshot(root: Path) -> dict:
         rows.append({**{k: t[k] for k in ("number", "state", "objective", "reason", "retry_of", "prior",
                                           "intermediate", "spend")},
                      "params": params, "recovered": attrs.get("recovered"), "session": attrs.get("session"),
-                     "stop_reason": attrs.get("stop_reason"), "oom_retry": attrs.get("oom_retry")})
+                     "stop_reason": attrs.get("stop_reason"), "oom_retry": attrs.get("oom_retry"),
+                     "seed": attrs.get("seed", 0), "confirm": attrs.get("confirm")})
     return {"spent": s["budget"]["spent"], "budget": s["budget"]["total"], "rows": rows,
             "counts": {k: v for k, v in s["counts"].items() if v}}
 
@@ -298,14 +299,16 @@ def duplicates(snap: dict) -> list[str]:
 
 
 def paid_twice(snap: dict, ledger: Ledger) -> list[str]:
-    """A completed/pruned configuration run again as a new trial; a trial number the ledger charges in two
-    sessions (its final records, or any spend)."""
+    """A completed/pruned configuration run again as a new trial on the same training seed (a re-run on a
+    fresh seed, as the confirmation phase and a repeated draw do, measures seed noise: not paid twice); a
+    trial number the ledger charges in two sessions (its final records, or any spend)."""
     out, seen = [], []
     for r in sorted(snap["rows"], key=lambda r: r["number"]):
         if r["state"] in RAN:
-            twin = next((s for s in seen if s["params"] == r["params"]), None)
+            twin = next((s for s in seen if s["params"] == r["params"] and s["seed"] == r["seed"]), None)
             if twin is not None:
-                out.append(f"trial {r['number']} re-runs {twin['state']} trial {twin['number']}'s configuration")
+                out.append(f"trial {r['number']} re-runs {twin['state']} trial {twin['number']}'s configuration "
+                           f"on the same seed {r['seed']}")
         if r["state"] in DONE and r["params"]:
             seen.append(r)
     finals, charged = collections.defaultdict(set), collections.defaultdict(set)

@@ -255,16 +255,36 @@ def test_a_refused_start_is_one_line_and_changes_nothing(tmp_path, options, need
     assert not (tmp_path / "runs" / "new").exists()
 
 
-def test_a_start_refused_by_the_lock_leaves_the_stored_settings(tmp_path):
+def test_a_start_refused_by_the_lock_leaves_the_stored_settings(tmp_path, monkeypatch):
     from allocsearch.search.session import StartOptions, prepare, run
 
     work = str(tmp_path / "runs")
     study, *_ = prepare(StartOptions(budget="1cpu-min", space=_space_file(tmp_path), study="s", workdir=work))
     before = (study.root / "study.json").read_text()
     with study.lock():
+        with pytest.raises(StudyError, match="already being searched") as exc:
+            run(StartOptions(budget="5cpu-min", study="s", workdir=work, cpus_per_trial=2.0))
+        # the fix names the study's folder: 'allocsearch stop' would look in ./allocsearch-runs otherwise
+        assert f"--workdir {study.root.parent}" in str(exc.value)
+    assert (study.root / "study.json").read_text() == before
+    # the running controller saves its settings between this start reading study.json and being refused the
+    # lock: the refused start must not write back what it read
+    from allocsearch.fileio import write_text_atomic
+    from allocsearch.search.budget import Budget
+    from allocsearch.search.study import Study
+
+    real_lock = Study.lock
+
+    def lock_taken_meanwhile(self):
+        self.settings = {**self.settings, "budget": Budget.parse("3cpu-min").to_dict()}
+        write_text_atomic(self.root / "study.json", json.dumps(self.settings))
+        return real_lock(self)
+
+    monkeypatch.setattr(Study, "lock", lock_taken_meanwhile)
+    with real_lock(study):
         with pytest.raises(StudyError, match="already being searched"):
             run(StartOptions(budget="5cpu-min", study="s", workdir=work, cpus_per_trial=2.0))
-    assert (study.root / "study.json").read_text() == before
+    assert json.loads((study.root / "study.json").read_text())["budget"]["text"] == "3cpu-min"
 
 
 @pytest.mark.parametrize("name", ["tpe", "nsga2"])

@@ -334,3 +334,15 @@ def _check(features: dict) -> None:
         raise ValueError(f"cost features lack {', '.join(missing)}; expected {', '.join(FEATURES)}")
     if not (features["steps"] >= 0 and features["tokens_per_step"] > 0):
         raise ValueError(f"cost features need steps >= 0 and tokens_per_step > 0, not {features}")
+
+
+def tokens_per_step(train: dict) -> int:
+    """Tokens one optimizer step trains on: batch x max length x gradient accumulation."""
+    return int(train.get("batch_size", 8)) * int(train.get("max_length", 256)) * int(train.get("grad_accum", 1))
+
+
+def trial_features(spec: dict) -> dict:
+    """What the cost model predicts a trial from (its spec): method, steps, tokens per step, eval examples."""
+    train = spec["train"]
+    return {"method": spec["allocation"].get("method", "lora"), "steps": int(train.get("steps", 60)),
+            "tokens_per_step": tokens_per_step(train), "eval_examples": int(train.get("eval_examples") or 0)}

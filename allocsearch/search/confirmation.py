@@ -94,4 +94,14 @@ class Confirmation:
         return e.params, seed, e.first_trial()
 
 
-__all__ = ["Confirmation", "WAIT"]
+def fresh_seed(rows, params: dict, number: int, default: int, max_seeds: int) -> int:
+    """The seed of a trial the sampler drew: ``default``, unless the configuration already ran (TPE draws
+    a finite space's points again): then its next seed not run yet, so the repeat measures seed noise
+    instead of paying for the same number twice; once ``max_seeds`` ran, a plain repeat (it counts once)."""
+    used = {r["seed"] for r in rows if r["params"] == params and r["number"] != number
+            and r["state"] in ("completed", "pruned", "running")}
+    fresh = [s for s in range(default, default + max_seeds) if s not in used]
+    return fresh[0] if fresh else default
+
+
+__all__ = ["Confirmation", "WAIT", "fresh_seed"]

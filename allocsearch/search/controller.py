@@ -21,15 +21,15 @@ MLflow: ``on_event(kind, **data)`` lets a caller show progress or track the stud
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from typing import Any, Callable
 
 from allocsearch.confidence import config_key
-from allocsearch.search.budget import Budget, BudgetKeeper, CostModel, devices_per_trial
+from allocsearch.search.budget import (Budget, BudgetKeeper, CostModel, devices_per_trial, tokens_per_step,
+                                       trial_features)
 from allocsearch.search.bookkeeping import Bookkeeper
-from allocsearch.search.confirmation import WAIT, Confirmation
+from allocsearch.search.confirmation import WAIT, Confirmation, fresh_seed
 from allocsearch.search.report import TrialReport
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space import SearchSpace
@@ -87,7 +87,7 @@ class Controller:
     # ------------------------------------------------------------------------------ set-up
     def _cost_model(self) -> CostModel:
         train = self.space.train
-        model = CostModel.for_model(self.space.model, _tokens_per_step(train))
+        model = CostModel.for_model(self.space.model, tokens_per_step(train))
         for t in self.ostudy.get_trials(deepcopy=False):  # a resumed study: learn from what already ran
             if "train_seconds" in t.user_attrs and t.user_attrs.get("steps", 0) > 0:
                 model.observe(t.user_attrs["features"], t.user_attrs["wall_seconds"], t.user_attrs["steps"],
@@ -95,11 +95,8 @@ class Controller:
         return model
 
     def noise(self) -> float | None:
-        """Seed noise (a standard deviation): pooled over the study's repeated configurations, else the
-        one declared in the settings (``--noise``, or the replayed table's), else None."""
-        from allocsearch.confidence import estimates, pooled_noise
-
-        return pooled_noise(estimates(self.books.rows())) or self.study.settings.get("noise")
+        """Seed noise (std): the study's own (its repeated configurations), else the declared one, else None."""
+        return self.books.noise() or self.study.settings.get("noise")
 
     def tune_metrics(self) -> tuple[list[str], list[str]]:
         """The metric names trials report and Tune's modes, one per objective."""
@@ -131,17 +128,9 @@ class Controller:
 
     def required_paths(self) -> dict[str, str]:
         """The files and folders every node running trials must see (label -> absolute path)."""
-        s = self.study.settings
-        out = {}
-        if os.path.isabs(str(s.get("model", ""))):
-            out["the model folder"] = s["model"]
-        if s.get("data_dir"):
-            out["the data folder"] = s["data_dir"]
-        for task in (s.get("data") or {}).get("tasks", []):
-            for key, what in (("path", "data file"), ("test_path", "test file")):
-                if isinstance(task, dict) and task.get(key):
-                    out[f"the {what} of task {task.get('name')}"] = str(task[key])
-        return out
+        from allocsearch.search.nodes import required_paths
+
+        return required_paths(self.study.settings)
 
     def schedule(self, scheduler: str = "asha") -> dict:
         """The scheduler and its time axis: training steps; the first rung at the first checkpoint. A
@@ -181,7 +170,7 @@ class Controller:
         spec = self.space.trial_spec(params, self.num_layers)
         spec["train"].update(trial.user_attrs.get("oom_retry") or {})  # half the batch, twice the accumulation
         seed = spec["train"]["seed"] = self._seed(trial, params, int(spec["train"].get("seed", 0)))
-        features = _features(spec)
+        features = trial_features(spec)
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
         predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
         first = self.cost.predict_to_step(features, self.schedule()["grace_period"]) * self.devices
@@ -236,17 +225,12 @@ class Controller:
         return self.keeper.free() > 0
 
     def _seed(self, trial, params: dict, default: int) -> int:
-        """The training seed of a trial: a confirmation run's own; else ``default``, unless the sampler
-        drew a configuration that already ran (TPE does, on a finite space): then the next seed it has not
-        run on, so the repeat measures seed noise instead of paying for the same number twice."""
+        """A confirmation run's own seed, else ``confirmation.fresh_seed`` (a repeated draw: the next seed)."""
         if "seed" in trial.user_attrs:
             return int(trial.user_attrs["seed"])
         if "retry_of" in trial.user_attrs:
             return default
-        used = {r["seed"] for r in self.books.rows() if r["params"] == params and r["number"] != trial.number
-                and r["state"] in ("completed", "pruned", "running")}
-        fresh = [s for s in range(default, default + int(self.study.settings.get("max_seeds", 5))) if s not in used]
-        return fresh[0] if fresh else default  # every seed ran: a plain repeat (it counts once)
+        return fresh_seed(self.books.rows(), params, trial.number, default, int(self.study.settings.get("max_seeds", 5)))
 
     def startup_seconds(self) -> float:
         """Seconds from Tune starting a trial to its worker's clock starting: the median seen so far."""
@@ -421,16 +405,6 @@ def _top(space: SearchSpace, key: str, default):
     if key in space.train_dims:
         return max(space.train_dims[key].extremes())
     return space.train.get(key, default)
-
-
-def _tokens_per_step(train: dict) -> int:
-    return int(train.get("batch_size", 8)) * int(train.get("max_length", 256)) * int(train.get("grad_accum", 1))
-
-
-def _features(spec: dict) -> dict:
-    train = spec["train"]
-    return {"method": spec["allocation"].get("method", "lora"), "steps": int(train.get("steps", 60)),
-            "tokens_per_step": _tokens_per_step(train), "eval_examples": int(train.get("eval_examples") or 0)}
 
 
 def _experts(spec: dict, num_layers: int) -> list[int] | None:

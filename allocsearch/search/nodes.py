@@ -43,3 +43,17 @@ def missing_paths(nodes: list[dict], paths: dict[str, str]) -> dict[str, list[st
             .remote(paths) for n in nodes}
     answers = ray.get(list(refs.values()), timeout=CHECK_TIMEOUT_S)
     return {ip: lacks for ip, lacks in zip(refs, answers) if lacks}
+
+
+def required_paths(settings: dict) -> dict[str, str]:
+    """The files and folders every node running a study's trials must see (label -> absolute path)."""
+    out = {}
+    if os.path.isabs(str(settings.get("model", ""))):
+        out["the model folder"] = settings["model"]
+    if settings.get("data_dir"):
+        out["the data folder"] = settings["data_dir"]
+    for task in (settings.get("data") or {}).get("tasks", []):
+        for key, what in (("path", "data file"), ("test_path", "test file")):
+            if isinstance(task, dict) and task.get(key):
+                out[f"the {what} of task {task.get('name')}"] = str(task[key])
+    return out

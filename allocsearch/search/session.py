@@ -166,10 +166,12 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
     study, space, num_layers, created = prepare(opts)
     s = study.settings
     stored = None if created else (study.root / "study.json").read_text(encoding="utf-8")
+    locked = False
     listeners: list = []
     controller = None
     try:
         with study.lock():
+            locked = True  # from here on this start owns study.json (a refused lock must not touch it)
             if not created:
                 study.save_settings()  # the resumed settings, now that this start owns the study
             listeners = [x for x in (make(study) for make in subscribers) if x is not None]
@@ -192,7 +194,7 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
         refused = isinstance(exc, AllocsearchError) and (controller is None or not controller.started_any)
         if refused and created and not study.ledger.trial_spend():
             shutil.rmtree(study.root, ignore_errors=True)  # refused before any trial ran: leave nothing behind
-        elif refused and stored is not None:
+        elif refused and stored is not None and locked:
             from allocsearch.fileio import write_text_atomic
 
             write_text_atomic(study.root / "study.json", stored)  # the settings it had before this start

@@ -190,7 +190,8 @@ class Study:
                 fh.seek(0)
                 pid = fh.read().strip() or "?"
                 raise StudyError(f"study {self.name!r} is already being searched (controller pid {pid}); "
-                                 f"fix: wait for it, or 'allocsearch stop --study {self.name}'") from None
+                                 f"fix: wait for it, or 'allocsearch stop --study {self.name} --workdir "
+                                 f"{self.root.parent}'") from None
             fh.seek(0)
             fh.truncate()
             fh.write(str(os.getpid()))
