@@ -116,7 +116,8 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
     best = winner(ests)
     if best is None:
         return None
-    noise = pooled_noise(ests) or noise
+    pooled = pooled_noise(ests)
+    noise = pooled if pooled is not None else noise
     others = [e for e in ests if e is not best]
     finalists = [best] + sorted([e for e in others if e.n > 1], key=lambda e: -e.mean)
     finalists += [e for e in others if e.n == 1][:max(0, top - len(finalists))]

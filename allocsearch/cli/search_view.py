@@ -151,7 +151,7 @@ def render_evidence(ev: dict | None) -> list[str]:
             return ["        single-seed scores, no seed noise measured: the best may be a lucky seed "
                     "(the confirmation phase re-runs the finalists)"]
         return []
-    noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] else "no seed noise measured"
+    noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] is not None else "no seed noise measured"
     lines = [f"finalists (mean +- 95% CI over seeds; {noise})"]
     for f in ev["finalists"]:
         ci = f" +- {f['ci95']:.4f}" if f.get("ci95") is not None else ""

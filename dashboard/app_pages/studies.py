@@ -84,7 +84,7 @@ def selected() -> None:
         ev = summary["evidence"]
         st.subheader("How sure is the winner?")
         st.plotly_chart(charts.finalists(rows), key="finalists")
-        noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] else "no seed noise measured yet"
+        noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] is not None else "no seed noise measured yet"
         tied = len(ev["tied"])
         st.caption(f"{noise}; {tied} configuration{'s' if tied != 1 else ''} statistically tied with the winner"
                    if tied else f"{noise}; the winner is separated from every other configuration")
