@@ -195,3 +195,42 @@ def test_every_strategy_names_settings_the_controller_reads():
     for name, plan in STRATEGIES.items():
         assert plan["sampler"] in ("tpe", "random", "grid") and plan["scheduler"] in ("asha", "none")
         assert 0 <= plan["confirm"] <= 0.5, name
+
+
+def test_confirmation_runs_are_never_stopped_early(tmp_path):
+    # a noisier table: ASHA (with its noise margin) completes several configurations, so the race runs
+    noisy = make_table(tmp_path / "noisy", noise=0.04)
+    from allocsearch.search import controller as controller_module
+
+    seen = []
+    real = controller_module.Controller.on_complete
+
+    def spy(self, number, result, error):
+        trial = self.running[number]["trial"] if number in self.running else None
+        if trial is not None and "confirm" in trial.user_attrs:
+            seen.append((result or {}).get("final"))
+        return real(self, number, result, error)
+
+    controller_module.Controller.on_complete = spy
+    try:
+        trace = replay(noisy, "default", budget_seconds=0.6 * noisy.grid_seconds(), seed=2)
+    finally:
+        controller_module.Controller.on_complete = real
+    assert trace.confirm_trials >= 2 and seen and all(seen)  # every confirmation run ended with its final report
+
+
+def test_tunes_face_of_the_rungs_never_stops_a_confirmation_run():
+    from ray.tune.schedulers import TrialScheduler
+
+    from allocsearch.search.executor import RungScheduler
+    from allocsearch.search.rungs import Rungs
+
+    class T:
+        def __init__(self, i, confirm=False):
+            self.trial_id, self.config = str(i), {"number": i, "confirm": confirm}
+
+    sched = RungScheduler(Rungs(100, 25, 2, 0.0))
+    for i, value in enumerate((0.80, 0.82)):
+        assert sched.on_trial_result(None, T(i), {"step": 25, "objective": value}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, T(2), {"step": 25, "objective": 0.5}) == TrialScheduler.STOP
+    assert sched.on_trial_result(None, T(3, confirm=True), {"step": 25, "objective": 0.5}) == TrialScheduler.CONTINUE

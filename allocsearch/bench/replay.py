@@ -186,7 +186,7 @@ class _Loop:
                   "train_seconds": (run.train_seconds or 0.0) * step / max(run.steps, 1)}
         self.ctl.on_result(number, report)
         r["last"] = report
-        if self.rungs is not None and self.rungs.stop(number, step, value):
+        if self.rungs is not None and not r["confirm"] and self.rungs.stop(number, step, value):
             self._finish(number, report)
             return
         self._next(number, i + 1)

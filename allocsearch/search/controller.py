@@ -207,6 +207,7 @@ class Controller:
                 "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
                 "threads": max(1, int(self.study.settings["cpus_per_trial"])),
                 "gpus": float(self.study.settings.get("gpus_per_trial") or 0.0), "cap_wall_seconds": cap_wall,
+                "confirm": "confirm" in trial.user_attrs,  # a confirmation run is never stopped early
                 # a duration on the worker's own clock (nodes' clocks need not agree), less the worker's
                 # start-up, which the controller counts from Tune's start and the worker cannot see
                 "budget_seconds": max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS - self.startup_seconds())}

@@ -158,8 +158,8 @@ class RungScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         report = TrialReport.parse(result)
-        if report is None or report.final or report.objective is None:
-            return TrialScheduler.CONTINUE
+        if report is None or report.final or report.objective is None or trial.config.get("confirm"):
+            return TrialScheduler.CONTINUE  # a confirmation run measures the whole trial: never stopped early
         stop = self.rungs.stop(trial.trial_id, report.step, report.objective)
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
