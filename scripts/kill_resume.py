@@ -34,20 +34,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import shutil
 import signal
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reliability_cases as cases  # noqa: E402
 import reliability_harness as rel  # noqa: E402
-from reliability_harness import RECOVERED, Case, Run, by_number, lost, running, snapshot, wait_for  # noqa: E402
+from reliability_harness import (RECOVERED, Case, Run, by_number, lost, run_cases, running, snapshot,  # noqa: E402
+                                 wait_for)
 
 
 def parse_args(argv=None):
@@ -183,29 +181,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     base = Path(args.workdir or tempfile.mkdtemp(prefix="kill-resume-")).resolve()
     base.mkdir(parents=True, exist_ok=True)
-    ray_root = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
-    t_all = time.monotonic()
     print(f"studies in {base}; cases {args.cases}, seed {args.seed}, budget {args.budget} (c, d: "
           f"{args.small_budget}; e: {args.settings_budget})", flush=True)
-    done = []
-    try:
-        for key in args.cases:
-            title, fn = CASES[key]
-            case = Case(key, f"{key}) {title.format(**vars(args))}", base, ray_root)
-            done.append(case)
-            print(f"\n{case.title}", flush=True)
-            t0 = time.monotonic()
-            try:
-                fn(case, args, random.Random(f"{args.seed}-{key}"))
-            except Exception as exc:  # noqa: BLE001 - a broken case is a failed check, the others still run
-                traceback.print_exc()
-                case.fail(f"the case itself broke: {type(exc).__name__}: {exc}")
-            finally:
-                case.close_runs()
-            case.seconds = time.monotonic() - t0
-    finally:
-        shutil.rmtree(ray_root, ignore_errors=True)
-    table(done, time.monotonic() - t_all)
+    done, elapsed = run_cases(CASES, args.cases, args, base, "kr-")
+    table(done, elapsed)
     failed = [c for c in done if not c.ok()]
     out = Path(args.out or base / "kill_resume.json")
     out.write_text(json.dumps({"args": vars(args), "workdir": str(base), "ok": not failed, "cases": [

@@ -37,19 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import shutil
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kill_resume  # noqa: E402  (cases a-e: its kill9_case and CASES table)
 import reliability_more as more  # noqa: E402
-from reliability_harness import Case  # noqa: E402
+from reliability_harness import Case, run_cases  # noqa: E402
 
 CASES = {**kill_resume.CASES,
          "f": ("two controllers on one study", more.two_controllers_case),
@@ -115,35 +111,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     base = Path(args.workdir or tempfile.mkdtemp(prefix="reliability-")).resolve()
     base.mkdir(parents=True, exist_ok=True)
-    ray_root = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    t_all = time.monotonic()
     print(f"studies in {base}; cases {args.cases}, seed {args.seed}, budget {args.budget} (f, g: "
           f"{more.half(args.budget)}; c, d: {args.small_budget}; e: {args.settings_budget})", flush=True)
-    done: list[Case] = []
-    try:
-        for key in dict.fromkeys(args.cases):
-            title, fn = CASES[key]
-            case = Case(key, f"{key}) {title.format(**vars(args))}", base, ray_root)
-            done.append(case)
-            print(f"\n{case.title}", flush=True)
-            t0 = time.monotonic()
-            try:
-                fn(case, args, random.Random(f"{args.seed}-{key}"))
-            except Exception as exc:  # noqa: BLE001 - a broken case is a failed check, the others still run
-                traceback.print_exc()
-                case.fail(f"the case itself broke: {type(exc).__name__}: {exc}")
-            finally:
-                case.close_runs()
-            case.seconds = time.monotonic() - t0
-    finally:
-        shutil.rmtree(ray_root, ignore_errors=True)
+    done, elapsed = run_cases(CASES, args.cases, args, base, "rl-")
     rows = table_rows(done)
-    print_table(rows, done, time.monotonic() - t_all)
+    print_table(rows, done, elapsed)
     failed = [c for c in done if not c.ok()]
     out = Path(args.out or base / "reliability.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "args": vars(args), "workdir": str(base), "ok": not failed, "seconds": round(time.monotonic() - t_all, 1),
+        "args": vars(args), "workdir": str(base), "ok": not failed, "seconds": round(elapsed, 1),
         "columns": list(COLUMNS), "table": rows,
         "cases": [{"case": c.title, "runs": c.runs, "lost": c.lost, "duplicated": c.duplicated,
                    "paid_twice": c.paid_twice, "left_running": c.left_running, "failures": c.failures,

@@ -337,3 +337,34 @@ def audit_end(case: Case, end: dict, run: Run, rc: int | None) -> dict:
     case.details["end"] = {"counts": end["counts"], "spent": end["spent"], "budget": end["budget"],
                            "end_reason": doc.get("end_reason"), "exit": rc}
     return doc
+
+
+def run_cases(table: dict, keys, args, base: Path, ray_prefix: str) -> tuple[list[Case], float]:
+    """Run the cases ``keys`` of ``table`` (key -> (title, fn(case, args, rng))) one after another, each in its
+    own study under ``base`` with a seeded rng; a case that breaks is a failed check and the others still
+    run. Ray's temp folder (short: its socket paths have a length limit) is removed. (cases, seconds)."""
+    import random
+    import tempfile
+    import traceback
+
+    ray_root = Path(tempfile.mkdtemp(prefix=ray_prefix, dir="/tmp"))
+    t_all = time.monotonic()
+    done: list[Case] = []
+    try:
+        for key in dict.fromkeys(keys):
+            title, fn = table[key]
+            case = Case(key, f"{key}) {title.format(**vars(args))}", base, ray_root)
+            done.append(case)
+            print(f"\n{case.title}", flush=True)
+            t0 = time.monotonic()
+            try:
+                fn(case, args, random.Random(f"{args.seed}-{key}"))
+            except Exception as exc:  # noqa: BLE001 - a broken case is a failed check, the others still run
+                traceback.print_exc()
+                case.fail(f"the case itself broke: {type(exc).__name__}: {exc}")
+            finally:
+                case.close_runs()
+            case.seconds = time.monotonic() - t0
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
+    return done, time.monotonic() - t_all
