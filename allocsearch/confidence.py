@@ -2,7 +2,8 @@
 interval, and which configurations are statistically tied with the best. Torch-, Optuna- and Ray-free:
 ``status``, the dashboard, ``export``, the confirmation phase and the replay benchmark all read this.
 
-A configuration is its parameters (every seed of it is its own trial). Ties with the best:
+A configuration is its parameters (every seed of it is its own trial). The winner: the best mean among
+the configurations the confirmation race re-ran (before a race: among all). Ties with the best:
 - paired by seed where both were run on >= 2 common seeds: the best is separated from a configuration when
   the 95% interval of their per-seed differences lies above 0 (a paired t-test, one sided at 2.5%);
 - otherwise (a single run on either side) the difference of means against the seed noise ``noise`` (a
@@ -100,20 +101,30 @@ def separated(best: Estimate, other: Estimate, noise: float | None) -> bool:
     return best.mean - other.mean > 1.96 * noise * math.sqrt(1 / best.n + 1 / other.n)
 
 
-def winner(ests: list[Estimate]) -> Estimate | None:
-    """The configuration to export: of those run on the most seeds (the confirmed finalists), the highest
-    mean; with no repeats, the single best run (the argmax, as without a confirmation phase)."""
-    if not ests:
-        return None
-    most = max(e.n for e in ests)
-    return max((e for e in ests if e.n == most), key=lambda e: (e.mean, -e.first_trial()))
+def raced(rows) -> set[str]:
+    """The configurations a confirmation race re-ran to the end (completed rows with a ``confirm`` link)."""
+    return {config_key(r["params"]) for r in rows
+            if r.get("confirm") is not None and r.get("params") and r.get("state") == "completed"}
+
+
+def winner(ests: list[Estimate], race: set[str] | None = None) -> Estimate | None:
+    """The configuration to export: the best mean among those a confirmation race re-ran (``race``), or,
+    before any race, among all (a configuration drawn again on another seed is judged by its mean; with no
+    repeats this is the single best score). Preferring the most-repeated would crown whatever a sampler
+    happened to draw most often."""
+    pool = [e for e in ests if race and e.key in race] or ests
+    return max(pool, key=lambda e: (e.mean, -e.first_trial()), default=None)
+
+
+def winner_of(rows) -> Estimate | None:
+    return winner(estimates(rows), raced(rows))
 
 
 def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
     """What ``status``, the dashboard and ``export`` show about the winner: the finalists (mean, 95% CI,
     n, seeds), which are tied with the winner, and the noise the calls were made with."""
     ests = estimates(rows)
-    best = winner(ests)
+    best = winner(ests, raced(rows))
     if best is None:
         return None
     pooled = pooled_noise(ests)
@@ -127,4 +138,5 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "config_key", "estimates", "evidence", "pooled_noise", "separated", "t95", "winner"]
+__all__ = ["Estimate", "config_key", "estimates", "evidence", "pooled_noise", "raced", "separated", "t95", "winner",
+           "winner_of"]

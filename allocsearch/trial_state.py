@@ -34,14 +34,14 @@ def state_of(trial) -> tuple[str, str | None]:
 def best_of(rows):
     """THE best trial of a study (``status``, the dashboard, MLflow, ``export --best``): of rows with
     ``number``, ``state``, ``objective``, the completed one with the highest objective, the earlier on a tie;
-    None before any completed. Where rows carry ``params`` (and ``seed``) and a configuration ran on several
-    seeds: the first trial of the configuration ``allocsearch.confidence.winner`` names (the best mean of
-    the most repeated, not a lucky single seed)."""
+    None before any completed. Where rows carry ``params`` (``seed``, ``confirm``) and the winning
+    configuration ran on several seeds: its first trial (``allocsearch.confidence.winner_of``: the best
+    mean among those the confirmation race re-ran, not a lucky single seed)."""
     done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None]
-    if any(r.get("params") for r in done):  # a configuration re-run on several seeds: the best mean wins
-        from allocsearch.confidence import estimates, winner
+    if any(r.get("params") for r in done):  # configurations re-run on several seeds: the best mean wins
+        from allocsearch.confidence import winner_of
 
-        best = winner(estimates(done))
+        best = winner_of(done)
         if best is not None and best.n > 1:
             return next(r for r in done if r["number"] == best.first_trial())
     return max(done, key=lambda r: (r["objective"], -r["number"]), default=None)

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from allocsearch.confidence import (Estimate, config_key, estimates, evidence, pooled_noise, separated, t95,
-                                    winner)
+from allocsearch.confidence import (Estimate, config_key, estimates, evidence, pooled_noise, raced, separated, t95,
+                                    winner, winner_of)
 from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.rungs import Rungs
 
@@ -73,10 +73,15 @@ def test_estimates_group_by_configuration_and_a_repeated_seed_counts_once():
     assert config_key({"y": 1, "x": 2}) == config_key({"x": 2, "y": 1})
 
 
-def test_the_winner_is_the_best_mean_among_the_most_repeated():
-    # b's single lucky run (0.90) does not beat a, confirmed on three seeds
-    ests = estimates(rows_of({"a": {0: 0.85, 1: 0.84, 2: 0.86}, "b": {0: 0.90}, "c": {0: 0.83, 1: 0.82, 2: 0.80}}))
-    assert winner(ests).params == {"c": "a"}
+def test_the_winner_is_the_best_mean_of_the_race():
+    rows = rows_of({"a": {0: 0.85, 1: 0.84, 2: 0.86}, "b": {0: 0.90}, "c": {0: 0.83, 1: 0.82, 2: 0.80}})
+    for r in rows:
+        r["confirm"] = 0 if r["seed"] else None  # a and c were raced (their seeds 1, 2 are confirmation runs)
+    # b's single run (0.90, drawn after the race, e.g. on a resume) does not beat a, confirmed on three seeds
+    assert winner_of(rows).params == {"c": "a"} and raced(rows) == {config_key({"c": "a"}), config_key({"c": "c"})}
+    # before any race, repeats from a sampler's re-draws do not crown the most-drawn: the best mean wins
+    drawn = rows_of({"a": {0: 0.80, 1: 0.79, 2: 0.81}, "b": {0: 0.84}})
+    assert winner_of(drawn).params == {"c": "b"}
     assert winner(estimates(rows_of({"a": {0: 0.85}, "b": {0: 0.90}}))).params == {"c": "b"}  # no repeats: argmax
     assert winner([]) is None
 
@@ -127,7 +132,7 @@ def test_the_race_separates_a_clearly_better_configuration_early():
     truth = {"a": 0.90, "b": 0.80, "c": 0.79, "d": 0.60}
     conf, rows = race(truth, 0.005, first={"a": 0.90, "b": 0.80, "c": 0.79, "d": 0.60})
     assert conf.ended == "the best is separated from every other finalist"
-    assert winner(estimates(rows)).params == {"c": "a"}
+    assert winner_of(rows).params == {"c": "a"}
     assert not any(r["params"] == {"c": "d"} and r.get("confirm") is not None for r in rows)  # not a finalist
     assert len(rows) - 4 <= 6  # a few runs, not max_seeds for everyone
 
@@ -136,7 +141,7 @@ def test_the_race_finds_the_true_best_behind_a_lucky_seed():
     # c's first run was lucky (0.88) but its truth is 0.80; a is truly the best
     truth = {"a": 0.86, "b": 0.84, "c": 0.80}
     conf, rows = race(truth, 0.01, first={"a": 0.85, "b": 0.84, "c": 0.88}, max_seeds=6)
-    assert winner(estimates(rows)).params == {"c": "a"}
+    assert winner_of(rows).params == {"c": "a"}
     assert conf.ended is not None
 
 

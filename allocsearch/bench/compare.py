@@ -4,7 +4,8 @@ the lucky seed it was seen on), as a function of device-seconds.
 
 Per strategy and budget (a share of the grid: every configuration once, in full), mean +- standard error
 over the replay seeds:
-- ``quality``: the exported configuration's true mean;
+- ``quality``: the exported configuration's true mean (``test_quality``: its mean test score, never used
+  for any choice);
 - ``regret``: normalised, 0 = the table's best true mean, 1 = the median configuration's;
 - ``to_noise``: device-seconds until the export is within the seed noise of the best true mean (median over
   seeds; a seed that never gets there counts as never), and that as a share of the grid's device-seconds;
@@ -87,6 +88,8 @@ class _Scorer:
         self.by_key = {e.key: e for e in ests}
         self.best, self.noise = ests[0], table.noise()
         self.median = statistics.median(e.mean for e in ests)
+        self.test = table.truth("test") if all(r.test is not None for by in table.runs.values()
+                                               for r in by.values()) else None
 
     def quality(self, key: str | None) -> float:
         return self.by_key[key].mean if key else self.median  # nothing exported yet: a configuration at random
@@ -109,8 +112,10 @@ class _Scorer:
         reg = [self.regret(t.final) for t in traces]
         reach = [self.to_noise(t) for t in traces]
         med = statistics.median(reach)
+        test = [self.test[t.final] if t.final else statistics.median(self.test.values()) for t in traces] \
+            if self.test else None
         return {"strategy": name, "budget": share, "seeds": len(traces),
-                "quality": _mean_se(q), "regret": _mean_se(reg),
+                "quality": _mean_se(q), "test_quality": _mean_se(test) if test else None, "regret": _mean_se(reg),
                 "to_noise_seconds": med, "to_noise_share": med / self.grid,
                 "reached": sum(math.isfinite(r) for r in reach) / len(reach),
                 "hit": statistics.fmean(self.hit(t.final) for t in traces),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allocsearch.bench.table import Table
-from allocsearch.confidence import config_key, estimates, winner
+from allocsearch.confidence import config_key, winner_of
 
 # name -> settings of the study (see ``allocsearch.search.session.EXECUTION_DEFAULTS``)
 STRATEGIES = {
@@ -216,7 +216,7 @@ class _Loop:
             self.trace.confirm_trials += 1
             self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
         rows = self.ctl.books.rows()
-        best = winner(estimates(rows))
+        best = winner_of(rows)
         # Optuna's best trial: the single highest score of the search phase (no confirmation run counted)
         done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None and r["confirm"] is None]
         argmax = max(done, key=lambda r: (r["objective"], -r["number"]), default=None)
