@@ -69,6 +69,8 @@ def test_status_export_and_optuna_name_the_same_winner_with_its_evidence(tmp_pat
     text = render_summary(summary, final=True)
     assert "finalists (mean +- 95% CI over seeds" in text and "winner" in text
     assert f"{ev['winner']['mean']:.4f}" in text
+    # the best line shows the winner's mean (not its first seed's score), as the finalists do
+    assert f"best    trial {best['number']}: {ev['winner']['mean']:.4f} (mean of {ev['winner']['n']} seeds)" in text
     doc = yaml.safe_load(export_trial(ctl.study.root, best["number"]))
     evidence = doc["provenance"]["evidence"]
     assert evidence["is_winner"] and evidence["this"]["n"] == ev["winner"]["n"]

@@ -144,6 +144,13 @@ class LiveView:
 
 
 # ------------------------------------------------------------------------------------- summaries
+def _means(ev: dict | None) -> dict[int, tuple[float, int]]:
+    """A configuration's first trial -> (its mean, n) for the configurations the evidence has on >1 seed."""
+    if not ev:
+        return {}
+    return {f["trials"][0]: (f["mean"], f["n"]) for f in [ev["winner"], *ev["finalists"], *ev["tied"]] if f["n"] > 1}
+
+
 def render_evidence(ev: dict | None) -> list[str]:
     """The finalists' mean +- 95% CI over seeds and the configurations tied with the winner."""
     if not ev or max(f["n"] for f in ev["finalists"]) < 2:
@@ -179,13 +186,17 @@ def render_summary(s: dict, final: bool) -> str:
                  if any(c.values()) else "trials  none yet")
     best = s.get("best")
     if best:
-        lines.append(f"best    trial {best['number']}: {best['objective']:.4f}  {best['summary']}")
+        means = _means(s.get("evidence"))  # first trial -> (mean, n) of configurations run on several seeds
+        score, n = means.get(best["number"], (best["objective"], 1))
+        over = f" (mean of {n} seeds)" if n > 1 else ""
+        lines.append(f"best    trial {best['number']}: {score:.4f}{over}  {best['summary']}")
         if best.get("experts"):
             lines.append(f"        experts per layer {sparkline(best['experts'])}  {best['experts']}")
         base = s.get("baseline")
         if base and base["number"] != best["number"]:
-            lines.append(f"        vs the LoRA prior (trial {base['number']}): {base['objective']:.4f} "
-                         f"({best['objective'] - base['objective']:+.4f})")
+            base_score, base_n = means.get(base["number"], (base["objective"], 1))
+            lines.append(f"        vs the LoRA prior (trial {base['number']}): {base_score:.4f}"
+                         f"{f' (mean of {base_n} seeds)' if base_n > 1 else ''} ({score - base_score:+.4f})")
         lines.append(f"        files: {s['root']}/trials/{best['number']:04d}")
     elif final:
         lines.append("best    no trial completed")
