@@ -88,6 +88,13 @@ def pooled_noise(ests: list[Estimate]) -> float | None:
     return math.sqrt(num / dof) if dof else None
 
 
+def noise_of(ests: list[Estimate], declared: float | None = None) -> float | None:
+    """The seed noise the calls are made with: the pooled one once configurations ran on several seeds (a
+    measured 0 is a measurement), else ``declared`` (``--noise``, a table's), else None."""
+    pooled = pooled_noise(ests)
+    return pooled if pooled is not None else declared
+
+
 def separated(best: Estimate, other: Estimate, noise: float | None) -> bool:
     """Whether ``best`` is better than ``other`` beyond seed noise (see the module's rule)."""
     common = sorted(set(best.values) & set(other.values))
@@ -127,8 +134,7 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
     best = winner(ests, raced(rows))
     if best is None:
         return None
-    pooled = pooled_noise(ests)
-    noise = pooled if pooled is not None else noise
+    noise = noise_of(ests, noise)
     others = [e for e in ests if e is not best]
     finalists = [best] + sorted([e for e in others if e.n > 1], key=lambda e: -e.mean)
     finalists += [e for e in others if e.n == 1][:max(0, top - len(finalists))]
@@ -138,5 +144,5 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "config_key", "estimates", "evidence", "pooled_noise", "raced", "separated", "t95", "winner",
+__all__ = ["Estimate", "config_key", "estimates", "evidence", "noise_of", "pooled_noise", "raced", "separated", "t95", "winner",
            "winner_of"]

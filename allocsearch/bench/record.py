@@ -61,7 +61,7 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
         if part.unit != total.unit:
             raise AllocsearchError(f"the recording {name!r} counts {total.unit} time; fix: give --budget in "
                                    f"{total.unit} (e.g. 1{total.unit}-h)")
-        opts.budget = _text(spent + part.seconds, part.unit)
+        opts.budget = Budget.of_seconds(spent + part.seconds, part.unit).text
         _requeue_unfinished(study)
     else:
         opts.budget, opts.sampler, opts.scheduler, opts.priors, opts.confirm = part.text, "grid", "none", False, 0.0
@@ -131,10 +131,6 @@ def table_rows(study) -> list[dict]:
                      "train_seconds": result.get("train_seconds"), "peak_memory_mb": result.get("peak_memory_mb"),
                      "expert_load": result.get("expert_load") or None})
     return rows
-
-
-def _text(seconds: float, unit: str) -> str:
-    return f"{seconds / 60:.6f}{'' if unit == 'wall' else unit + '-'}min"
 
 
 def _commit() -> str | None:

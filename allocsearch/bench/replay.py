@@ -2,8 +2,9 @@
 cost model, the confirmation phase, the samplers and priors, the rungs of early stopping) runs as in a live
 search; only the executor differs. It plays Ray Tune's part: it starts the trials the controller proposes
 (``max_concurrent`` at once), and answers each from the table's recorded run of that configuration on one
-of its seeds (checkpoints at their recorded device-seconds), stopping trials by the same
-``allocsearch.search.rungs`` rule Tune runs live, and by the budget cap the worker enforces live.
+of its seeds (checkpoints at their recorded device-seconds), stopping trials with the scheduler the live
+search gives Tune (``executor.make_scheduler``: the noise-aware rungs, confirmation runs never stopped),
+and by the budget cap the worker enforces live.
 
 Which recorded seed answers a run: the search's seed s of a configuration is the table's seed
 ``perm[s]``, with ``perm`` a random permutation per (replay seed, configuration): every replay sees other
@@ -49,6 +50,7 @@ class Trace:
     confirm_given: float = 0.0  # what the confirmation phase could spend when it started (reserve + leftover)
     spent: float = 0.0
     end_reason: str | None = None
+    runs: list = field(default_factory=list)  # (configuration, the table's seed that answered, confirmation?)
 
     def export_at(self, seconds: float) -> str | None:
         """The configuration the search would export after ``seconds`` of spend (None before any)."""
@@ -80,8 +82,9 @@ class _Clock:
 def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max_concurrent: int = 1,
            workdir: str | Path | None = None) -> Trace:
     """Run one search of ``strategy`` with ``budget_seconds`` device-seconds against the table."""
+    from allocsearch.search.budget import Budget
     from allocsearch.search.controller import Controller
-    from allocsearch.search.rungs import Rungs
+    from allocsearch.search.executor import make_scheduler
     from allocsearch.search.samplers import make_sampler
     from allocsearch.search.space import SearchSpace, model_depth
     from allocsearch.search.study import MEMORY, Study
@@ -93,7 +96,7 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
     unit = table.card.get("budget_unit") or "cpu"
     settings = {"name": f"replay-{strategy}-{seed}", "model": space.model, "data": space.data, "data_dir": None,
                 "space": "table", "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
-                "budget": _budget(budget_seconds, unit), "seed": seed, "storage": MEMORY,
+                "budget": Budget.of_seconds(budget_seconds, unit).to_dict(), "seed": seed, "storage": MEMORY,
                 "priors": plan["priors"] and space.use_priors, "num_layers": layers, "scheduler": plan["scheduler"],
                 "cpus_per_trial": cpus, "gpus_per_trial": 0.0, "max_failures": 5, "sampler": plan["sampler"],
                 "confirm": plan["confirm"], "max_seeds": len(table.seeds), "mlflow": False,
@@ -110,19 +113,29 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
 
         ctl = Controller(study, space, num_layers=layers, sampler=make_sampler(plan["sampler"], seed), clock=clock,
                          on_event=on_event)
-        sched = ctl.schedule(plan["scheduler"])
-        rungs = Rungs(sched["max_t"], sched["grace_period"], 2, sched["margin"]) if sched["scheduler"] == "asha" else None
-        _Loop(table, ctl, clock, rungs, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
+        sched = ctl.schedule(plan["scheduler"])  # the very scheduler Tune runs live (one stopping rule)
+        scheduler = make_scheduler(sched["scheduler"], sched["max_t"], sched["grace_period"], sched["margin"])
+        _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
         ctl.close()
         trace.end_reason, trace.spent = ctl.end_reason, ctl.spent()
     return trace
 
 
+@dataclass
+class _TuneTrial:
+    """What Tune's scheduler reads of a trial: its id and the config the controller proposed."""
+    trial_id: str
+    config: dict
+
+
 class _Loop:
     """Tune's part on a simulated clock: an event queue of the running trials' next checkpoints."""
 
-    def __init__(self, table, ctl, clock, rungs, trace, rng, slots, only_priors):
-        self.table, self.ctl, self.clock, self.rungs, self.trace = table, ctl, clock, rungs, trace
+    def __init__(self, table, ctl, clock, scheduler, trace, rng, slots, only_priors):
+        from ray.tune.schedulers import TrialScheduler
+
+        self.table, self.ctl, self.clock, self.scheduler, self.trace = table, ctl, clock, scheduler, trace
+        self.stop = TrialScheduler.STOP
         self.rng, self.slots, self.only_priors = rng, slots, only_priors
         self.perm: dict[str, list[int]] = {}
         self.events: list = []  # (time, number, index into the run's checkpoints; len = the end)
@@ -162,7 +175,8 @@ class _Loop:
         start, devices = self.clock.t, config["devices"]
         cap_at = start + config["cap_wall_seconds"]
         self.running[number] = {"run": run, "start": start, "devices": devices, "cap_at": cap_at, "last": None,
-                                "confirm": "confirm" in self.ctl.running[number]["trial"].user_attrs}
+                                "confirm": config["confirm"], "tune": _TuneTrial(str(number), config)}
+        self.trace.runs.append((key, self.table.seeds[perm[info["seed"] % len(perm)]], config["confirm"]))
         self._next(number, 0)
 
     def _next(self, number: int, i: int) -> None:
@@ -186,7 +200,7 @@ class _Loop:
                   "train_seconds": (run.train_seconds or 0.0) * step / max(run.steps, 1)}
         self.ctl.on_result(number, report)
         r["last"] = report
-        if self.rungs is not None and not r["confirm"] and self.rungs.stop(number, step, value):
+        if self.scheduler.on_trial_result(None, r["tune"], report) == self.stop:
             self._finish(number, report)
             return
         self._next(number, i + 1)
@@ -222,12 +236,6 @@ class _Loop:
         argmax = max(done, key=lambda r: (r["objective"], -r["number"]), default=None)
         self.trace.points.append((self.ctl.spent(), best.key if best else None,
                                   config_key(argmax["params"]) if argmax else None))
-
-
-def _budget(seconds: float, unit: str) -> dict:
-    from allocsearch.search.budget import Budget
-
-    return Budget.parse(f"{seconds / 60:.6f}{'' if unit == 'wall' else unit + '-'}min").to_dict()
 
 
 __all__ = ["STRATEGIES", "Trace", "replay"]

@@ -102,12 +102,6 @@ class Bookkeeper:
                  "objective": t.values[0] if t.values else t.user_attrs.get("objective"),
                  "confirm": t.user_attrs.get("confirm")} for t in self.ostudy.get_trials(deepcopy=False)]
 
-    def noise(self) -> float | None:
-        """The seed noise (std) pooled over the study's configurations run on several seeds, or None."""
-        from allocsearch.confidence import estimates, pooled_noise
-
-        return pooled_noise(estimates(self.rows()))
-
     def reserve_left(self, reserve: float) -> float:
         """What is left of the confirmation phase's ``reserve`` after the confirmation runs so far."""
         if not reserve:

@@ -57,6 +57,11 @@ class Budget:
         canonical = format(amount.normalize(), "f") + (f"{device}-" if device else "") + scale
         return cls(unit=device or "wall", seconds=seconds, text=canonical)
 
+    @classmethod
+    def of_seconds(cls, seconds: float, unit: str) -> Budget:
+        """A budget of ``seconds`` (device-seconds, or wall seconds for ``wall``), written in minutes."""
+        return cls.parse(f"{seconds / 60:.6f}{'' if unit == 'wall' else unit + '-'}min")
+
     def _parts(self) -> tuple[str, str]:
         match = _BUDGET.fullmatch(self.text)
         return match.group(1), match.group(3)

@@ -19,7 +19,7 @@ state is re-derived from the study's trials each time, so a resumed search goes 
 """
 from __future__ import annotations
 
-from allocsearch.confidence import Estimate, config_key, estimates, pooled_noise, separated
+from allocsearch.confidence import Estimate, config_key, estimates, noise_of, separated
 
 WAIT = "wait"
 
@@ -33,7 +33,7 @@ class Confirmation:
         self.ended: str | None = None
 
     def noise(self, ests: list[Estimate]) -> float | None:
-        return pooled_noise(ests) or self.declared
+        return noise_of(ests, self.declared)
 
     def start(self, rows) -> list[Estimate]:
         """Choose the finalists from the study's rows (see ``confidence.estimates``); returns them. A

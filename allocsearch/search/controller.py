@@ -96,7 +96,9 @@ class Controller:
 
     def noise(self) -> float | None:
         """Seed noise (std): the study's own (its repeated configurations), else the declared one, else None."""
-        return self.books.noise() or self.study.settings.get("noise")
+        from allocsearch.confidence import estimates, noise_of
+
+        return noise_of(estimates(self.books.rows()), self.study.settings.get("noise"))
 
     def tune_metrics(self) -> tuple[list[str], list[str]]:
         """The metric names trials report and Tune's modes, one per objective."""
@@ -136,11 +138,15 @@ class Controller:
         """The scheduler and its time axis: training steps; the first rung at the first checkpoint. A
         multi-objective study is not pruned: stopping on accuracy alone would kill the cheap trials that
         belong on the Pareto front."""
-        steps = int(_top(self.space, "steps", 60))
-        every = int(_top(self.space, "eval_every", 0) or steps)
         name = scheduler if len(self.study.objectives) == 1 else "none"
-        margin = self.noise() or 0.0 if self.study.settings.get("noise_aware_stopping", True) else 0.0
-        return {"scheduler": name, "max_t": steps, "grace_period": min(every, steps), "margin": margin}
+        margin = (self.noise() or 0.0) if self.study.settings.get("noise_aware_stopping", True) else 0.0
+        return {"scheduler": name, "max_t": int(_top(self.space, "steps", 60)), "grace_period": self._grace_period(),
+                "margin": margin}
+
+    def _grace_period(self) -> int:
+        """Steps to a trial's first checkpoint (ASHA's first rung)."""
+        steps = int(_top(self.space, "steps", 60))
+        return min(int(_top(self.space, "eval_every", 0) or steps), steps)
 
     # ------------------------------------------------------------------------------ the loop
     def propose(self):
@@ -173,7 +179,7 @@ class Controller:
         features = trial_features(spec)
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
         predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
-        first = self.cost.predict_to_step(features, self.schedule()["grace_period"]) * self.devices
+        first = self.cost.predict_to_step(features, self._grace_period()) * self.devices
         cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running))
         if cap is None:
             if self.running:
