@@ -164,3 +164,21 @@ def test_the_race_waits_for_its_round_and_skips_a_failing_seed():
 def test_one_completed_configuration_has_nothing_to_race():
     conf = Confirmation(noise=0.01)
     assert conf.next(rows_of({"a": {0: 0.8}}), set()) is None and conf.ended == "only one configuration completed"
+
+
+def test_repeats_the_search_pruned_do_not_count_as_failed_confirmation_runs():
+    # b was drawn again twice in the search phase (seeds 1, 2) and ASHA stopped both: not failures of the race
+    rows = rows_of({"a": {0: 0.85}, "b": {0: 0.84}})
+    rows += [{"number": 10 + s, "state": "pruned", "objective": 0.7, "params": {"c": "b"}, "seed": s} for s in (1, 2)]
+    conf = Confirmation(finalists=2, max_seeds=5, noise=0.01)
+    first = conf.next(rows, set())
+    assert first[0] == {"c": "a"} and first[1] == 1
+    second = conf.next(rows, {(config_key(first[0]), first[1])})
+    # b stays in the race and re-runs in full on seed 1, paired with a's seed 1 (its pruned run there was partial)
+    assert second not in (None, WAIT) and second[0] == {"c": "b"} and second[1] == 1
+    # two failed confirmation runs do drop a finalist
+    rows += [{"number": 20 + s, "state": "failed", "objective": None, "params": {"c": "b"}, "seed": s, "confirm": 1}
+             for s in (3, 4)]
+    conf = Confirmation(finalists=2, max_seeds=5, noise=0.01)
+    assert conf.next(rows, {(config_key({"c": "a"}), 1)}) is None  # b's turn: it leaves, a is left alone
+    assert config_key({"c": "b"}) not in conf.alive and conf.ended

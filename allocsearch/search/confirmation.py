@@ -83,14 +83,15 @@ class Confirmation:
         if not todo:
             return WAIT  # the round is not finished: runs of configurations with fewer seeds are running
         e = max(todo, key=lambda e: e.mean)
-        # a seed whose run failed is not tried again (a configuration that keeps failing leaves the race)
-        tried = {r.get("seed", 0) for r in rows if r.get("params") and config_key(r["params"]) == e.key
-                 and r.get("state") not in ("completed", "running", "queued")}
-        seed = next(s for s in range(self.max_seeds + len(tried) + 1)
-                    if s not in e.values and s not in tried and (e.key, s) not in running)
+        # a seed whose confirmation run failed is not tried again; a configuration whose confirmation runs
+        # failed twice leaves the race
+        tried = {r.get("seed", 0) for r in rows if r.get("confirm") is not None and r.get("params")
+                 and config_key(r["params"]) == e.key and r.get("state") not in ("completed", "running", "queued")}
         if len(tried) >= 2:
             self.alive.remove(e.key)
             return self.next(rows, running)
+        seed = next(s for s in range(self.max_seeds + len(tried) + 1)
+                    if s not in e.values and s not in tried and (e.key, s) not in running)
         return e.params, seed, e.first_trial()
 
 
