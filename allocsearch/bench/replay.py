@@ -176,7 +176,7 @@ class _Loop:
         cap_at = start + config["cap_wall_seconds"]
         self.running[number] = {"run": run, "start": start, "devices": devices, "cap_at": cap_at, "last": None,
                                 "confirm": config["confirm"], "tune": _TuneTrial(str(number), config)}
-        self.trace.runs.append((key, self.table.seeds[perm[info["seed"] % len(perm)]], config["confirm"]))
+        self.trace.runs.append((key, run.seed, config["confirm"]))
         self._next(number, 0)
 
     def _next(self, number: int, i: int) -> None:
