@@ -101,6 +101,10 @@ def summarize(root: str | Path) -> dict[str, Any]:
            "controller_pid": study.running_pid()}
     if len(s["objectives"]) == 1:
         out["evidence"] = _evidence(trials, s.get("noise"))
+        if s.get("scheduler", "asha") == "asha":
+            from allocsearch.search.rungs import agreement
+
+            out["rungs"] = agreement(trials)
     if len(s["objectives"]) > 1:
         out["pareto"] = pareto_front(completed, s["objectives"])
     return out

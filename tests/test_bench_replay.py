@@ -119,19 +119,24 @@ def test_a_grid_with_the_whole_budget_runs_every_configuration_once(table):
 def test_a_search_confirms_its_finalists_inside_its_reserve(table, monkeypatch):
     # without early stopping every trial completes, so the race has finalists
     monkeypatch.setitem(STRATEGIES, "tpe-confirm", {**STRATEGIES["default"], "scheduler": "none"})
-    budget = 0.6 * table.grid_seconds()
+    budget = 0.7 * table.grid_seconds()
     trace = replay(table, "tpe-confirm", budget_seconds=budget, seed=3)
     assert trace.confirm_trials >= 2  # the finalists re-ran on fresh seeds
     assert trace.confirm_given >= 0.2 * budget - 1e-6  # the reserve was held back for it
     assert trace.confirm_seconds <= trace.confirm_given + 1e-6
     assert trace.spent <= budget * 1.001
+    # a confirmation run starts only where it can finish: one the budget cut would count for nothing
+    cut = [replay(table, "tpe-confirm", budget_seconds=share * table.grid_seconds(), seed=s).confirm_cut
+           for share in (0.3, 0.45, 0.6) for s in range(3)]
+    assert sum(cut) == 0
     assert trace.final in table.runs and "confirmation" in trace.end_reason
 
 
 def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search(table):
-    # ASHA on this table completes only the best configuration: nothing to race, the search goes on
+    # Tune's ASHA (no margin, every rung trusted) on this table completes only the best configuration:
+    # nothing to race, the search goes on
     budget = 0.6 * table.grid_seconds()
-    trace = replay(table, "default", budget_seconds=budget, seed=3)
+    trace = replay(table, "default-plain-asha", budget_seconds=budget, seed=3)
     assert trace.confirm_trials == 0 and trace.confirm_given == pytest.approx(0.2 * budget, rel=0.05)
     assert trace.spent > 0.9 * budget
     # spend is monotone along the trace and the anytime export is defined after the first trial

@@ -191,6 +191,18 @@ def test_keeper_reservations():
     assert keeper.overshoot() == pytest.approx(90) and keeper.remaining() == 0 and keeper.free() == 0
 
 
+def test_a_whole_run_is_admitted_only_where_it_can_finish():
+    # a confirmation run cut by the budget counts for nothing: no cut-short admission for it
+    keeper = BudgetKeeper(Budget.parse("100cpu-min"), ledger_spent=5000, room=1.2)  # 1000 s left
+    assert keeper.admit(0, 2000, 100, running=0, whole=True) is None  # only its first checkpoint would fit
+    assert keeper.admit(0, 2000, 100, running=0) == pytest.approx(1000)  # a search trial: cut short, partial results
+    keeper.finish(0, 100)
+    assert keeper.admit(1, 700, 100, running=0, whole=True) == pytest.approx(840)  # 700 x margin 1.2 fits in 900
+    wall = BudgetKeeper(Budget.parse("10min"), ledger_spent=0, clock=lambda: 0.0)  # a deadline 600 s away
+    assert wall.admit(0, 900, 60, running=0, whole=True) is None and wall.admit(0, 900, 60, running=0) == 600
+    assert wall.admit(1, 500, 60, running=1, whole=True) == 600
+
+
 def test_keeper_gives_slow_trials_room_while_the_budget_has_it():
     keeper = BudgetKeeper(Budget.parse("100cpu-min"), ledger_spent=0, margin=1.2, room=2.5)  # 6000 s
     assert keeper.admit(0, 1000, 100, running=0) == 2500

@@ -50,6 +50,53 @@ def test_a_checkpoint_within_the_margin_of_the_cutoff_is_not_stopped():
         Rungs(100, 25, 2, -0.1)
 
 
+def test_spearman_matches_scipys_with_ties():
+    from scipy.stats import spearmanr
+
+    from allocsearch.search.rungs import spearman
+
+    rng = random.Random(1)
+    for _ in range(30):
+        pairs = [(rng.choice([0.5, 0.6, 0.7, rng.random()]), rng.random()) for _ in range(rng.randint(3, 12))]
+        assert spearman(pairs) == pytest.approx(spearmanr(*zip(*pairs)).correlation)
+    assert spearman([(0.5, 0.8), (0.5, 0.9), (0.5, 0.7)]) is None  # a rung where every trial ties says nothing
+
+
+def test_a_rung_stops_trials_only_once_it_has_ranked_completed_trials_as_their_ends():
+    def fill(rungs, finals_of_rung):
+        for rung_value, final in finals_of_rung:
+            key = f"done{len(rungs.finals)}"
+            assert not rungs.stop(key, 25, rung_value)  # untrusted: recorded, never stopped
+            rungs.final(key, final)
+
+    # slow starters: the step-25 scores run against the final ones (the SST-2 table's lr 1e-3 at chance)
+    against = Rungs(100, 25, 2, 0.0, min_pairs=5)
+    fill(against, [(0.50, 0.83), (0.50, 0.82), (0.72, 0.78), (0.75, 0.74), (0.78, 0.70), (0.74, 0.76)])
+    assert not against.trusted(25) and against.stop("new", 25, 0.40) is False
+    # an early score that predicts the end: trusted after 5 completed trials, then ASHA's rule with its margin
+    agrees = Rungs(100, 25, 2, 0.0, min_pairs=5)
+    fill(agrees, [(0.60, 0.70), (0.65, 0.74), (0.70, 0.78), (0.75, 0.80)])
+    assert not agrees.trusted(25) and agrees.stop("early", 25, 0.40) is False  # only 4 pairs: not yet
+    fill(agrees, [(0.62, 0.71)])
+    assert agrees.trusted(25) and agrees.stop("late", 25, 0.40) is True
+    # min_pairs 0 is Tune's ASHA: every rung trusted from the start
+    assert Rungs(100, 25, 2, 0.0).trusted(25)
+
+
+def test_tunes_face_of_the_rungs_learns_the_final_scores():
+    from allocsearch.search.executor import RungScheduler
+
+    class T:
+        def __init__(self, i):
+            self.trial_id, self.config = str(i), {"number": i, "confirm": False}
+
+    sched = RungScheduler(Rungs(100, 25, 2, 0.0, min_pairs=2))
+    sched.on_trial_result(None, T(0), {"step": 25, "objective": 0.6})
+    sched.on_trial_result(None, T(0), {"step": 100, "objective": 0.8, "final": True, "status": "completed"})
+    sched.on_trial_result(None, T(1), {"step": 100, "objective": 0.1, "final": True, "status": "stopped"})
+    assert sched.rungs.finals == {"0": 0.8}  # a trial cut short has no final score to learn from
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def rows_of(table: dict[str, dict[int, float]]):
     """{config name: {seed: value}} -> study rows, trial numbers in order."""
@@ -95,7 +142,23 @@ def test_ties_paired_by_seed_and_by_the_noise_band():
     one, two = Estimate("1", {}, {0: 0.85}), Estimate("2", {}, {0: 0.83})
     assert not separated(one, two, noise=0.02) and separated(one, two, noise=0.001)
     assert not separated(one, two, noise=None)  # no noise estimate: nothing is separated
-    assert pooled_noise([a, b, one]) == pytest.approx(statistics.stdev(a.values.values()))
+    # a and b share their spread: the noise is that spread made median-unbiased (median chi^2_3 / 3 = 0.7887)
+    assert pooled_noise([a, b, one]) == pytest.approx(statistics.stdev(a.values.values()) / 0.7887 ** 0.5, rel=2e-3)
+
+
+def test_one_diverged_configuration_does_not_set_everyone_s_noise():
+    import random
+
+    rng = random.Random(0)
+    steady = [Estimate(str(i), {}, {s: 0.82 + rng.gauss(0, 0.012) for s in range(3)}) for i in range(12)]
+    diverged = [Estimate(f"d{i}", {}, {0: 0.82, 1: 0.50, 2: 0.81}) for i in range(2)]
+    robust, steady_only = pooled_noise(steady + diverged), pooled_noise(steady)
+    textbook = (statistics.fmean([e.std ** 2 for e in steady + diverged])) ** 0.5
+    assert abs(robust - 0.012) < 0.006 and abs(robust - steady_only) < 0.004  # the 12 steady ones decide
+    assert textbook > 4 * robust  # the df-weighted mean of variances is what the median avoids
+    # the estimator is median-unbiased for normal noise: over many draws half land below sigma
+    below = sum(pooled_noise([Estimate("x", {}, {s: rng.gauss(0, 1) for s in range(3)})]) < 1 for _ in range(4000))
+    assert 0.46 < below / 4000 < 0.54
 
 
 def test_evidence_names_the_finalists_and_the_ties():
@@ -182,3 +245,57 @@ def test_repeats_the_search_pruned_do_not_count_as_failed_confirmation_runs():
     conf = Confirmation(finalists=2, max_seeds=5, noise=0.01)
     assert conf.next(rows, {(config_key({"c": "a"}), 1)}) is None  # b's turn: it leaves, a is left alone
     assert config_key({"c": "b"}) not in conf.alive and conf.ended
+
+
+def test_a_search_trial_that_ends_after_the_race_began_joins_it():
+    # the phase began while c was still running; c then ends as the best: it is raced, not passed over
+    rows = rows_of({"a": {0: 0.85}, "b": {0: 0.84}})
+    conf = Confirmation(finalists=2, max_seeds=4, noise=0.01)
+    assert [e.params["c"] for e in conf.start(rows)] == ["a", "b"]
+    rows.append({"number": 7, "state": "completed", "objective": 0.87, "params": {"c": "c"}, "seed": 0})
+    params, seed, first = conf.next(rows, set())
+    assert params == {"c": "c"} and seed == 1 and first == 7 and config_key({"c": "c"}) in conf.alive
+    # a finalist the incumbent was separated from does not come back when it would rank again
+    conf.dropped.add(config_key({"c": "b"}))
+    conf.alive.remove(config_key({"c": "b"}))
+    conf.next(rows, {(config_key(params), seed)})
+    assert config_key({"c": "b"}) not in conf.alive
+
+
+def test_a_configuration_stopped_on_a_seed_it_never_completed_is_passed_over():
+    # b completed seeds 0 and 2 (0.83, 0.83) but its seed 1 collapsed and early stopping cut it (0.50):
+    # its mean is the survivors' mean; a, complete on every seed it ran, is exported
+    rows = rows_of({"a": {0: 0.82, 1: 0.82}, "b": {0: 0.83, 2: 0.83}})
+    rows.append({"number": 9, "state": "pruned", "objective": 0.5, "params": {"c": "b"}, "seed": 1})
+    ests = {e.params["c"]: e for e in estimates(rows)}
+    assert ests["b"].stopped == {1} and ests["a"].stopped == set()
+    assert winner_of(rows).params == {"c": "a"}
+    # once the stopped seed completes, the configuration is judged by its mean again
+    rows.append({"number": 10, "state": "completed", "objective": 0.83, "params": {"c": "b"}, "seed": 1})
+    assert winner_of(rows).params == {"c": "b"}
+    # with no alternative free of stopped seeds, the best mean still wins
+    assert winner_of([r for r in rows if r["number"] != 10 and r["params"] == {"c": "b"}]).params == {"c": "b"}
+
+
+def test_status_reports_how_well_each_rung_predicts_the_end():
+    from allocsearch.cli.search_view import render_summary
+    from allocsearch.search.rungs import agreement, spearman
+
+    rows = []
+    for i, (early, mid, final) in enumerate([(0.50, 0.70, 0.83), (0.50, 0.74, 0.82), (0.72, 0.76, 0.78),
+                                             (0.75, 0.79, 0.80), (0.78, 0.66, 0.70)]):
+        rows.append({"number": i, "state": "completed", "objective": final, "steps": 100, "confirm": None,
+                     "intermediate": {25: early, 50: mid, 75: mid, 100: final}})
+    rows.append({"number": 7, "state": "completed", "objective": 0.5, "steps": 100, "confirm": 0,
+                 "intermediate": {25: 0.9, 100: 0.5}})  # a confirmation run is never judged at a rung
+    rows.append({"number": 8, "state": "pruned", "objective": 0.6, "steps": 25, "intermediate": {25: 0.6}})
+    got = agreement(rows)
+    assert [r["step"] for r in got] == [25, 50] and [r["n"] for r in got] == [5, 5]  # rungs 25, 50 of 100
+    assert got[0]["rho"] == pytest.approx(spearman([(r["intermediate"][25], r["objective"]) for r in rows[:5]]))
+    assert got[0]["rho"] < 0 < got[1]["rho"]
+    summary = {"study": "s", "root": "/r", "model": "m", "objectives": ["accuracy"], "counts": {},
+               "budget": {"unit": "cpu", "total": 60.0, "text": "1cpu-min", "spent": 1.0, "fraction": 0.02,
+                          "overshoot": 0.0}, "trials": [], "rungs": got}
+    text = render_summary(summary, final=True)
+    assert f"step 25: Spearman {got[0]['rho']:+.2f} over 5 completed" in text and "Spearman >= +0.50" in text
+    assert agreement([]) == []

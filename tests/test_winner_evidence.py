@@ -93,6 +93,30 @@ def test_with_confirmation_off_the_budget_all_goes_to_the_search(tmp_path):
     assert ctl.keeper.held == 0.0 and len(ran) >= 22  # 12 CPU-min of 30 s trials, nothing held back
 
 
+def test_a_reserve_too_small_for_one_whole_run_goes_to_the_search(tmp_path):
+    # 2 CPU-min, 30 s trials: a 20% reserve (24 s) cannot pay for one confirmation run (30 s x margin 1.2)
+    clock = Clock()
+    ctl = make(tmp_path, budget="2cpu-min", clock=clock, scheduler="none", max_seeds=4, confirm=0.2)
+    assert ctl.keeper.held == pytest.approx(24.0)
+    events = []
+    ctl.emit = lambda kind, **data: events.append((kind, data))
+    ran = 0
+    for _ in range(20):
+        config = ctl.propose()
+        if config == "finished":
+            break
+        ctl.on_start(config["number"])
+        clock.t += 30.0
+        ctl.on_complete(config["number"], final(objective=score(ctl.running[config["number"]]["params"], 0)),
+                        error=False)
+        ran += 1
+    ctl.close()
+    released = [d for kind, d in events if kind == "confirming"]
+    assert released and "cannot pay for 1 whole confirmation run" in released[0]["ended"]
+    assert ctl.keeper.held == 0.0 and ctl.phase == "search, reserve released"
+    assert ran == 4  # the whole budget went to search trials (with 24 s held back, 3 would have run)
+
+
 def test_a_configuration_drawn_again_runs_on_the_next_seed(tmp_path):
     clock = Clock()
     ctl = make(tmp_path, clock=clock, scheduler="none", priors=False)

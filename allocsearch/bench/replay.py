@@ -47,6 +47,7 @@ class Trace:
     trials: int = 0
     confirm_trials: int = 0
     confirm_seconds: float = 0.0
+    confirm_cut: int = 0  # confirmation runs the budget cut short (they count for nothing)
     confirm_given: float = 0.0  # what the confirmation phase could spend when it started (reserve + leftover)
     spent: float = 0.0
     end_reason: str | None = None
@@ -114,7 +115,8 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
         ctl = Controller(study, space, num_layers=layers, sampler=make_sampler(plan["sampler"], seed), clock=clock,
                          on_event=on_event)
         sched = ctl.schedule(plan["scheduler"])  # the very scheduler Tune runs live (one stopping rule)
-        scheduler = make_scheduler(sched["scheduler"], sched["max_t"], sched["grace_period"], sched["margin"])
+        scheduler = make_scheduler(sched["scheduler"], sched["max_t"], sched["grace_period"], sched["margin"],
+                                   sched["min_pairs"])
         _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
         ctl.close()
         trace.end_reason, trace.spent = ctl.end_reason, ctl.spent()
@@ -192,6 +194,8 @@ class _Loop:
         r = self.running[number]
         run = r["run"]
         if i == -1 or i == len(run.checkpoints):
+            if i == -1 and r["confirm"]:
+                self.trace.confirm_cut += 1
             self._end(number, cap=i == -1)
             return
         step, value, seconds = run.checkpoints[i]
@@ -219,6 +223,7 @@ class _Loop:
                       "validation": {"macro_balanced_accuracy": run.final}, "trainable_params": run.trainable_params}
             report = {"final": True, "status": "completed", "step": run.steps, "objective": run.final,
                       "trainable_params": run.trainable_params, "result_json": json.dumps(result)}
+        self.scheduler.on_trial_result(None, r["tune"], report)  # Tune shows the scheduler the last report too
         self._finish(number, report)
 
     def _finish(self, number: int, report: dict) -> None:

@@ -115,7 +115,7 @@ class Table:
         return {e.key: e.mean for e in self.estimates(truth)}
 
     def noise(self) -> float:
-        """The seed noise of the final validation score (std, pooled over configurations)."""
+        """The seed noise of the final validation score (std; ``confidence.pooled_noise``'s median rule)."""
         return pooled_noise(self.estimates()) or 0.0
 
     def grid_seconds(self) -> float:

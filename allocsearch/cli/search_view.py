@@ -10,6 +10,7 @@ import sys
 import time
 
 from allocsearch.search.budget import Budget
+from allocsearch.search.rungs import EVIDENCE_PAIRS, EVIDENCE_RHO
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -201,6 +202,12 @@ def render_summary(s: dict, final: bool) -> str:
     elif final:
         lines.append("best    no trial completed")
     lines += render_evidence(s.get("evidence"))
+    if s.get("rungs"):
+        lines.append("stopping " + " · ".join(
+            f"step {r['step']}: Spearman {r['rho']:+.2f} over {r['n']} completed" if r["rho"] is not None
+            else f"step {r['step']}: {r['n']} completed" for r in s["rungs"])
+            + f" (a rung stops trials once its checkpoint ranks >= {EVIDENCE_PAIRS} completed trials as their "
+              f"ends, Spearman >= {EVIDENCE_RHO:+.2f})")
     for t in s.get("pareto") or []:
         lines.append(f"pareto  trial {t['number']}: " + ", ".join(f"{v:.4g}" for v in t["values"]) +
                      f"  {t['summary']}")

@@ -134,7 +134,8 @@ class BudgetKeeper:
     def wall(self) -> bool:
         return self.budget.unit == "wall"
 
-    def admit(self, number: int, predicted: float, first_checkpoint: float, *, running: int) -> float | None:
+    def admit(self, number: int, predicted: float, first_checkpoint: float, *, running: int,
+              whole: bool = False) -> float | None:
         """The trial's cap, reserved now, or None when nothing fits (yet).
 
         Device budgets: if ``predicted x margin`` is free, a cap of up to ``predicted x room`` (as much as is
@@ -144,6 +145,8 @@ class BudgetKeeper:
         ``running`` > 0 and the running trials' unused reservations could still make the whole trial fit,
         None (wait: idle time costs no device budget, and a whole trial is worth more than a cut one).
         Wall budgets: the wall seconds left (a deadline) if ``predicted`` or ``first_checkpoint`` fits.
+        ``whole``: a run worth nothing cut short (a confirmation run counts only completed) is admitted only
+        if ``predicted x margin`` fits (device budgets) or ``predicted`` does (wall); else None.
         """
         if number in self._running:
             raise ValueError(f"trial {number} is already admitted")
@@ -151,10 +154,10 @@ class BudgetKeeper:
             raise ValueError(f"predicted must be > 0 and first_checkpoint >= 0, not {predicted}, {first_checkpoint}")
         free = self.free()
         if self.wall:
-            cap = free if min(predicted, first_checkpoint) <= free and free > 0 else None
+            cap = free if min(predicted, predicted if whole else first_checkpoint) <= free and free > 0 else None
         elif predicted * self.margin <= free:
             cap = min(free, predicted * self.room)
-        elif first_checkpoint <= free and free > 0:
+        elif first_checkpoint <= free and free > 0 and not whole:
             unused = sum(self._caps[n] - min(self._running[n], self._caps[n]) for n in self._caps)
             cap = None if running > 0 and predicted * self.margin <= free + unused else free
         else:

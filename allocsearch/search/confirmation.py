@@ -30,6 +30,7 @@ class Confirmation:
             raise ValueError(f"finalists and max_seeds must be >= 2, not {finalists}, {max_seeds}")
         self.k, self.max_seeds, self.band, self.declared = int(finalists), int(max_seeds), float(band), noise
         self.alive: list[str] | None = None  # the finalists' keys still in the race
+        self.dropped: set[str] = set()  # finalists the incumbent was separated from (they never come back)
         self.ended: str | None = None
 
     def noise(self, ests: list[Estimate]) -> float | None:
@@ -39,17 +40,22 @@ class Confirmation:
         """Choose the finalists from the study's rows (see ``confidence.estimates``); returns them. A
         resumed race keeps the configurations it had already re-run."""
         ests = estimates(rows)
-        confirmed = {config_key(r["params"]) for r in rows if r.get("confirm") is not None and r.get("params")}
         if not ests:
             self.alive, self.ended = [], "no configuration completed"
             return []
+        finalists = self._finalists(rows, ests)
+        self.alive = [e.key for e in finalists]
+        if len(self.alive) < 2:
+            self.ended = "only one configuration completed"
+        return finalists
+
+    def _finalists(self, rows, ests: list[Estimate]) -> list[Estimate]:
+        """The top ``k``, any within ``band x noise`` of the best, and any configuration already re-run."""
+        confirmed = {config_key(r["params"]) for r in rows if r.get("confirm") is not None and r.get("params")}
         best, noise = ests[0], self.noise(ests)
         top = ests[:self.k]
         near = [e for e in ests[self.k:] if noise and best.mean - e.mean <= self.band * noise][:self.k]
         again = [e for e in ests if e.key in confirmed and e not in top and e not in near]
-        self.alive = [e.key for e in top + near + again]
-        if len(self.alive) < 2:
-            self.ended = "only one configuration completed"
         return top + near + again
 
     def next(self, rows, running: set[tuple[str, int]]) -> tuple[dict, int, int] | str | None:
@@ -59,7 +65,12 @@ class Confirmation:
             self.start(rows)
         if self.ended:
             return None
-        ests = {e.key: e for e in estimates(rows)}
+        ranked = estimates(rows)
+        ests = {e.key: e for e in ranked}
+        # a search trial still running when the phase began may end among the best: it joins the race (so
+        # does one that climbs into the top as finalists' means fall), unless it was dropped before
+        late = [e.key for e in self._finalists(rows, ranked) if e.key not in self.dropped] if ranked else []
+        self.alive = list(dict.fromkeys(self.alive + late))
         alive = [ests[k] for k in self.alive if k in ests]
         noise = self.noise(list(ests.values()))
         incumbent = max(alive, key=lambda e: e.mean) if alive else None
@@ -68,6 +79,7 @@ class Confirmation:
         # finalist's first, lucky or unlucky, run alone never decides) and their runs have come back
         self.alive = [e.key for e in alive if e is incumbent or e.key in busy or min(e.n, incumbent.n) < 2
                       or not separated(incumbent, e, noise)]
+        self.dropped |= {e.key for e in alive} - set(self.alive)
         if len(self.alive) < 2:
             self.ended = "the best is separated from every other finalist"
             return None
@@ -89,6 +101,7 @@ class Confirmation:
                  and config_key(r["params"]) == e.key and r.get("state") not in ("completed", "running", "queued")}
         if len(tried) >= 2:
             self.alive.remove(e.key)
+            self.dropped.add(e.key)
             return self.next(rows, running)
         seed = next(s for s in range(self.max_seeds + len(tried) + 1)
                     if s not in e.values and s not in tried and (e.key, s) not in running)

@@ -31,6 +31,7 @@ from allocsearch.search.budget import (Budget, BudgetKeeper, CostModel, devices_
 from allocsearch.search.bookkeeping import Bookkeeper
 from allocsearch.search.confirmation import WAIT, Confirmation, fresh_seed
 from allocsearch.search.report import TrialReport
+from allocsearch.search.rungs import EVIDENCE_PAIRS
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space import SearchSpace
 from allocsearch.search.study import Study, directions, metric_names
@@ -39,6 +40,7 @@ from allocsearch.trial_state import ENDED_BADLY
 HEARTBEAT_SECONDS = 2.0
 CAP_SLACK_SECONDS = 2.0
 UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed
+RACE_RUNS = 1  # whole runs the confirmation reserve must be able to pay for to be held back
 DEFAULT_STARTUP_SECONDS = 3.0  # a Ray worker's start before its trial's clock starts, until one is seen
 
 
@@ -139,14 +141,14 @@ class Controller:
         multi-objective study is not pruned: stopping on accuracy alone would kill the cheap trials that
         belong on the Pareto front."""
         name = scheduler if len(self.study.objectives) == 1 else "none"
-        margin = (self.noise() or 0.0) if self.study.settings.get("noise_aware_stopping", True) else 0.0
-        return {"scheduler": name, "max_t": int(_top(self.space, "steps", 60)), "grace_period": self._grace_period(),
-                "margin": margin}
+        careful = self.study.settings.get("noise_aware_stopping", True)
+        return {"scheduler": name, "max_t": int(self.space.train_top("steps", 60)), "grace_period": self._grace_period(),
+                "margin": (self.noise() or 0.0) if careful else 0.0, "min_pairs": EVIDENCE_PAIRS if careful else 0}
 
     def _grace_period(self) -> int:
         """Steps to a trial's first checkpoint (ASHA's first rung)."""
-        steps = int(_top(self.space, "steps", 60))
-        return min(int(_top(self.space, "eval_every", 0) or steps), steps)
+        steps = int(self.space.train_top("steps", 60))
+        return min(int(self.space.train_top("eval_every", 0) or steps), steps)
 
     # ------------------------------------------------------------------------------ the loop
     def propose(self):
@@ -180,7 +182,9 @@ class Controller:
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
         predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
         first = self.cost.predict_to_step(features, self._grace_period()) * self.devices
-        cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running))
+        self._release_a_small_reserve(predicted)
+        cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running),
+                                whole="confirm" in trial.user_attrs)  # a cut confirmation run counts for nothing
         if cap is None:
             if self.running:
                 return None  # wait for a running trial to give back its reservation
@@ -230,6 +234,15 @@ class Controller:
         self.emit("confirming", finalists=[{"params": e.params, "n": e.n, "mean": e.mean} for e in finalists],
                   ended=self.confirm.ended, reserve=self.keeper.free())
         return self.keeper.free() > 0
+
+    def _release_a_small_reserve(self, predicted: float) -> None:
+        """A reserve too small for RACE_RUNS whole runs (as predicted once two trials were seen) goes to the search."""
+        if self.phase != "search" or not self.keeper.held or self.cost.n_observed < 2:
+            return
+        if self.keeper.held < RACE_RUNS * predicted * self.keeper.margin:
+            self.keeper.held, self.phase = 0.0, "search, reserve released"
+            self.confirm.ended = f"the reserve cannot pay for {RACE_RUNS} whole confirmation run(s)"
+            self.emit("confirming", finalists=[], ended=self.confirm.ended, reserve=0.0)
 
     def _seed(self, trial, params: dict, default: int) -> int:
         """A confirmation run's own seed, else ``confirmation.fresh_seed`` (a repeated draw: the next seed)."""
@@ -405,13 +418,6 @@ class Controller:
             self.study.clear_stop()
         if self.end_reason is None:
             self.end_reason = "the budget is spent" if self.keeper.exhausted() else "the search ended"
-
-
-def _top(space: SearchSpace, key: str, default):
-    """A fixed training setting, or the top of its range where the space searches it."""
-    if key in space.train_dims:
-        return max(space.train_dims[key].extremes())
-    return space.train.get(key, default)
 
 
 def _experts(spec: dict, num_layers: int) -> list[int] | None:

@@ -30,7 +30,7 @@ from ray.tune.stopper import Stopper
 
 from allocsearch.search.interrupts import Interrupts
 from allocsearch.search.report import TrialReport
-from allocsearch.search.rungs import Rungs
+from allocsearch.search.rungs import EVIDENCE_RHO, Rungs
 from allocsearch.search.worker import trainable, worker_log_tail
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,13 +135,14 @@ def _error_text(trial, lines: int = 3) -> str:
         return "the trial's worker failed"
 
 
-def make_scheduler(name: str, max_t: int, grace_period: int, margin: float = 0.0):
+def make_scheduler(name: str, max_t: int, grace_period: int, margin: float = 0.0, min_pairs: int = 0):
     """ASHA (default) on the trials' validation checkpoints, not stopping a trial within ``margin`` (the
-    measured seed noise) of a rung's cutoff (``allocsearch.search.rungs``); ``none``: run every trial out.
+    measured seed noise) of a rung's cutoff, nor at a rung that has not yet shown on ``min_pairs`` completed
+    trials that it ranks them as their ends do (``allocsearch.search.rungs``); ``none``: run every trial out.
     (Hyperband's pause-and-resume would restart paused trials from scratch with their time billed twice:
     not offered.)"""
     if name == "asha":
-        return RungScheduler(Rungs(max_t, grace_period, 2, margin))
+        return RungScheduler(Rungs(max_t, grace_period, 2, margin, min_pairs, EVIDENCE_RHO))
     if name == "none":
         return FIFOScheduler()
     from allocsearch.search.study import StudyError
@@ -158,6 +159,8 @@ class RungScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         report = TrialReport.parse(result)
+        if report is not None and report.final and report.status == "completed":
+            self.rungs.final(trial.trial_id, report.objective)
         if report is None or report.final or report.objective is None or trial.config.get("confirm"):
             return TrialScheduler.CONTINUE  # a confirmation run measures the whole trial: never stopped early
         stop = self.rungs.stop(trial.trial_id, report.step, report.objective)
@@ -197,7 +200,8 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
             tune_config=tune.TuneConfig(search_alg=StudySearcher(controller),
                                         scheduler=make_scheduler(plan["scheduler"], plan["max_t"],
-                                                                 plan["grace_period"], plan["margin"]),
+                                                                 plan["grace_period"], plan["margin"],
+                                                                 plan["min_pairs"]),
                                         num_samples=-1, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse_actors, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),

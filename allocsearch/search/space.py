@@ -262,6 +262,10 @@ class SearchSpace:
                 raise SpaceError(f"{self.source}: methods.{name}.router_scope: {misfit}; fix: use router_scope "
                                  "linear or a Llama-style model (e.g. --model smollm2-135m)")
 
+    def train_top(self, key: str, default):
+        """A fixed training setting, or the top of its range where the space searches it."""
+        return max(self.train_dims[key].extremes()) if key in self.train_dims else self.train.get(key, default)
+
     # ----------------------------------------------------------------------------------- dimensions
     def _check_depth(self, num_layers: int) -> None:
         for name, s in self.sections.items():
