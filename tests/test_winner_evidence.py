@@ -146,3 +146,37 @@ def test_the_dashboard_shows_how_sure_the_winner_is(tmp_path):
     table = next(d.value for d in at.dataframe if "ci95" in d.value.columns)
     assert list(table["mark"])[0] == "winner" and list(table["n"])[0] == ev["winner"]["n"]
     assert list(table["mean"])[0] == pytest.approx(ev["winner"]["mean"])
+
+
+def test_a_resumed_search_s_rungs_go_on_from_its_records(tmp_path):
+    from test_search_controller import make as make_ctl
+
+    from allocsearch.search.rungs import Rungs
+
+    # trials with checkpoints at steps 2, 4, 6 (the test space trains 8 steps): four complete, one pruned
+    clock = Clock()
+    ctl = make_ctl(tmp_path, clock=clock, priors=False)
+    live = Rungs(8, 2, 2, 0.0, min_pairs=3)
+    for i, (curve, end) in enumerate([((0.60, 0.70, 0.75), 0.80), ((0.55, 0.65, 0.70), 0.74),
+                                      ((0.50, 0.60, 0.66), 0.70), ((0.65, 0.72, 0.78), 0.82), ((0.40,), None)]):
+        config = ctl.propose()
+        n = config["number"]
+        ctl.on_start(n)
+        for step, value in zip((2, 4, 6), curve):
+            clock.t += 1.0
+            ctl.on_result(n, {"step": step, "objective": value, "train_seconds": 1.0})
+            live.stop(n, step, value)
+        if end is None:
+            ctl.on_complete(n, {"step": 2, "objective": 0.40, "final": True, "status": "stopped", "steps": 2,
+                                "trainable_params": 1, "result_json": None}, error=False)
+        else:
+            ctl.on_complete(n, final(objective=end), error=False)
+            live.final(n, end)
+    history = ctl.schedule("asha")["history"]
+    assert sorted(h[0] for h in history) == [0, 1, 2, 3, 4] and [h[2] for h in history].count(None) == 1
+    resumed = Rungs(8, 2, 2, 0.0, min_pairs=3).restore(history)
+    for m in live.milestones:  # the same records at every rung, so the same cutoffs and the same evidence
+        assert sorted(resumed.recorded[m].values()) == sorted(live.recorded[m].values())
+        assert resumed.trusted(m) == live.trusted(m)
+    assert resumed.trusted(2) and sorted(resumed.finals.values()) == [0.70, 0.74, 0.80, 0.82]
+    assert resumed.stop("new", 2, 0.30) is True  # stopped at once: the rung earned its trust before the resume

@@ -102,6 +102,15 @@ class Bookkeeper:
                  "objective": t.values[0] if t.values else t.user_attrs.get("objective"),
                  "confirm": t.user_attrs.get("confirm")} for t in self.ostudy.get_trials(deepcopy=False)]
 
+    def rung_history(self) -> list[tuple[int, dict, float | None]]:
+        """Each trial a rung could have judged (no confirmation run): (number, {step: checkpoint}, final
+        score if it completed), for a resumed search's rungs (``Rungs.restore``)."""
+        from optuna.trial import TrialState
+
+        return [(t.number, dict(t.intermediate_values), t.values[0] if t.state == TrialState.COMPLETE and t.values
+                 else None) for t in self.ostudy.get_trials(deepcopy=False)
+                if t.intermediate_values and t.user_attrs.get("confirm") is None]
+
     def reserve_left(self, reserve: float) -> float:
         """What is left of the confirmation phase's ``reserve`` after the confirmation runs so far."""
         if not reserve:

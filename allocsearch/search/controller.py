@@ -143,7 +143,8 @@ class Controller:
         name = scheduler if len(self.study.objectives) == 1 else "none"
         careful = self.study.settings.get("noise_aware_stopping", True)
         return {"scheduler": name, "max_t": int(self.space.train_top("steps", 60)), "grace_period": self._grace_period(),
-                "margin": (self.noise() or 0.0) if careful else 0.0, "min_pairs": EVIDENCE_PAIRS if careful else 0}
+                "margin": (self.noise() or 0.0) if careful else 0.0, "min_pairs": EVIDENCE_PAIRS if careful else 0,
+                "history": self.books.rung_history()}
 
     def _grace_period(self) -> int:
         """Steps to a trial's first checkpoint (ASHA's first rung)."""

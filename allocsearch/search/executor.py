@@ -135,14 +135,16 @@ def _error_text(trial, lines: int = 3) -> str:
         return "the trial's worker failed"
 
 
-def make_scheduler(name: str, max_t: int, grace_period: int, margin: float = 0.0, min_pairs: int = 0):
+def make_scheduler(name: str, max_t: int, grace_period: int, margin: float = 0.0, min_pairs: int = 0,
+                   history=()):
     """ASHA (default) on the trials' validation checkpoints, not stopping a trial within ``margin`` (the
     measured seed noise) of a rung's cutoff, nor at a rung that has not yet shown on ``min_pairs`` completed
-    trials that it ranks them as their ends do (``allocsearch.search.rungs``); ``none``: run every trial out.
+    trials that it ranks them as their ends do (``allocsearch.search.rungs``), resumed from ``history``
+    (``Rungs.restore``); ``none``: run every trial out.
     (Hyperband's pause-and-resume would restart paused trials from scratch with their time billed twice:
     not offered.)"""
     if name == "asha":
-        return RungScheduler(Rungs(max_t, grace_period, 2, margin, min_pairs, EVIDENCE_RHO))
+        return RungScheduler(Rungs(max_t, grace_period, 2, margin, min_pairs, EVIDENCE_RHO).restore(history))
     if name == "none":
         return FIFOScheduler()
     from allocsearch.search.study import StudyError
@@ -201,7 +203,7 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
             tune_config=tune.TuneConfig(search_alg=StudySearcher(controller),
                                         scheduler=make_scheduler(plan["scheduler"], plan["max_t"],
                                                                  plan["grace_period"], plan["margin"],
-                                                                 plan["min_pairs"]),
+                                                                 plan["min_pairs"], plan["history"]),
                                         num_samples=-1, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse_actors, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),

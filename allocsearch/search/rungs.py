@@ -83,6 +83,28 @@ class Rungs:
         rho = spearman(pairs) if len(pairs) >= self.min_pairs else None
         return rho is not None and rho >= self.min_rho
 
+    def restore(self, history) -> "Rungs":
+        """Resume with what earlier sessions' trials showed: ``history`` is (trial, {step: checkpoint},
+        final score or None) for every trial that could be judged at a rung (no confirmation run); each is
+        recorded where ``stop`` would have recorded it, so a resumed search's rungs go on from the same
+        cutoffs and the same evidence (``agreement``, which ``status`` prints, reads the same records)."""
+        for key, checkpoints, final in history:
+            for m, value in self.judged_at(checkpoints).items():
+                self.recorded[m].setdefault(("restored", key), value)
+            if final is not None:
+                self.final(("restored", key), final)
+        return self
+
+    def judged_at(self, checkpoints: dict) -> dict:
+        """The rung each checkpoint of a trial would be recorded at ({milestone: value}): at each report,
+        the highest rung reached and not yet judged (Tune's rule, as ``stop``)."""
+        out: dict = {}
+        for step in sorted(checkpoints, key=float):
+            m = max((m for m in self.milestones if float(step) >= m and m not in out), default=None)
+            if m is not None and checkpoints[step] is not None:
+                out[m] = float(checkpoints[step])
+        return out
+
     def stop(self, key, step: int, value: float | None) -> bool:
         """Whether the trial ``key`` should stop now, at ``step`` with score ``value`` (higher is better).
         As in Tune, the highest rung the trial has reached and not yet been judged at decides."""
@@ -109,9 +131,11 @@ def agreement(trials: list[dict]) -> list[dict]:
         return []
     steps = sorted({int(k) for t in done for k in t["intermediate"]})
     max_t = max(int(t.get("steps") or steps[-1]) for t in done)
+    rungs = Rungs(max(max_t, steps[0]), steps[0])
+    judged = [(rungs.judged_at(t["intermediate"]), t["objective"]) for t in done]
     out = []
-    for m in (m for m in Rungs(max(max_t, steps[0]), steps[0]).milestones if m < max_t):
-        pairs = [(t["intermediate"][k], t["objective"]) for t in done for k in t["intermediate"] if int(k) == m]
+    for m in (m for m in rungs.milestones if m < max_t):
+        pairs = [(at[m], final) for at, final in judged if m in at]
         out.append({"step": int(m), "n": len(pairs), "rho": spearman(pairs) if len(pairs) >= 2 else None})
     return out
 
