@@ -252,3 +252,22 @@ def test_tunes_face_of_the_rungs_never_stops_a_confirmation_run():
         assert sched.on_trial_result(None, T(i), {"step": 25, "objective": value}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, T(2), {"step": 25, "objective": 0.5}) == TrialScheduler.STOP
     assert sched.on_trial_result(None, T(3, confirm=True), {"step": 25, "objective": 0.5}) == TrialScheduler.CONTINUE
+
+
+def test_the_replay_shows_the_scheduler_each_final_report_as_tune_does(table, monkeypatch):
+    # the rungs learn whether they predict the end from completed trials' final scores; without them
+    # a replayed default search would never stop a trial early
+    import allocsearch.search.executor as executor
+
+    made, real = [], executor.make_scheduler
+
+    def keep(plan):
+        made.append(real(plan))
+        return made[-1]
+
+    monkeypatch.setattr(executor, "make_scheduler", keep)
+    trace = replay(table, "default", budget_seconds=0.8 * table.grid_seconds(), seed=1)
+    rungs = made[0].rungs
+    assert rungs.min_pairs == 5 and len(rungs.finals) >= 5
+    assert len(rungs.finals) <= trace.trials - trace.confirm_trials  # search trials only: a confirmation run is never judged
+    assert any(rungs.trusted(m) for m in rungs.milestones[:-1])  # this table's early scores predict the end

@@ -151,7 +151,8 @@ def test_the_dashboard_shows_how_sure_the_winner_is(tmp_path):
 def test_a_resumed_search_s_rungs_go_on_from_its_records(tmp_path):
     from test_search_controller import make as make_ctl
 
-    from allocsearch.search.rungs import Rungs
+    from allocsearch.search.executor import make_scheduler
+    from allocsearch.search.rungs import Rungs, spearman
 
     # trials with checkpoints at steps 2, 4, 6 (the test space trains 8 steps): four complete, one pruned
     clock = Clock()
@@ -172,11 +173,18 @@ def test_a_resumed_search_s_rungs_go_on_from_its_records(tmp_path):
         else:
             ctl.on_complete(n, final(objective=end), error=False)
             live.final(n, end)
-    history = ctl.schedule("asha")["history"]
+    plan = ctl.schedule("asha")
+    history = plan["history"]
     assert sorted(h[0] for h in history) == [0, 1, 2, 3, 4] and [h[2] for h in history].count(None) == 1
-    resumed = Rungs(8, 2, 2, 0.0, min_pairs=3).restore(history)
+    resumed = make_scheduler(plan).rungs  # what Tune gets on a resume
+    assert resumed.milestones == live.milestones and resumed.min_pairs == 5
     for m in live.milestones:  # the same records at every rung, so the same cutoffs and the same evidence
         assert sorted(resumed.recorded[m].values()) == sorted(live.recorded[m].values())
-        assert resumed.trusted(m) == live.trusted(m)
-    assert resumed.trusted(2) and sorted(resumed.finals.values()) == [0.70, 0.74, 0.80, 0.82]
-    assert resumed.stop("new", 2, 0.30) is True  # stopped at once: the rung earned its trust before the resume
+    assert sorted(resumed.finals.values()) == [0.70, 0.74, 0.80, 0.82]
+    resumed.min_pairs = live.min_pairs = 3
+    assert [resumed.trusted(m) for m in live.milestones] == [live.trusted(m) for m in live.milestones]
+    assert resumed.trusted(2) and resumed.stop("new", 2, 0.30) is True  # the rung earned its trust before
+    # status reads the same records: its Spearman per rung is the one the scheduler decides on
+    rungs = analysis.summarize(ctl.study.root)["rungs"]
+    pairs = [(resumed.recorded[2][k], v) for k, v in resumed.finals.items()]
+    assert rungs[0]["step"] == 2 and rungs[0]["n"] == 4 and rungs[0]["rho"] == pytest.approx(spearman(pairs))

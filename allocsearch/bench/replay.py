@@ -114,9 +114,7 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
 
         ctl = Controller(study, space, num_layers=layers, sampler=make_sampler(plan["sampler"], seed), clock=clock,
                          on_event=on_event)
-        sched = ctl.schedule(plan["scheduler"])  # the very scheduler Tune runs live (one stopping rule)
-        scheduler = make_scheduler(sched["scheduler"], sched["max_t"], sched["grace_period"], sched["margin"],
-                                   sched["min_pairs"], sched["history"])
+        scheduler = make_scheduler(ctl.schedule(plan["scheduler"]))  # the very scheduler Tune runs live
         _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
         ctl.close()
         trace.end_reason, trace.spent = ctl.end_reason, ctl.spent()

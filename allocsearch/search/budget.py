@@ -154,7 +154,7 @@ class BudgetKeeper:
             raise ValueError(f"predicted must be > 0 and first_checkpoint >= 0, not {predicted}, {first_checkpoint}")
         free = self.free()
         if self.wall:
-            cap = free if min(predicted, predicted if whole else first_checkpoint) <= free and free > 0 else None
+            cap = free if (predicted if whole else min(predicted, first_checkpoint)) <= free and free > 0 else None
         elif predicted * self.margin <= free:
             cap = min(free, predicted * self.room)
         elif first_checkpoint <= free and free > 0 and not whole:

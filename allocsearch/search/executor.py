@@ -135,16 +135,17 @@ def _error_text(trial, lines: int = 3) -> str:
         return "the trial's worker failed"
 
 
-def make_scheduler(name: str, max_t: int, grace_period: int, margin: float = 0.0, min_pairs: int = 0,
-                   history=()):
-    """ASHA (default) on the trials' validation checkpoints, not stopping a trial within ``margin`` (the
-    measured seed noise) of a rung's cutoff, nor at a rung that has not yet shown on ``min_pairs`` completed
-    trials that it ranks them as their ends do (``allocsearch.search.rungs``), resumed from ``history``
-    (``Rungs.restore``); ``none``: run every trial out.
-    (Hyperband's pause-and-resume would restart paused trials from scratch with their time billed twice:
-    not offered.)"""
+def make_scheduler(plan: dict):
+    """The scheduler ``Controller.schedule`` planned: ASHA (default) on the trials' validation checkpoints,
+    not stopping a trial within ``margin`` (the measured seed noise) of a rung's cutoff, nor at a rung that
+    has not yet shown on ``min_pairs`` completed trials that it ranks them as their ends do
+    (``allocsearch.search.rungs``), resumed from ``history`` (``Rungs.restore``); ``none``: run every trial
+    out. (Hyperband's pause-and-resume would restart paused trials from scratch with their time billed
+    twice: not offered.)"""
+    name = plan["scheduler"]
     if name == "asha":
-        return RungScheduler(Rungs(max_t, grace_period, 2, margin, min_pairs, EVIDENCE_RHO).restore(history))
+        rungs = Rungs(plan["max_t"], plan["grace_period"], 2, plan["margin"], plan["min_pairs"], EVIDENCE_RHO)
+        return RungScheduler(rungs.restore(plan["history"]))
     if name == "none":
         return FIFOScheduler()
     from allocsearch.search.study import StudyError
@@ -161,10 +162,12 @@ class RungScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         report = TrialReport.parse(result)
-        if report is not None and report.final and report.status == "completed":
-            self.rungs.final(trial.trial_id, report.objective)
-        if report is None or report.final or report.objective is None or trial.config.get("confirm"):
-            return TrialScheduler.CONTINUE  # a confirmation run measures the whole trial: never stopped early
+        if report is None or trial.config.get("confirm"):
+            return TrialScheduler.CONTINUE  # a confirmation run measures the whole trial: never judged at a rung
+        if report.final and report.status == "completed":
+            self.rungs.final(trial.trial_id, report.objective)  # evidence of how well the rungs predict the end
+        if report.final or report.objective is None:
+            return TrialScheduler.CONTINUE
         stop = self.rungs.stop(trial.trial_id, report.step, report.objective)
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
@@ -201,9 +204,7 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
             tune_config=tune.TuneConfig(search_alg=StudySearcher(controller),
-                                        scheduler=make_scheduler(plan["scheduler"], plan["max_t"],
-                                                                 plan["grace_period"], plan["margin"],
-                                                                 plan["min_pairs"], plan["history"]),
+                                        scheduler=make_scheduler(plan),
                                         num_samples=-1, max_concurrent_trials=concurrency,
                                         reuse_actors=reuse_actors, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
