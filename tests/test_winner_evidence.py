@@ -113,7 +113,7 @@ def test_a_reserve_too_small_for_one_whole_run_goes_to_the_search(tmp_path):
     ctl.close()
     released = [d for kind, d in events if kind == "confirming"]
     assert released and "cannot pay for 1 whole confirmation run" in released[0]["ended"]
-    assert ctl.keeper.held == 0.0 and ctl.phase == "search, reserve released"
+    assert ctl.keeper.held == 0.0 and ctl.reserve.phase == "search, reserve released"
     assert ran == 4  # the whole budget went to search trials (with 24 s held back, 3 would have run)
 
 

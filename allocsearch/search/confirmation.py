@@ -108,6 +108,41 @@ class Confirmation:
         return e.params, seed, e.first_trial()
 
 
+RACE_RUNS = 1  # whole runs the reserve must be able to pay for to be held back
+
+
+class Reserve:
+    """The confirmation phase's share of the budget, and so the search's phase: ``search`` (the reserve held
+    back from admission, ``BudgetKeeper.held``), ``confirm`` (the race spends it), or ``search, reserve
+    released`` (given back to the search: nothing to race, or too small for RACE_RUNS whole runs)."""
+
+    def __init__(self, keeper, race: Confirmation | None, amount: float, emit):
+        self.keeper, self.race, self.emit, self.phase = keeper, race, emit, "search"
+        keeper.held = amount if race else 0.0
+
+    def begin(self, rows) -> bool:
+        """The search phase is over: the reserve goes to the race, or, with nothing to race (fewer than two
+        configurations completed), back to the search. True when there is budget to go on with."""
+        if self.race is None or self.phase != "search":
+            return False
+        self.keeper.held = 0.0
+        finalists = self.race.start(rows)
+        self.phase = "search, reserve released" if self.race.ended else "confirm"
+        self.emit("confirming", finalists=[{"params": e.params, "n": e.n, "mean": e.mean} for e in finalists],
+                  ended=self.race.ended, reserve=self.keeper.free())
+        return self.keeper.free() > 0
+
+    def release_if_small(self, predicted: float, observed: int) -> None:
+        """Once the cost model has seen two trials (``observed``), a reserve too small for RACE_RUNS whole
+        runs of ``predicted`` cost goes to the search instead of being held back for nothing."""
+        if self.phase != "search" or not self.keeper.held or observed < 2:
+            return
+        if self.keeper.held < RACE_RUNS * predicted * self.keeper.margin:
+            self.keeper.held, self.phase = 0.0, "search, reserve released"
+            self.race.ended = f"the reserve cannot pay for {RACE_RUNS} whole confirmation run(s)"
+            self.emit("confirming", finalists=[], ended=self.race.ended, reserve=0.0)
+
+
 def fresh_seed(rows, params: dict, number: int, default: int, max_seeds: int) -> int:
     """The seed of a trial the sampler drew: ``default``, unless the configuration already ran (TPE draws
     a finite space's points again): then its next seed not run yet, so the repeat measures seed noise
@@ -118,4 +153,4 @@ def fresh_seed(rows, params: dict, number: int, default: int, max_seeds: int) ->
     return fresh[0] if fresh else default
 
 
-__all__ = ["Confirmation", "WAIT", "fresh_seed"]
+__all__ = ["Confirmation", "RACE_RUNS", "Reserve", "WAIT", "fresh_seed"]

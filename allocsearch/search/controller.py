@@ -29,7 +29,7 @@ from allocsearch.confidence import config_key
 from allocsearch.search.budget import (Budget, BudgetKeeper, CostModel, devices_per_trial, tokens_per_step,
                                        trial_features)
 from allocsearch.search.bookkeeping import Bookkeeper
-from allocsearch.search.confirmation import WAIT, Confirmation, fresh_seed
+from allocsearch.search.confirmation import WAIT, Confirmation, Reserve, fresh_seed
 from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_PAIRS
 from allocsearch.search.samplers import grid_repeats
@@ -40,7 +40,6 @@ from allocsearch.trial_state import ENDED_BADLY
 HEARTBEAT_SECONDS = 2.0
 CAP_SLACK_SECONDS = 2.0
 UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed
-RACE_RUNS = 1  # whole runs the confirmation reserve must be able to pay for to be held back
 DEFAULT_STARTUP_SECONDS = 3.0  # a Ray worker's start before its trial's clock starts, until one is seen
 
 
@@ -82,9 +81,9 @@ class Controller:
         study.clear_stop()
         # the confirmation phase (single objective): a reserve of the budget, held back while the search runs
         fraction = float(s.get("confirm") or 0.0) if len(study.objectives) == 1 else 0.0
-        self.phase = "search"
         self.confirm = Confirmation(max_seeds=int(s.get("max_seeds", 5)), noise=s.get("noise")) if fraction else None
-        self.keeper.held = self.books.reserve_left(fraction * self.budget.seconds)
+        self.reserve = Reserve(self.keeper, self.confirm, self.books.reserve_left(fraction * self.budget.seconds),
+                               lambda kind, **data: self.emit(kind, **data))  # emit may be rebound (a tracker)
 
     # ------------------------------------------------------------------------------ set-up
     def _cost_model(self) -> CostModel:
@@ -157,7 +156,7 @@ class Controller:
         if self._user_stop or self.end_reason or self.interrupted:
             return "finished"
         if self.pending is None:
-            if self.phase == "confirm":
+            if self.reserve.phase == "confirm":
                 plan = self.confirm.next(self.books.rows(), {(i["key"], i["seed"]) for i in self.running.values()})
                 if plan == WAIT:
                     return None
@@ -171,7 +170,7 @@ class Controller:
             if self.study.settings.get("sampler") == "grid" and grid_repeats(self.ostudy, trial):
                 self._not_run(trial, "the grid is used up")
                 self.pending = None
-                if self._confirming():
+                if self.reserve.begin(self.books.rows()):
                     return self.propose()
                 self.end_reason = "every point of the grid has run"
                 return "finished"
@@ -183,7 +182,7 @@ class Controller:
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
         predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
         first = self.cost.predict_to_step(features, self._grace_period()) * self.devices
-        self._release_a_small_reserve(predicted)
+        self.reserve.release_if_small(predicted, self.cost.n_observed)
         cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running),
                                 whole="confirm" in trial.user_attrs)  # a cut confirmation run counts for nothing
         if cap is None:
@@ -191,12 +190,12 @@ class Controller:
                 return None  # wait for a running trial to give back its reservation
             self._not_run(trial, "nothing more fits in the budget")
             self.pending = None
-            if self._confirming():
+            if self.reserve.begin(self.books.rows()):
                 return self.propose()
             left = self.budget.format(self.keeper.remaining())
             self.end_reason = (f"nothing more fits: {left} left, the next trial needs about "
                                f"{self.budget.format(first)} to its first checkpoint"
-                               + (" (the confirmation reserve is spent)" if self.phase == "confirm" else ""))
+                               + (" (the confirmation reserve is spent)" if self.reserve.phase == "confirm" else ""))
             return "finished"
         self.pending = None
         number = trial.number
@@ -222,28 +221,6 @@ class Controller:
                 # a duration on the worker's own clock (nodes' clocks need not agree), less the worker's
                 # start-up, which the controller counts from Tune's start and the worker cannot see
                 "budget_seconds": max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS - self.startup_seconds())}
-
-    def _confirming(self) -> bool:
-        """The search phase is over: the reserve is released to the confirmation phase, or, when it has
-        nothing to race (fewer than two configurations completed), back to the search. True when there is
-        budget to go on with; False when the search simply ends."""
-        if self.confirm is None or self.phase != "search":
-            return False
-        self.keeper.held = 0.0
-        finalists = self.confirm.start(self.books.rows())
-        self.phase = "search, reserve released" if self.confirm.ended else "confirm"
-        self.emit("confirming", finalists=[{"params": e.params, "n": e.n, "mean": e.mean} for e in finalists],
-                  ended=self.confirm.ended, reserve=self.keeper.free())
-        return self.keeper.free() > 0
-
-    def _release_a_small_reserve(self, predicted: float) -> None:
-        """A reserve too small for RACE_RUNS whole runs (as predicted once two trials were seen) goes to the search."""
-        if self.phase != "search" or not self.keeper.held or self.cost.n_observed < 2:
-            return
-        if self.keeper.held < RACE_RUNS * predicted * self.keeper.margin:
-            self.keeper.held, self.phase = 0.0, "search, reserve released"
-            self.confirm.ended = f"the reserve cannot pay for {RACE_RUNS} whole confirmation run(s)"
-            self.emit("confirming", finalists=[], ended=self.confirm.ended, reserve=0.0)
 
     def _seed(self, trial, params: dict, default: int) -> int:
         """A confirmation run's own seed, else ``confirmation.fresh_seed`` (a repeated draw: the next seed)."""
