@@ -87,7 +87,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
     trials = load_trials(study)
     counts = {state: sum(t["state"] == state for t in trials) for state in STATE_ORDER}
     completed = [t for t in trials if t["state"] == "completed" and t["objective"] is not None]
-    best = best_of(trials)
+    best = best_of(trials, s.get("noise"))
     predicted = [t["predicted"] for t in trials if t["predicted"]]
     baseline = next((t for t in completed if (t["prior"] or "").lower().startswith("lora")), None)
     out = {"study": study.name, "root": str(root), "model": s["model"], "space": s.get("space"),
@@ -98,7 +98,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
                       "predicted_per_trial": statistics.median(predicted[-10:]) if predicted else None,
                       "describe": budget.describe(), "spent_text": budget.format(spent)},
            "counts": counts, "trials": trials, "best": best, "baseline": baseline,
-           "controller_pid": study.running_pid()}
+           "controller_pid": study.running_pid(), "declared_noise": s.get("noise")}
     if len(s["objectives"]) == 1:
         out["evidence"] = _evidence(trials, s.get("noise"))
         if s.get("scheduler", "asha") == "asha":
@@ -270,15 +270,16 @@ def spend_timeline(root: str | Path, summary: dict | None = None, max_points: in
                         "remaining": max(0.0, total - s)} for t, s in points]}
 
 
-def anytime_curve(trials: list[dict]) -> list[dict]:
+def anytime_curve(trials: list[dict], noise: float | None = None) -> list[dict]:
     """Best completed objective so far against the device-seconds spent so far, trials in the order they
-    ended: one point per ended trial (``number``, ``state``, ``objective``, ``device_seconds``, ``best``)."""
+    ended: one point per ended trial (``number``, ``state``, ``objective``, ``device_seconds``, ``best``);
+    ``noise``: the study's declared seed noise (``summarize``'s ``declared_noise``), as ``best_of`` takes it."""
     ended = sorted((t for t in trials if t["end"] and t["state"] not in ("running", "queued")),
                    key=lambda t: (t["end"], t["number"]))
     out, spent = [], 0.0
     for i, t in enumerate(ended):
         spent += t["spend"] or 0.0
-        best = best_of(ended[:i + 1])
+        best = best_of(ended[:i + 1], noise)
         out.append({"number": t["number"], "state": t["state"], "objective": t["objective"],
                     "device_seconds": spent, "best": best["objective"] if best else None, "summary": t["summary"]})
     return out

@@ -87,6 +87,9 @@ def estimates(rows) -> list[Estimate]:
     return sorted(out.values(), key=lambda e: (-e.mean, e.first_trial()))
 
 
+MIN_POOLED = 3  # repeated configurations before a pooled noise replaces a declared one
+
+
 def _chi2_median_over_df(df: int) -> float:
     """median(chi^2_df) / df: tabulated up to 5 degrees of freedom, beyond by Wilson-Hilferty (error < 0.2%)."""
     return {1: 0.454936, 2: math.log(2), 3: 0.788658, 4: 0.839173, 5: 0.870292}.get(df) or (1 - 2 / (9 * df)) ** 3
@@ -107,8 +110,12 @@ def pooled_noise(ests: list[Estimate]) -> float | None:
 
 def noise_of(ests: list[Estimate], declared: float | None = None) -> float | None:
     """The seed noise the calls are made with: the pooled one once configurations ran on several seeds (a
-    measured 0 is a measurement), else ``declared`` (``--noise``, a table's), else None."""
+    measured 0 is a measurement), else ``declared`` (``--noise``, a table's), else None. A declared noise
+    is kept until ``MIN_POOLED`` configurations were repeated: the median rule cannot tell one configuration
+    that diverged on a seed (0.83 and 0.50: a "noise" of 0.24) from noise until it has a few to compare."""
     pooled = pooled_noise(ests)
+    if declared is not None and sum(e.n > 1 for e in ests) < MIN_POOLED:
+        return declared
     return pooled if pooled is not None else declared
 
 
@@ -131,29 +138,39 @@ def raced(rows) -> set[str]:
             if r.get("confirm") is not None and r.get("params") and r.get("state") == "completed"}
 
 
-def winner(ests: list[Estimate], race: set[str] | None = None) -> Estimate | None:
+def winner(ests: list[Estimate], race: set[str] | None = None, noise: float | None = None) -> Estimate | None:
     """The configuration to export: the best mean among those a confirmation race re-ran (``race``), or,
     before any race, among all (a configuration drawn again on another seed is judged by its mean; with no
     repeats this is the single best score). Preferring the most-repeated would crown whatever a sampler
     happened to draw most often.
 
+    A re-run configuration the race showed to be worse than the best mean beyond seed noise (``separated``,
+    with ``noise_of(ests, noise)``) leaves that pool: a race that could pay for one run re-ran its first
+    finalist, whose new seed diverged (0.833 then 0.50), and crowned it at 0.667 against single runs at
+    0.83 (measured on the replay). With no other re-run configuration left, the best mean of all wins.
+
     A configuration early stopping cut on a seed it never completed is passed over while another has no
     such seed: its mean is over the seeds it survived (0.826 for a LoRA whose third seed collapsed to 0.50
     and was stopped, measured on the replay), so it is the survivors' mean, not the configuration's."""
-    pool = [e for e in ests if race and e.key in race] or ests
+    pool = [e for e in ests if race and e.key in race]
+    if pool:
+        top, sigma = max(ests, key=lambda e: e.mean), noise_of(ests, noise)
+        pool = [e for e in pool if e is top or not separated(top, e, sigma)]
+    pool = pool or ests
     pool = [e for e in pool if not e.stopped] or pool
     return max(pool, key=lambda e: (e.mean, -e.first_trial()), default=None)
 
 
-def winner_of(rows) -> Estimate | None:
-    return winner(estimates(rows), raced(rows))
+def winner_of(rows, noise: float | None = None) -> Estimate | None:
+    """``winner`` of a study's trial rows; ``noise``: the declared seed noise (the study's ``noise``)."""
+    return winner(estimates(rows), raced(rows), noise)
 
 
 def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
     """What ``status``, the dashboard and ``export`` show about the winner: the finalists (mean, 95% CI,
     n, seeds), which are tied with the winner, and the noise the calls were made with."""
     ests = estimates(rows)
-    best = winner(ests, raced(rows))
+    best = winner(ests, raced(rows), noise)
     if best is None:
         return None
     noise = noise_of(ests, noise)
@@ -166,5 +183,5 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "config_key", "estimates", "evidence", "noise_of", "pooled_noise", "raced", "separated", "t95", "winner",
+__all__ = ["Estimate", "MIN_POOLED", "config_key", "estimates", "evidence", "noise_of", "pooled_noise", "raced", "separated", "t95", "winner",
            "winner_of"]

@@ -247,7 +247,7 @@ class OptunaReader:
         best = best_of([{"number": t.number, "state": state_of(t)[0], "objective": t.values[0] if t.values else None,
                          "params": t.params, "seed": t.user_attrs.get("seed", 0),
                          "confirm": t.user_attrs.get("confirm")}
-                        for t in storage.get_all_trials(study_id, deepcopy=False)])
+                        for t in storage.get_all_trials(study_id, deepcopy=False)], self.settings.get("noise"))
         return (best["objective"], best["number"]) if best else None
 
 

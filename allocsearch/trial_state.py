@@ -31,17 +31,18 @@ def state_of(trial) -> tuple[str, str | None]:
     return state, attrs.get("failure") or attrs.get("stop_reason")
 
 
-def best_of(rows):
+def best_of(rows, noise: float | None = None):
     """THE best trial of a study (``status``, the dashboard, MLflow, ``export --best``): of rows with
     ``number``, ``state``, ``objective``, the completed one with the highest objective, the earlier on a tie;
     None before any completed. Where rows carry ``params`` (``seed``, ``confirm``) and the winning
     configuration ran on several seeds: its first trial (``allocsearch.confidence.winner_of``: the best
-    mean among those the confirmation race re-ran, not a lucky single seed)."""
+    mean among those the confirmation race re-ran, not a lucky single seed; ``noise``: the study's declared
+    seed noise, as every reader passes it)."""
     done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None]
     if any(r.get("params") for r in done):  # configurations re-run on several seeds: the best mean wins
         from allocsearch.confidence import winner_of
 
-        best = winner_of(done)
+        best = winner_of(done, noise)
         if best is not None and best.n > 1:
             return next(r for r in done if r["number"] == best.first_trial())
     return max(done, key=lambda r: (r["objective"], -r["number"]), default=None)

@@ -9,6 +9,12 @@ sampled configuration) trained with seeds 0..S-1 (data split fixed). Spread: C d
 sampled uniformly from the space (Optuna RandomSampler, seed 0), seed 0. Prints a table and the ratio spread /
 noise (standard deviations); writes the numbers as JSON.
 
+``--every-seed`` runs every sampled configuration on every seed, so that the spread is the one of the
+configurations' means over seeds, the noise the pooled one of all of them (``confidence.pooled_noise``),
+and each configuration's distance below the best is printed in standard errors of that difference (a
+configuration more than 3 below the best is separated from it). ``--reuse OLD.json`` takes the runs an
+earlier probe already made (same configuration and seed) instead of training them again.
+
 Probing a benchmark task (issue 14): a probe space fixes a good learning rate, so the spread is the
 allocations' alone; ``benchmarks/probes/*.yaml`` are the candidates measured for the README, e.g.
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -38,8 +45,14 @@ def main() -> int:
     ap.add_argument("--noise-from", choices=["prior", "first"], default="prior",
                     help="the configuration whose seed noise is measured: the space's first prior (LoRA r8 where "
                          "it has one) or the first sampled configuration (a probe space without usable priors)")
+    ap.add_argument("--every-seed", action="store_true",
+                    help="run every sampled configuration on every seed (the spread of means against pooled noise)")
+    ap.add_argument("--reuse", type=Path, default=None, help="an earlier probe's JSON whose runs are taken as made")
     ap.add_argument("--out", type=Path, default=Path("signal.json"))
     args = ap.parse_args()
+    if args.reuse is not None and not args.reuse.is_file():
+        print(f"error: --reuse {args.reuse}: no such file; give an earlier probe's JSON output", file=sys.stderr)
+        return 2
 
     import optuna
 
@@ -66,10 +79,19 @@ def main() -> int:
     # (name, params, seed, counts in the spread); with --noise-from first, config 0's seed-0 run is both
     first = label == "random config 0"
     runs = [(f"{label} seed {s}", noise_params, s, first and s == 0) for s in range(args.seeds)]
-    runs += [(f"random config {i}", params, 0, True) for i, params in enumerate(sampled) if i >= int(first)]
+    seeds = range(args.seeds) if args.every_seed else range(1)
+    runs += [(f"random config {i} seed {s}" if args.every_seed else f"random config {i}", params, s,
+              s == 0) for i, params in enumerate(sampled) for s in seeds if i >= int(first) or s > 0]
+    made = {}
+    if args.reuse is not None:
+        made = {(r["summary"], r["seed"]): r for r in json.loads(args.reuse.read_text())["rows"]}
 
     rows = []
     for name, params, seed, in_spread in runs:
+        if (space.summarize(params), seed) in made:
+            rows.append({**made[(space.summarize(params), seed)], "run": name, "in_spread": in_spread, "reused": True})
+            print(f"{name:<18} {space.summarize(params):<60} {rows[-1]['objective']:.4f}  (reused)", flush=True)
+            continue
         spec = space.trial_spec(params, layers)
         spec["train"] = {**spec["train"], "seed": seed, "threads": args.threads, "evaluate_test": False}
         spec["name"] = name.replace(" ", "-")
@@ -88,13 +110,43 @@ def main() -> int:
            "spread": {"mean": statistics.mean(spread), "std": statistics.stdev(spread),
                       "range": max(spread) - min(spread)}}
     out["ratio_std"] = out["spread"]["std"] / max(out["noise"]["std"], 1e-9)
+    if args.every_seed:
+        out.update(_over_seeds(rows))
     print(f"\nseed noise ({label}, {len(noise)} seeds): mean {out['noise']['mean']:.4f} std {out['noise']['std']:.4f} "
           f"range {out['noise']['range']:.4f}")
     print(f"across the space ({len(spread)} configs): mean {out['spread']['mean']:.4f} std {out['spread']['std']:.4f} "
           f"range {out['spread']['range']:.4f}")
     print(f"spread / noise (std): {out['ratio_std']:.2f}   ({out['seconds'] / 60:.1f} min of trials)")
+    if args.every_seed:
+        print(f"\nover seeds: pooled seed noise {out['pooled_noise']:.4f}; spread of the {len(out['configs'])} "
+              f"configurations' means (std) {out['spread_of_means']:.4f}; ratio {out['ratio_means']:.2f}")
+        for c in out["configs"]:
+            print(f"  {c['summary']:<60} {c['mean']:.4f} (n={c['n']})  {c['below_best_se']:5.1f} SE below the best")
     args.out.write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _over_seeds(rows: list[dict]) -> dict:
+    """Each configuration's mean over its seeds, the pooled seed noise (the median rule of
+    ``confidence.pooled_noise``), the spread of the means and each one's distance below the best in standard
+    errors of a difference of two means, sigma * sqrt(1/n_best + 1/n)."""
+    from allocsearch.confidence import Estimate, pooled_noise
+
+    by: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["objective"] is not None:
+            by.setdefault(r["summary"], {})[r["seed"]] = r["objective"]
+    ests = [Estimate(key=k, params={}, values=v) for k, v in by.items()]
+    noise = pooled_noise(ests) or 0.0
+    ests.sort(key=lambda e: -e.mean)
+    best = ests[0]
+    configs = [{"summary": e.key, "n": e.n, "mean": e.mean, "std": e.std,
+                "below_best_se": (best.mean - e.mean) / max(noise * math.sqrt(1 / best.n + 1 / e.n), 1e-9)}
+               for e in ests]
+    means = [e.mean for e in ests]
+    spread = statistics.stdev(means) if len(means) > 1 else 0.0
+    return {"pooled_noise": noise, "spread_of_means": spread, "ratio_means": spread / max(noise, 1e-9),
+            "configs": configs}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from conftest import run_cli
 from allocsearch.bench import compare
 from allocsearch.bench.replay import STRATEGIES, replay
 from allocsearch.bench.table import Table, TableError, write
-from allocsearch.confidence import config_key
+from allocsearch.confidence import config_key, separated
 
 SPACE = {
     "version": 1, "model": "tiny-llama",
@@ -190,6 +190,23 @@ def test_compare_scores_strategies_against_the_tables_truth(table):
     goals = compare.goals(result)
     assert [g[0][:40] for g in goals][0].startswith("default within noise")
     assert all(isinstance(met, bool) for _, met, _ in goals)
+
+
+def test_a_hit_is_judged_by_the_tables_noise_not_a_paired_test_on_three_seeds(tmp_path):
+    finals = [(0.830, 0.836, 0.824), (0.835, 0.50, 0.84), (0.826, 0.820, 0.814), (0.70, 0.706, 0.694)]
+    points, rows = grid_points()[:4], []
+    for p, values in zip(points, finals):
+        for s, v in enumerate(values):
+            rows.append({"config": config_key(p), "seed": s, "step": 8, "final": 1, "validation": v, "test": v,
+                         "device_seconds": 10.0, "train_seconds": 9.0, "trainable_params": 100})
+    write(tmp_path / "t", rows, {"name": "hits", "cpus_per_trial": 1.0, "budget_unit": "cpu"}, json.dumps(SPACE))
+    scorer = compare._Scorer(Table.load(tmp_path / "t"))
+    best, collapsed, close, bad = (config_key(p) for p in points)
+    assert scorer.best.key == best and scorer.noise == pytest.approx(0.006 / 0.6931 ** 0.5, rel=0.01)
+    assert scorer.hit(best) and scorer.hit(close)  # 0.010 below the best: inside 1.96 noise sqrt(2/3)
+    # a seed collapsed to chance (true mean 0.725): the paired t-test on 3 seeds cannot separate it, the noise can
+    assert not separated(scorer.by_key[best], scorer.by_key[collapsed], scorer.noise)
+    assert not scorer.hit(collapsed) and not scorer.hit(bad) and not scorer.hit(None)
 
 
 @pytest.mark.parametrize("bad,message", [("--budgets 10%,x", "is not a share"), ("--budgets 0%", "above 0%"),

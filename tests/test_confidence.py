@@ -7,8 +7,9 @@ import statistics
 
 import pytest
 
-from allocsearch.confidence import (Estimate, config_key, estimates, evidence, pooled_noise, raced, separated, t95,
-                                    winner, winner_of)
+from allocsearch.confidence import (MIN_POOLED, Estimate, config_key, estimates, evidence, noise_of, pooled_noise, raced,
+                                    separated, t95, winner, winner_of)
+from allocsearch.trial_state import best_of
 from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.rungs import Rungs
 
@@ -121,16 +122,44 @@ def test_estimates_group_by_configuration_and_a_repeated_seed_counts_once():
 
 
 def test_the_winner_is_the_best_mean_of_the_race():
-    rows = rows_of({"a": {0: 0.85, 1: 0.84, 2: 0.86}, "b": {0: 0.90}, "c": {0: 0.83, 1: 0.82, 2: 0.80}})
+    rows = rows_of({"a": {0: 0.85, 1: 0.84, 2: 0.86}, "b": {0: 0.87}, "c": {0: 0.83, 1: 0.82, 2: 0.80}})
     for r in rows:
         r["confirm"] = 0 if r["seed"] else None  # a and c were raced (their seeds 1, 2 are confirmation runs)
-    # b's single run (0.90, drawn after the race, e.g. on a resume) does not beat a, confirmed on three seeds
+    # b's single run (0.87, drawn after the race, e.g. on a resume) is within the noise (0.015, pooled from a
+    # and c) of a, confirmed on three seeds: it does not beat a
     assert winner_of(rows).params == {"c": "a"} and raced(rows) == {config_key({"c": "a"}), config_key({"c": "c"})}
+    # a single run beyond the noise of every raced configuration (0.90: 3.3 noise above a) is better, run once
+    rows[3]["objective"] = 0.90
+    assert winner_of(rows).params == {"c": "b"}
     # before any race, repeats from a sampler's re-draws do not crown the most-drawn: the best mean wins
     drawn = rows_of({"a": {0: 0.80, 1: 0.79, 2: 0.81}, "b": {0: 0.84}})
     assert winner_of(drawn).params == {"c": "b"}
     assert winner(estimates(rows_of({"a": {0: 0.85}, "b": {0: 0.90}}))).params == {"c": "b"}  # no repeats: argmax
     assert winner([]) is None
+
+
+def test_a_finalist_whose_new_seed_diverged_is_not_crowned_by_its_race():
+    # the race could pay for one run: its first finalist's new seed diverged (0.833 then 0.50, mean 0.667)
+    rows = rows_of({"r4": {2: 0.833, 1: 0.50}, "r8": {0: 0.838}, "mola": {0: 0.82}})
+    rows[1]["confirm"] = 0
+    assert raced(rows) == {config_key({"c": "r4"})}
+    assert winner_of(rows, noise=0.0123).params == {"c": "r8"}  # worse than the best beyond noise: not the winner
+    assert best_of(rows, noise=0.0123)["number"] == 2
+    # a finalist the race confirmed within noise of a single lucky run keeps the crown
+    rows = rows_of({"r4": {2: 0.833, 1: 0.826}, "r8": {0: 0.845}})
+    rows[1]["confirm"] = 0
+    assert winner_of(rows, noise=0.0123).params == {"c": "r4"}
+    # and evidence names the same winner as best_of (one truth for status, export and MLflow)
+    rows = rows_of({"r4": {2: 0.833, 1: 0.50}, "r8": {0: 0.838, 1: 0.83}, "mola": {0: 0.82}})
+    rows[1]["confirm"] = 0
+    assert evidence(rows, 0.0123)["winner"]["trials"] == [2, 3] == sorted(winner_of(rows, 0.0123).trials.values())
+
+
+def test_a_declared_noise_holds_until_three_configurations_were_repeated():
+    one = [Estimate("d", {}, {0: 0.833, 1: 0.50}), Estimate("s", {}, {0: 0.84})]
+    assert noise_of(one, 0.0123) == 0.0123 and noise_of(one) == pytest.approx(pooled_noise(one))
+    steady = [Estimate(str(i), {}, {0: 0.82, 1: 0.83}) for i in range(MIN_POOLED)]
+    assert noise_of(one + steady, 0.0123) == pytest.approx(pooled_noise(one + steady))
 
 
 def test_ties_paired_by_seed_and_by_the_noise_band():

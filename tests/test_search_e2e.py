@@ -56,19 +56,30 @@ def check_study(summary: dict, budget_seconds: float):
         assert result["status"] in ("completed", "stopped") and result["steps"] >= 1
         assert (root / "trials" / f"{t['number']:04d}" / "trial.yaml").exists()
     assert not [t for t in trials if t["state"] == "running"]
-    check_one_truth(root, trials)
+    check_one_truth(root, trials, summary.get("best"))
     return done
 
 
-def check_one_truth(root: Path, rows: list[dict]) -> None:
-    """Every trial: Optuna's value and intermediate values are what results.json measured, and `status`
-    shows the same value (pruned trials too: the checkpoint ASHA acted on is their last intermediate)."""
+def check_one_truth(root: Path, rows: list[dict], best: dict | None) -> None:
+    """Every trial: Optuna's value and intermediate values are what results.json measured, `status` (and
+    the dashboard, which reads the same ``analysis.summarize``) shows the same value, and MLflow's trial run
+    logs it with the same state (pruned trials too: the checkpoint ASHA acted on is their last
+    intermediate); the best trial is the same in status and on MLflow's parent run."""
     import optuna
+    from mlflow import MlflowClient
 
+    from allocsearch.analysis import summarize
     from allocsearch.trial import result_objective
 
     ostudy = optuna.load_study(study_name=root.name, storage=f"sqlite:///{root / 'optuna.db'}")
     by_number = {r["number"]: r for r in rows}
+    dashboard = {t["number"]: t for t in summarize(root)["trials"]}
+    state = json.loads((root / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = {int(r.data.tags["trial_number"]): r for r in client.search_runs(
+        [state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")}
+    parent = client.get_run(state["parent_run_id"])
+    assert best is not None and parent.data.tags["best.trial"] == str(best["number"])
     checked = 0
     for t in ostudy.get_trials(deepcopy=False):
         path = root / "trials" / f"{t.number:04d}" / "results.json"
@@ -78,7 +89,11 @@ def check_one_truth(root: Path, rows: list[dict]) -> None:
         curve = {c["step"]: c["metrics"]["macro_balanced_accuracy"] for c in result["checkpoints"]}
         assert t.intermediate_values == curve, (t.number, t.intermediate_values, curve)
         assert t.value == pytest.approx(result_objective(result)), (t.number, t.value, result_objective(result))
-        assert by_number[t.number]["objective"] == pytest.approx(t.value)
+        assert by_number[t.number]["objective"] == pytest.approx(t.value) == dashboard[t.number]["objective"]
+        run = runs[t.number]
+        logged = run.data.metrics.get("objective")  # none where the budget stopped a trial before a checkpoint
+        assert (logged is None and t.value is None) or logged == pytest.approx(t.value), (t.number, logged, t.value)
+        assert run.data.tags["state"] == by_number[t.number]["state"] == dashboard[t.number]["state"]
         checked += 1
     assert checked >= 2
 

@@ -233,7 +233,7 @@ class _Loop:
             self.trace.confirm_trials += 1
             self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
         rows = self.ctl.books.rows()
-        best = winner_of(rows)
+        best = winner_of(rows, self.ctl.study.settings.get("noise"))
         # Optuna's best trial: the single highest score of the search phase (no confirmation run counted)
         done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None and r["confirm"] is None]
         argmax = max(done, key=lambda r: (r["objective"], -r["number"]), default=None)

@@ -62,7 +62,7 @@ def selected() -> None:
         left.info("no spend recorded yet")
     if summary["trials"]:
         right.plotly_chart(charts.states(c), key="states")
-    points = analysis.anytime_curve(summary["trials"])
+    points = analysis.anytime_curve(summary["trials"], summary.get("declared_noise"))
     if any(p["objective"] is not None for p in points):
         st.plotly_chart(charts.anytime(points), key="anytime")
     st.subheader("Running now")
