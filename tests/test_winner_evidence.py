@@ -117,6 +117,25 @@ def test_a_reserve_too_small_for_one_whole_run_goes_to_the_search(tmp_path):
     assert ran == 4  # the whole budget went to search trials (with 24 s held back, 3 would have run)
 
 
+def test_a_reserve_the_prior_says_is_too_small_goes_before_the_first_trials_caps_are_set(tmp_path):
+    # the cost prior guesses 40 s a trial: a 20% reserve of 2 CPU-min (24 s) cannot pay for one (40 x 1.2).
+    # The first trial, admitted before any is seen, gets its cap from the whole budget, not from the 96 s
+    # left beside the reserve (the replay at 10% of the grid: a trial cut 1.3 s before its end by a reserve
+    # that was released unused once two trials were seen)
+    ctl = make(tmp_path, budget="2cpu-min", scheduler="none", confirm=0.2)
+    ctl.cost.predict = lambda features: 40.0
+    assert ctl.keeper.held == pytest.approx(24.0)
+    first = ctl.propose()
+    assert ctl.keeper.held == 0.0 and ctl.reserve.phase == "search, reserve released"
+    assert ctl.running[first["number"]]["predicted"] * ctl.keeper.room > 120.0  # room to use it all
+    assert first["cap_wall_seconds"] == pytest.approx(120.0)
+    # a reserve that can pay for one whole run is held
+    ctl = make(tmp_path, budget="6cpu-min", scheduler="none", confirm=0.2, name="big")
+    ctl.cost.predict = lambda features: 40.0
+    ctl.propose()
+    assert ctl.keeper.held == pytest.approx(72.0) and ctl.reserve.phase == "search"
+
+
 def test_a_configuration_drawn_again_runs_on_the_next_seed(tmp_path):
     clock = Clock()
     ctl = make(tmp_path, clock=clock, scheduler="none", priors=False)

@@ -180,9 +180,10 @@ class Controller:
         seed = spec["train"]["seed"] = self._seed(trial, params, int(spec["train"].get("seed", 0)))
         features = trial_features(spec)
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
-        predicted = self.cost.predict(features) * self.devices * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
+        guess = self.cost.predict(features) * self.devices
+        predicted = guess * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
         first = self.cost.predict_to_step(features, self._grace_period()) * self.devices
-        self.reserve.release_if_small(predicted, self.cost.n_observed)
+        self.reserve.release_if_small(guess)
         cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running),
                                 whole="confirm" in trial.user_attrs)  # a cut confirmation run counts for nothing
         if cap is None:
