@@ -13,7 +13,7 @@ def draw(result: dict, path: str | Path, title: str = "") -> Path:
 
     table = result["table"]
     grid = table["grid_device_seconds"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14.5, 4.8))
     for name, c in result["curves"].items():
         xs = [s / grid * 100 for s in c["seconds"]]
         lo = [m - e for m, e in zip(c["mean"], c["se"])]
@@ -36,13 +36,13 @@ def draw(result: dict, path: str | Path, title: str = "") -> Path:
     right.set_xlabel("budget (% of the grid's device-seconds)")
     right.set_ylabel("normalised regret (0 best, 1 median)")
     right.set_title("regret of the exported configuration")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves cross
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
