@@ -192,6 +192,21 @@ def test_compare_scores_strategies_against_the_tables_truth(table):
     assert all(isinstance(met, bool) for _, met, _ in goals)
 
 
+def test_the_replays_default_is_what_allocsearch_start_runs_by_default(table, tmp_path, monkeypatch):
+    from allocsearch.search import study as study_module
+    from allocsearch.search.session import EXECUTION_DEFAULTS
+
+    seen = []
+    create = study_module.Study.create
+    monkeypatch.setattr(study_module.Study, "create",
+                        classmethod(lambda cls, root, settings, space: seen.append(settings) or create(root, settings, space)))
+    replay(table, "default", budget_seconds=0.2 * table.grid_seconds(), seed=0)
+    s = seen[0]
+    assert (s["sampler"], s["scheduler"], s["priors"]) == ("tpe", EXECUTION_DEFAULTS["scheduler"], True)
+    assert s["confirm"] == EXECUTION_DEFAULTS["confirm"] and s["noise"] == EXECUTION_DEFAULTS["noise"]
+    assert s.get("noise_aware_stopping", True)  # the controller's default
+
+
 def test_a_hit_is_judged_by_the_tables_noise_not_a_paired_test_on_three_seeds(tmp_path):
     finals = [(0.830, 0.836, 0.824), (0.835, 0.50, 0.84), (0.826, 0.820, 0.814), (0.70, 0.706, 0.694)]
     points, rows = grid_points()[:4], []
