@@ -88,6 +88,7 @@ def estimates(rows) -> list[Estimate]:
 
 
 MIN_POOLED = 3  # repeated configurations before a pooled noise replaces a declared one
+MIN_SPREAD = 5  # configurations before their spread bounds the noise
 
 
 def _chi2_median_over_df(df: int) -> float:
@@ -108,14 +109,32 @@ def pooled_noise(ests: list[Estimate]) -> float | None:
     return math.sqrt(statistics.median(terms)) if terms else None
 
 
+def spread_bound(ests: list[Estimate]) -> float | None:
+    """An upper bound on the seed noise from every configuration's score, repeated or not: 1.4826 x the
+    median absolute deviation of their means (a robust standard deviation). Seed noise is part of the
+    spread across configurations, so it cannot be larger; a configuration that diverged does not move a
+    median. None with fewer than ``MIN_SPREAD`` configurations."""
+    means = [e.mean for e in ests]
+    if len(means) < MIN_SPREAD:
+        return None
+    mid = statistics.median(means)
+    return 1.4826 * statistics.median(abs(m - mid) for m in means)
+
+
 def noise_of(ests: list[Estimate], declared: float | None = None) -> float | None:
     """The seed noise the calls are made with: the pooled one once configurations ran on several seeds (a
-    measured 0 is a measurement), else ``declared`` (``--noise``, a table's), else None. A declared noise
-    is kept until ``MIN_POOLED`` configurations were repeated: the median rule cannot tell one configuration
-    that diverged on a seed (0.83 and 0.50: a "noise" of 0.24) from noise until it has a few to compare."""
+    measured 0 is a measurement), else ``declared`` (``--noise``, a table's), else None. Until ``MIN_POOLED``
+    configurations were repeated the median rule cannot tell one configuration that diverged on a seed
+    (0.83 and 0.50: a "noise" of 0.24) from noise: a declared noise is kept, and a pooled one is capped by
+    ``spread_bound`` (measured on the replay: a one-run race whose finalist diverged crowned it at 0.667
+    against single runs at 0.83 without the cap)."""
     pooled = pooled_noise(ests)
-    if declared is not None and sum(e.n > 1 for e in ests) < MIN_POOLED:
-        return declared
+    if sum(e.n > 1 for e in ests) < MIN_POOLED:
+        if declared is not None:
+            return declared
+        bound = spread_bound(ests)
+        if pooled is not None and bound is not None:
+            return min(pooled, bound)
     return pooled if pooled is not None else declared
 
 
@@ -183,5 +202,5 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "MIN_POOLED", "config_key", "estimates", "evidence", "noise_of", "pooled_noise", "raced", "separated", "t95", "winner",
+__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "config_key", "estimates", "evidence", "noise_of", "pooled_noise", "raced", "separated", "spread_bound", "t95", "winner",
            "winner_of"]

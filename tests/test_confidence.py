@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from allocsearch.confidence import (MIN_POOLED, Estimate, config_key, estimates, evidence, noise_of, pooled_noise, raced,
-                                    separated, t95, winner, winner_of)
+from allocsearch.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, noise_of, pooled_noise, raced,
+                                    separated, spread_bound, t95, winner, winner_of)
 from allocsearch.trial_state import best_of
 from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.rungs import Rungs
@@ -160,6 +160,26 @@ def test_a_declared_noise_holds_until_three_configurations_were_repeated():
     assert noise_of(one, 0.0123) == 0.0123 and noise_of(one) == pytest.approx(pooled_noise(one))
     steady = [Estimate(str(i), {}, {0: 0.82, 1: 0.83}) for i in range(MIN_POOLED)]
     assert noise_of(one + steady, 0.0123) == pytest.approx(pooled_noise(one + steady))
+
+
+def test_without_a_declared_noise_the_spread_of_all_scores_caps_the_noise_of_few_repeats():
+    # as a live search without --noise: the one re-run configuration diverged on its new seed
+    table = {"r4": {2: 0.833, 1: 0.50}, "r8": {0: 0.838}, "m1": {0: 0.82}, "m2": {0: 0.81}, "m3": {0: 0.825},
+             "m4": {0: 0.80}}
+    rows = rows_of(table)
+    rows[1]["confirm"] = 0
+    ests = estimates(rows)
+    assert pooled_noise(ests) > 0.2  # the diverged finalist's own spread
+    assert spread_bound(ests) == pytest.approx(1.4826 * 0.0125)  # the median absolute deviation of the means
+    assert noise_of(ests) == pytest.approx(spread_bound(ests)) and noise_of(ests, 0.05) == 0.05
+    assert winner_of(rows).params == {"c": "r8"}
+    # fewer configurations than MIN_SPREAD: no bound, and nothing tells the diverged seed from noise
+    few = rows_of({k: table[k] for k in list(table)[:MIN_SPREAD - 1]})
+    few[1]["confirm"] = 0
+    assert spread_bound(estimates(few)) is None and winner_of(few).params == {"c": "r4"}
+    # once MIN_POOLED configurations were repeated the pooled noise stands on its own
+    steady = [Estimate(str(i), {}, {0: 0.82, 1: 0.83 + 0.01 * i}) for i in range(MIN_POOLED)]
+    assert noise_of(ests + steady) == pytest.approx(pooled_noise(ests + steady))
 
 
 def test_ties_paired_by_seed_and_by_the_noise_band():
