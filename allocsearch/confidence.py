@@ -3,7 +3,8 @@ interval, and which configurations are statistically tied with the best. Torch-,
 ``status``, the dashboard, ``export``, the confirmation phase and the replay benchmark all read this.
 
 A configuration is its parameters (every seed of it is its own trial). The winner: the best mean among
-the configurations the confirmation race re-ran (before a race: among all). Ties with the best:
+the configurations the confirmation race re-ran and did not show worse than the best beyond noise (before
+a race: among all). The noise: ``noise_of``. Ties with the best:
 - paired by seed where both were run on >= 2 common seeds: the best is separated from a configuration when
   the 95% interval of their per-seed differences lies above 0 (a paired t-test, one sided at 2.5%);
 - otherwise (a single run on either side) the difference of means against the seed noise ``noise`` (a
@@ -202,5 +203,5 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "config_key", "estimates", "evidence", "noise_of", "pooled_noise", "raced", "separated", "spread_bound", "t95", "winner",
-           "winner_of"]
+__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "config_key", "estimates", "evidence", "noise_of", "pooled_noise",
+           "raced", "separated", "spread_bound", "t95", "winner", "winner_of"]
