@@ -147,6 +147,12 @@ def separated(best: Estimate, other: Estimate, noise: float | None) -> bool:
         sd = statistics.stdev(diffs)
         low = statistics.fmean(diffs) - t95(len(diffs) - 1) * sd / math.sqrt(len(diffs))
         return low > 0
+    return beyond_noise(best, other, noise)
+
+
+def beyond_noise(best: Estimate, other: Estimate, noise: float | None) -> bool:
+    """``best``'s mean lies above ``other``'s by more than seed noise allows at their n (z at 95%, two sided):
+    ``diff > 1.96 * noise * sqrt(1/n_best + 1/n_other)``; without a noise estimate, never."""
     if not noise:
         return False
     return best.mean - other.mean > 1.96 * noise * math.sqrt(1 / best.n + 1 / other.n)
@@ -203,5 +209,5 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "config_key", "estimates", "evidence", "noise_of", "pooled_noise",
+__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "beyond_noise", "config_key", "estimates", "evidence", "noise_of", "pooled_noise",
            "raced", "separated", "spread_bound", "t95", "winner", "winner_of"]

@@ -190,6 +190,8 @@ def test_compare_scores_strategies_against_the_tables_truth(table):
     goals = compare.goals(result)
     assert [g[0][:40] for g in goals][0].startswith("default within noise")
     assert all(isinstance(met, bool) for _, met, _ in goals)
+    hit_goal = next(text for goal, _, text in goals if "tied in >= 90%" in goal)
+    assert "at 25%" in hit_goal and "at 50%" in hit_goal  # every budget's rate, not only the lowest
 
 
 def test_the_replays_default_is_what_allocsearch_start_runs_by_default(table, tmp_path, monkeypatch):

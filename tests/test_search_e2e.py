@@ -96,6 +96,8 @@ def check_one_truth(root: Path, rows: list[dict], best: dict | None) -> None:
         assert run.data.tags["state"] == by_number[t.number]["state"] == dashboard[t.number]["state"]
         checked += 1
     assert checked >= 2
+    # every trial MLflow has a run for (failed and not-run ones too) carries the state status shows
+    assert {n: r.data.tags.get("state") for n, r in runs.items()} == {n: by_number[n]["state"] for n in runs}
 
 
 def test_search_on_a_local_ray_with_the_shared_data(tmp_path, space_file):

@@ -27,6 +27,7 @@ from typing import Callable
 
 from allocsearch.bench.replay import STRATEGIES, Trace, replay
 from allocsearch.bench.table import Table
+from allocsearch.confidence import beyond_noise
 from allocsearch.errors import AllocsearchError
 
 CURVE_POINTS = 40
@@ -102,11 +103,7 @@ class _Scorer:
         return (self.best.mean - self.quality(key)) / span if span > 0 else 0.0
 
     def hit(self, key: str | None) -> bool:
-        if key is None:
-            return False
-        e = self.by_key[key]
-        return key == self.best.key or self.best.mean - e.mean <= 1.96 * self.noise * math.sqrt(
-            1 / self.best.n + 1 / e.n)
+        return key is not None and (key == self.best.key or not beyond_noise(self.best, self.by_key[key], self.noise))
 
     def to_noise(self, trace: Trace) -> float:
         for spent, key, _ in trace.points:
