@@ -129,9 +129,11 @@ def finalists_table(summary: dict) -> list[dict]:
     ev = summary.get("evidence")
     if not ev:
         return []
+    from allocsearch.confidence import finalist_mark
+
     out = []
     for f in ev["finalists"]:
-        mark = "winner" if f["trials"] == ev["winner"]["trials"] else ("tied" if f["tied"] else "")
+        mark = finalist_mark(f, ev)
         out.append({"mark": mark, "summary": f.get("summary", ""), "mean": f["mean"], "ci95": f["ci95"], "n": f["n"],
                     "seeds": f["seeds"], "trials": f["trials"]})
     return out

@@ -209,5 +209,16 @@ def evidence(rows, noise: float | None = None, top: int = 5) -> dict | None:
             "tied": [e.to_dict(noise) for e in tied]}
 
 
-__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "beyond_noise", "config_key", "estimates", "evidence", "noise_of", "pooled_noise",
+def finalist_mark(f: dict, ev: dict) -> str:
+    """How ``status`` and the dashboard label one of ``evidence``'s finalists: ``winner``, ``tied``, ``tied,
+    1 seed`` (a single run that scored above the winner's mean but was never re-run: it may be a lucky
+    seed, which is why it is not the winner), or ''."""
+    if f["trials"] == ev["winner"]["trials"]:
+        return "winner"
+    if not f["tied"]:
+        return ""
+    return "tied, 1 seed" if f["n"] == 1 and f["mean"] > ev["winner"]["mean"] else "tied"
+
+
+__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "beyond_noise", "config_key", "estimates", "evidence", "finalist_mark", "noise_of", "pooled_noise",
            "raced", "separated", "spread_bound", "t95", "winner", "winner_of"]

@@ -192,6 +192,10 @@ def test_compare_scores_strategies_against_the_tables_truth(table):
     assert all(isinstance(met, bool) for _, met, _ in goals)
     hit_goal = next(text for goal, _, text in goals if "tied in >= 90%" in goal)
     assert "at 25%" in hit_goal and "at 50%" in hit_goal  # every budget's rate, not only the lowest
+    # beside each, the best rate any strategy reached at that budget: what the budget allows at all
+    for b in (0.25, 0.5):
+        top = max(rows, key=lambda sb: (sb[1] == b, rows[sb]["hit"]))
+        assert f"best strategy {top[0]} {rows[top]['hit']:.0%}) at {b:.0%}" in hit_goal
 
 
 def test_the_replays_default_is_what_allocsearch_start_runs_by_default(table, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from allocsearch.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, noise_of, pooled_noise, raced,
+from allocsearch.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, finalist_mark, noise_of, pooled_noise, raced,
                                     separated, spread_bound, t95, winner, winner_of)
 from allocsearch.trial_state import best_of
 from allocsearch.search.confirmation import WAIT, Confirmation
@@ -348,3 +348,22 @@ def test_status_reports_how_well_each_rung_predicts_the_end():
     text = render_summary(summary, final=True)
     assert f"step 25: Spearman {got[0]['rho']:+.2f} over 5 completed" in text and "Spearman >= +0.50" in text
     assert agreement([]) == []
+
+
+def test_a_single_run_above_the_raced_winner_is_labelled_as_one_seed():
+    # "a" was raced (its seeds 1 and 2 are confirmation runs) and wins at 0.85; "e" scored 0.87 on its one
+    # seed and was never re-run: status and the dashboard must not show it as a plain "tied" above the winner
+    rows = rows_of({"a": {0: 0.85, 1: 0.86, 2: 0.84}, "b": {0: 0.845, 1: 0.855, 2: 0.845}, "e": {0: 0.87},
+                    "d": {0: 0.84}, "c": {0: 0.70, 1: 0.71, 2: 0.69}})
+    for r in rows:
+        if r["seed"] > 0:
+            r["confirm"] = 0
+    ev = evidence(rows)
+    marks = {f["params"]["c"]: finalist_mark(f, ev) for f in ev["finalists"]}
+    assert marks["a"] == "winner" and marks["b"] == "tied" and marks["e"] == "tied, 1 seed"
+    assert marks["c"] == "" and marks["d"] == "tied"  # separated; below the winner on one seed: a plain tie
+    from allocsearch.analysis import finalists_table
+    from allocsearch.cli.search_view import render_evidence
+
+    assert {r["mark"] for r in finalists_table({"evidence": ev})} >= {"winner", "tied", "tied, 1 seed"}
+    assert any(line.lstrip().startswith("tied, 1 seed 0.8700") for line in render_evidence(ev))

@@ -3,6 +3,7 @@ it leaves: every seed its own trial linked to its configuration, the reserve res
 winner with its mean +- CI and ties in ``status``, ``export`` and Optuna's best."""
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from test_search_controller import Clock, final, make
 
 from allocsearch import analysis
-from allocsearch.cli.search_view import render_summary
+from allocsearch.cli.search_view import LiveView, render_summary
 from allocsearch.confidence import config_key
 from allocsearch.export import export_trial
 
@@ -125,8 +126,18 @@ def test_a_reserve_the_prior_says_is_too_small_goes_before_the_first_trials_caps
     ctl = make(tmp_path, budget="2cpu-min", scheduler="none", confirm=0.2)
     ctl.cost.predict = lambda features: 40.0
     assert ctl.keeper.held == pytest.approx(24.0)
+    events = []
+    ctl.emit = lambda kind, **data: events.append((kind, data))
     first = ctl.propose()
     assert ctl.keeper.held == 0.0 and ctl.reserve.phase == "search, reserve released"
+    # the user is told what budget would pay for one: its 20% reserve covers 40 s x margin 1.2 at 4 CPU-min
+    (kind, data), = [e for e in events if e[0] == "confirming"]
+    assert data["needed_budget"] == pytest.approx(240.0)
+    view = LiveView(stream=io.StringIO())
+    view.event("study", budget=ctl.study.settings["budget"], spent=0.0, study="s", root="r")
+    view.event(kind, **data)
+    out = view.stream.getvalue()
+    assert "single-seed pick" in out and "about 4.00 CPU-min pays for a confirmation run" in out, out
     assert ctl.running[first["number"]]["predicted"] * ctl.keeper.room > 120.0  # room to use it all
     assert first["cap_wall_seconds"] == pytest.approx(120.0)
     # a reserve that can pay for one whole run is held

@@ -141,6 +141,12 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
+def _best_hit(rows: dict, budget: float) -> str:
+    """The highest hit rate any replayed strategy reached at ``budget`` (what the budget allows at all)."""
+    name, hit = max(((s, r["hit"]) for (s, b), r in rows.items() if b == budget), key=lambda x: x[1])
+    return f"{name} {hit:.0%}"
+
+
 def goals(result: dict) -> list[tuple[str, bool, str]]:
     """The issue's goals, measured: (goal, met, the numbers)."""
     rows = {(r["strategy"], r["budget"]): r for r in result["rows"]}
@@ -159,8 +165,8 @@ def goals(result: dict) -> list[tuple[str, bool, str]]:
                         "worse at " + ", ".join(worse) if worse else "at or below at every budget"))
         hit = min(r["hit"] for r in d)
         per = ", ".join(f"{r['hit']:.0%} (argmax {r['argmax_hit']:.0%}"
-                        + ("" if r["confirm_share"] > 0 else ", no confirmation run") + f") at {r['budget']:.0%}"
-                        for r in d)
+                        + ("" if r["confirm_share"] > 0 else ", no confirmation run")
+                        + f"; best strategy {_best_hit(rows, r['budget'])}) at {r['budget']:.0%}" for r in d)
         out.append(("with confirmation, the export is the true best or tied in >= 90% of seeds", hit >= 0.9, per))
         over = max(r["confirm_over"] for r in d)
         spent = max(r["confirm_share"] for r in d)

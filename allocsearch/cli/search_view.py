@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
+from allocsearch.confidence import finalist_mark
 from allocsearch.search.budget import Budget
 from allocsearch.search.rungs import EVIDENCE_PAIRS, EVIDENCE_RHO
 
@@ -95,6 +96,9 @@ class LiveView:
                     f"best ({self._fmt(d['reserve'])} left for it)")
         elif kind == "confirming":
             line = f"no confirmation phase ({d['ended']}): the reserve goes back to the search"
+            if d.get("needed_budget"):
+                line += (f"; the winner will be a single-seed pick (a budget of about "
+                         f"{self._fmt(d['needed_budget'])} pays for a confirmation run)")
         elif kind == "ray_logs_kept":
             line = f"a trial failed: Ray's worker logs are kept in {d['path']}"
         if line:
@@ -163,8 +167,8 @@ def render_evidence(ev: dict | None) -> list[str]:
     lines = [f"finalists (mean +- 95% CI over seeds; {noise})"]
     for f in ev["finalists"]:
         ci = f" +- {f['ci95']:.4f}" if f.get("ci95") is not None else ""
-        mark = "winner" if f["trials"] == ev["winner"]["trials"] else ("tied" if f["tied"] else "")
-        lines.append(f"  {mark:<6} {f['mean']:.4f}{ci} (n={f['n']}, trials {','.join(map(str, f['trials']))})  "
+        mark = finalist_mark(f, ev)
+        lines.append(f"  {mark:<12} {f['mean']:.4f}{ci} (n={f['n']}, trials {','.join(map(str, f['trials']))})  "
                      f"{f.get('summary', '')}")
     tied = len(ev["tied"])
     lines.append(f"        {tied} configuration{'s' if tied != 1 else ''} statistically tied with the winner"

@@ -140,10 +140,13 @@ class Reserve:
         trial stopped 1.3 s before its end by the held reserve, then released unused)."""
         if self.phase != "search" or not self.keeper.held:
             return
-        if self.keeper.held < RACE_RUNS * predicted * self.keeper.margin:
+        need = RACE_RUNS * predicted * self.keeper.margin
+        if self.keeper.held < need:
+            # the budget whose reserve (the same share of it) would pay for the race's runs: what to tell the user
+            needed = self.keeper.budget.seconds * need / self.keeper.held
             self.keeper.held, self.phase = 0.0, "search, reserve released"
             self.race.ended = f"the reserve cannot pay for {RACE_RUNS} whole confirmation run(s)"
-            self.emit("confirming", finalists=[], ended=self.race.ended, reserve=0.0)
+            self.emit("confirming", finalists=[], ended=self.race.ended, reserve=0.0, needed_budget=needed)
 
 
 def fresh_seed(rows, params: dict, number: int, default: int, max_seeds: int) -> int:

@@ -111,22 +111,10 @@ class Controller:
 
     def cluster_ready(self, cpus: float, gpus: float, *, too_big: str | None = None,
                       lacking: dict[str, list[str]] | None = None) -> None:
-        """Refuse in one line a cluster that cannot run a trial: too few resources on any one node
-        (``too_big``: why), or nodes that cannot see the trials' files (``lacking``: node -> what)."""
-        from allocsearch.search.study import StudyError
+        """Refuse in one line a cluster that cannot run a trial (``nodes.check_cluster``)."""
+        from allocsearch.search.nodes import check_cluster
 
-        s = self.study.settings
-        self.budget.check_resources(s["gpus_per_trial"], gpus)
-        if s["cpus_per_trial"] > cpus:
-            raise StudyError(f"a trial asks for {s['cpus_per_trial']:g} CPUs but the cluster has {cpus:g}; "
-                             f"fix: lower --cpus-per-trial")
-        if too_big:
-            raise StudyError(f"{too_big}; fix: lower --cpus-per-trial / --gpus-per-trial or add a bigger node")
-        if lacking:
-            node, what = next(iter(lacking.items()))
-            more = f" (and {len(lacking) - 1} more nodes)" if len(lacking) > 1 else ""
-            raise StudyError(f"node {node}{more} lacks {', '.join(what)}; fix: put it on a filesystem every node "
-                             f"mounts at the same path, or copy it there")
+        check_cluster(self.study.settings, self.budget, cpus, gpus, too_big=too_big, lacking=lacking)
         self.emit("cluster", cpus=cpus, gpus=gpus)
 
     def required_paths(self) -> dict[str, str]:

@@ -27,6 +27,26 @@ def largest_fit(nodes: list[dict], cpus: float, gpus: float) -> str | None:
     return f"a trial needs {cpus:g} CPUs and {gpus:g} GPUs on one node, but no node has them ({biggest})"
 
 
+def check_cluster(settings: dict, budget, cpus: float, gpus: float, *, too_big: str | None = None,
+                  lacking: dict[str, list[str]] | None = None) -> None:
+    """Refuse in one line (a ``StudyError``) a cluster that cannot run a trial of the study's ``settings``:
+    fewer CPUs / GPUs than a trial asks for, too few on any one node (``too_big``: why, ``largest_fit``),
+    or nodes that cannot see the trials' files (``lacking``: node -> what, ``required_paths``)."""
+    from allocsearch.search.study import StudyError
+
+    budget.check_resources(settings["gpus_per_trial"], gpus)
+    if settings["cpus_per_trial"] > cpus:
+        raise StudyError(f"a trial asks for {settings['cpus_per_trial']:g} CPUs but the cluster has {cpus:g}; "
+                         f"fix: lower --cpus-per-trial")
+    if too_big:
+        raise StudyError(f"{too_big}; fix: lower --cpus-per-trial / --gpus-per-trial or add a bigger node")
+    if lacking:
+        node, what = next(iter(lacking.items()))
+        more = f" (and {len(lacking) - 1} more nodes)" if len(lacking) > 1 else ""
+        raise StudyError(f"node {node}{more} lacks {', '.join(what)}; fix: put it on a filesystem every node "
+                         f"mounts at the same path, or copy it there")
+
+
 def _missing(paths: dict[str, str]) -> list[str]:
     return [f"{label} {path}" for label, path in paths.items() if not os.path.exists(path)]
 
