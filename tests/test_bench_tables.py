@@ -1,0 +1,65 @@
+"""The recorded tables shipped in benchmarks/ stay replayable as the code moves on: each loads (every
+configuration on every seed), its card agrees with its rows, its space.yaml is still a valid space whose
+grid is exactly the table's configurations, and the default strategy replays on it and exports one of them.
+A change to the space parser, the controller or the table format that would make the README's benchmark
+numbers impossible to re-run turns this red."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from allocsearch.bench.replay import replay
+from allocsearch.bench.table import Table
+from allocsearch.confidence import config_key
+from allocsearch.search.space import SearchSpace, model_depth
+
+ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
+TABLES = sorted(p.parent for p in ROOT.glob("*/table.csv"))
+
+
+def test_the_repository_ships_a_recorded_table():
+    assert TABLES, f"no benchmarks/*/table.csv under {ROOT}"
+
+
+@pytest.fixture(scope="module", params=TABLES, ids=[p.name for p in TABLES])
+def table(request):
+    return request.param, Table.load(request.param)
+
+
+def test_the_card_describes_the_rows(table):
+    folder, t = table
+    card = t.card
+    assert card["name"] == folder.name and card.get("complete") is True
+    assert card["seeds"] == t.seeds and len(t.seeds) >= 3  # the issue: every point on >= 3 seeds
+    assert card["configurations"] == len(t.runs) and card["runs"] == len(t.runs) * len(t.seeds)
+    for by in t.runs.values():
+        for run in by.values():  # every run whole, its checkpoints in order and paid for
+            assert run.final is not None and run.test is not None and run.checkpoints
+            steps = [c[0] for c in run.checkpoints]
+            assert steps == sorted(steps) and steps[-1] <= run.steps
+            assert 0 < run.checkpoints[-1][2] <= run.device_seconds
+
+
+def test_the_space_is_still_valid_and_its_grid_is_the_tables_configurations(table):
+    _, t = table
+    space = SearchSpace.from_dict(t.space, source="table")
+    layers = model_depth(space.model)
+    assert space.grid_size(layers) == len(t.runs)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = set()
+    for _ in range(40 * len(t.runs)):  # every configuration the space can draw is one the table holds
+        trial = study.ask()
+        drawn.add(config_key(space.sample(trial, layers)))
+        study.tell(trial, 0.0)
+        if len(drawn) == len(t.runs):
+            break
+    assert drawn == set(t.runs)
+
+
+def test_the_default_replays_on_it_within_its_budget(table):
+    _, t = table
+    trace = replay(t, "default", budget_seconds=0.25 * t.grid_seconds(), seed=0, max_concurrent=2)
+    assert trace.final in t.runs and trace.trials >= 2
+    assert trace.spent <= 0.25 * t.grid_seconds() * 1.01
