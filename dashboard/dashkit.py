@@ -109,10 +109,8 @@ def param_importance(method: str | None, pruned: bool) -> dict:
 
 def export_text(number: int) -> tuple[str | None, str | None]:
     """(YAML text of ``allocsearch export`` for the trial, None) or (None, why there is none)."""
-    try:
-        from allocsearch.export import export_trial
-    except ImportError:
-        return None, "export is not available in this allocsearch version (allocsearch.export is missing)"
+    from allocsearch.export import export_trial
+
     try:
         return export_trial(study_root(), int(number)), None
     except Exception as exc:  # noqa: BLE001 - shown as a note under a disabled button

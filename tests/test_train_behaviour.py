@@ -13,7 +13,7 @@ import torch
 
 from allocsearch.evaluate import evaluate
 from allocsearch.train import TrainConfig, train
-from trial_helpers import (CPU, build, grads_by_name, named_trainable, np_softmax, np_topk_counts,
+from trial_helpers import (CPU, build, grads_by_name, named_trainable, np_topk_counts,
                            record_optimizer_steps, snapshot, sst2_splits)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
