@@ -6,8 +6,8 @@ the replay predicts for the same strategy and budget.
     python3 scripts/replay_vs_live.py --table benchmarks/sst2-minilm --budget 0.25cpu-h --live 3 --seeds 20
 
 Live: ``allocsearch start --space <table>/space.yaml --budget B --seed k`` (k = 0..live-1, each its own
-study, with the recording's --cpus-per-trial / --max-concurrent and the table's seed noise as --noise, as
-the replay's default strategy has it), then the configuration ``status`` names best. Replay: the ``default`` strategy at the same budget, ``--seeds`` replays. Prints both, each live
+study, with the recording's --cpus-per-trial / --max-concurrent and no --noise: a live search measures its
+seed noise from its own repeats, as the replay's strategies do), then the configuration ``status`` names best. Replay: the ``default`` strategy at the same budget, ``--seeds`` replays. Prints both, each live
 search's percentile in the replay's distribution, and writes JSON with ``--out``.
 """
 from __future__ import annotations
@@ -54,8 +54,7 @@ def main() -> int:
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "allocsearch", "start", "--space", str(Path(args.table) / "space.yaml"),
                                "--budget", args.budget, "--study", f"live-{k}", "--workdir", str(work), "--seed", str(k),
-                               "--cpus-per-trial", cpus, "--max-concurrent", concurrent, "--no-mlflow", "--json",
-                               "--noise", f"{table.noise():.5f}"],
+                               "--cpus-per-trial", cpus, "--max-concurrent", concurrent, "--no-mlflow", "--json"],
                               capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
