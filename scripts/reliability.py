@@ -24,7 +24,7 @@ g) ``mlflow server`` (127.0.0.1, a free port, sqlite backend store in the case f
    trial runs, down at least ``--outage`` s and until a trial has ended meanwhile, then back on the same
    port and store before the search ends; nothing lost, and every completed/pruned trial is a finished
    nested MLflow run of the study's parent run with its objective (missing ones count as lost).
-h) every bad input of tests/test_bad_inputs.py (its CASES) as ``python3 -m allocsearch ...`` in a fresh
+h) every bad input of tests/test_bad_inputs.py (its CASES; reliability_inputs.py) as ``python3 -m allocsearch ...`` in a fresh
    folder: non-zero exit, exactly one stderr line naming the problem or the fix, no traceback, nothing on
    stdout, nothing written.
 
@@ -44,13 +44,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kill_resume  # noqa: E402  (cases a-e: its kill9_case and CASES table)
+import reliability_inputs  # noqa: E402
 import reliability_more as more  # noqa: E402
 from reliability_harness import Case, run_cases  # noqa: E402
 
 CASES = {**kill_resume.CASES,
          "f": ("two controllers on one study", more.two_controllers_case),
          "g": ("MLflow server down mid-search, then back", more.mlflow_outage_case),
-         "h": ("bad-input sweep", more.bad_input_case)}
+         "h": ("bad-input sweep", reliability_inputs.bad_input_case)}
 COLUMNS = ("case", "runs", "completed trials lost", "duplicated", "paid twice", "left RUNNING", "notes")
 
 
