@@ -118,6 +118,26 @@ def test_a_reserve_too_small_for_one_whole_run_goes_to_the_search(tmp_path):
     assert ran == 4  # the whole budget went to search trials (with 24 s held back, 3 would have run)
 
 
+def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search():
+    """Nothing to race (every other trial was stopped early): the reserve is freed for more search trials."""
+    from allocsearch.search.budget import Budget, BudgetKeeper
+    from allocsearch.search.confirmation import Confirmation, Reserve
+
+    keeper = BudgetKeeper(Budget.parse("10cpu-min"), 0.0, clock=lambda: 0.0)
+    events = []
+    reserve = Reserve(keeper, Confirmation(max_seeds=4), 120.0, lambda kind, **data: events.append((kind, data)))
+    assert keeper.held == 120.0 and keeper.free() == pytest.approx(480.0)
+    best, other = {"lr": 2e-3, "method": "lora"}, {"lr": 1e-3, "method": "lora"}
+    rows = [{"number": 0, "state": "completed", "params": best, "seed": 0, "objective": 0.82, "confirm": None},
+            {"number": 1, "state": "pruned", "params": other, "seed": 0, "objective": 0.70, "confirm": None}]
+    assert reserve.begin(rows) is True  # budget to go on with
+    assert keeper.held == 0.0 and keeper.free() == pytest.approx(600.0)
+    assert reserve.phase == "search, reserve released"
+    (kind, data), = events
+    assert data["ended"] == "only one configuration completed" and data["reserve"] == pytest.approx(600.0)
+    assert reserve.begin(rows) is False  # once only
+
+
 def test_a_reserve_the_prior_says_is_too_small_goes_before_the_first_trials_caps_are_set(tmp_path):
     # the cost prior guesses 40 s a trial: a 20% reserve of 2 CPU-min (24 s) cannot pay for one (40 x 1.2).
     # The first trial, admitted before any is seen, gets its cap from the whole budget, not from the 96 s

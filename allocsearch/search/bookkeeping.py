@@ -16,6 +16,7 @@ import json
 import os
 
 from allocsearch.search.report import TrialReport
+from allocsearch.search.samplers import record_feasibility
 from allocsearch.search.study import CRASHED, NOT_STARTED, Study, metric_names
 
 KILL_BEFORE_TELL = "ALLOCSEARCH_TEST_KILL_BEFORE_TELL"  # test hook: a trial number; kill -9 before its tell
@@ -89,6 +90,7 @@ class Bookkeeper:
         trial_id = storage.get_trial_id_from_study_id_trial_number(self.ostudy._study_id, number)
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
+        record_feasibility(storage, trial_id, attrs.get("infeasible", 0.0))
         values = None
         if state == "completed":  # the objectives as measured; device_seconds as the ledger charged it
             values = [float(attrs[m]) for m in metric_names(self.study.objectives)]

@@ -2,8 +2,10 @@
 
 - ``tpe`` (default): multivariate, grouped, constant liar for parallel trials; ``nsga2`` for several
   objectives; ``random``; ``grid``: Optuna's ``BruteForceSampler`` over a finite space.
-- Trials that ran out of memory are infeasible (``user_attrs["infeasible"] = 1``): TPE and NSGA-II get a
-  constraints function, so they learn to stay away from configurations that do not fit the device.
+- Trials that ran out of memory are infeasible (``user_attrs["infeasible"] = 1``), and TPE and NSGA-II learn
+  to stay away from configurations that do not fit the device: Optuna >= 5 reads each ended trial's
+  constraint (:func:`record_feasibility`, what ``Trial.set_constraint`` writes; ``constraints_func`` is
+  deprecated there); Optuna 4 gets the constraints function :func:`infeasibility`.
 - The grid sampler calls ``Study.stop()`` when its grid is used up, which Optuna allows only inside
   ``Study.optimize`` (the controller uses ask / tell): here it only notes it; the controller ends the
   search when a sampled point repeats one that already ran (``grid_repeats``).
@@ -18,6 +20,24 @@ def infeasibility(trial) -> list[float]:
     return [float(trial.user_attrs.get("infeasible", 0.0))]
 
 
+OUT_OF_MEMORY = "out_of_memory"  # the constraint's name
+
+
+def reads_trial_constraints() -> bool:
+    """Whether this Optuna's samplers read constraints stored on trials (>= 5) instead of a function."""
+    import optuna
+
+    return int(optuna.__version__.split(".")[0]) >= 5
+
+
+def record_feasibility(storage, trial_id: int, infeasible: float) -> None:
+    """Store an ending trial's constraint (> 0: infeasible) where Optuna >= 5 samplers read it: the system
+    attr ``Trial.set_constraint(OUT_OF_MEMORY, value)`` writes. The controller tells trials by number
+    through the storage (a resumed search has no live ``Trial``), so it writes the same attr there."""
+    if reads_trial_constraints():
+        storage.set_trial_system_attr(trial_id, f"constraints:{OUT_OF_MEMORY}", float(infeasible))
+
+
 def session_seed(seed: int, session: int) -> int:
     """The sampler's seed for one controller session of a study: ``seed`` for the first, another for each
     resume. With one seed for all, a resumed TPE replays its random start-up draws (and a random sampler
@@ -28,13 +48,14 @@ def session_seed(seed: int, session: int) -> int:
 def make_sampler(name: str, seed: int):
     import optuna
 
+    constraints = {} if reads_trial_constraints() else {"constraints_func": infeasibility}
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                          constraints_func=infeasibility)
+                                          **constraints)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=infeasibility)
+        return optuna.samplers.NSGAIISampler(seed=seed, **constraints)
     if name == "grid":
         return _grid_sampler(seed)
     raise ValueError(f"unknown sampler {name!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from allocsearch.allocation import ffn_block_misfit, model_family
-from allocsearch.search.space_dims import Bad, Dim, SpaceError, extremes, first, fmt, parse_value
+from allocsearch.search.space_dims import Bad, Dim, SpaceError, extremes, first, fmt, middle_rate, parse_value
 from allocsearch.search.space_methods import MethodSection, paper_priors
 from allocsearch.search.space_models import MODEL_DEPTHS, model_depth
 from allocsearch.shapes import group_sizes
@@ -370,12 +369,10 @@ class SearchSpace:
         if not self.use_priors:
             return []
         rows = paper_priors(self.sections, len(self.methods) > 1)
-        lr = self.train_dims.get("lr")
-        if lr is not None and lr.kind == "float":  # papers' learning rates do not transfer across models and
-            low, high = lr.low, lr.high               # step counts: priors take the middle of the searched range
-            mid = math.sqrt(low * high) if lr.log else (low + high) / 2
-            rows = [(label, None if params is None else {**params, "lr": float(f"{mid:.3g}")}, notes)
-                    for label, params, notes in rows]
+        mid = middle_rate(self.train_dims.get("lr"))
+        if mid is not None:  # papers' learning rates do not transfer across models and step counts: priors
+            rows = [(label, None if params is None else {**params, "lr": mid}, notes)  # take the middle of
+                    for label, params, notes in rows]                                  # the searched values
         return rows
 
     def priors(self, num_layers: int) -> list[tuple[str, dict]]:

@@ -309,3 +309,22 @@ class PerLayer:
         if self.form == "groups":
             return "/".join(fmt(get(f"{prefix}{self.what}_g{g}", self.value)) for g in range(self.groups))
         return fmt(get(f"{prefix}{self.what}", self.value))
+
+
+def middle_rate(lr: Dim | None) -> float | None:
+    """The learning rate priors run at: the geometric middle of a log range (else the arithmetic one); of a
+    list of rates (or a stepped range), the one nearest that middle on a log scale, so a prior never draws
+    its rate at random. (Left to the sampler, a paper's allocation ran at the list's worst rate a third of
+    the time: measured on benchmarks/sst2-minilm-b, where MoLA at lr 7e-4 scores 0.70-0.77 against 0.81-0.83
+    at 1.4e-3.)"""
+    if lr is None:
+        return None
+    points = lr.points()
+    if points is None:
+        mid = math.sqrt(lr.low * lr.high) if lr.log else (lr.low + lr.high) / 2
+        return float(f"{mid:.3g}")
+    rates = sorted((v for v in points if is_number(v) and v > 0), key=float)
+    if not rates:
+        return None
+    centre = math.sqrt(float(rates[0]) * float(rates[-1]))
+    return min(rates, key=lambda r: (abs(math.log(float(r) / centre)), float(r)))
