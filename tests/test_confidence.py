@@ -367,3 +367,20 @@ def test_a_single_run_above_the_raced_winner_is_labelled_as_one_seed():
 
     assert {r["mark"] for r in finalists_table({"evidence": ev})} >= {"winner", "tied", "tied, 1 seed"}
     assert any(line.lstrip().startswith("tied, 1 seed 0.8700") for line in render_evidence(ev))
+
+
+def test_status_says_why_single_seed_scores_were_not_confirmed():
+    """Single-seed scores and ties: the line names what happens next, or why nothing will (never that a
+    confirmation phase "re-runs the finalists" after a search that ended without one)."""
+    from allocsearch.cli.search_view import render_evidence
+
+    ev = evidence(rows_of({"a": {0: 0.85}, "b": {0: 0.845}, "c": {0: 0.70}}))
+    assert ev["noise"] is None and ev["tied"]
+
+    def line(**kw):
+        (text,) = render_evidence(ev, **kw)
+        return text
+
+    assert "re-runs the finalists before the search ends" in line(confirm=0.2, running=True)
+    assert "ran no confirmation run: a resume with a larger --budget" in line(confirm=0.2, running=False)
+    assert "confirmation was off: --confirm 0.2" in line(confirm=0.0, running=True)

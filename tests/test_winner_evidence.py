@@ -138,6 +138,35 @@ def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search():
     assert reserve.begin(rows) is False  # once only
 
 
+def test_a_search_that_could_not_pay_for_confirmation_confirms_when_resumed_with_a_larger_budget(tmp_path):
+    """What status tells the user after such a search ("a resume with a larger --budget pays for one")."""
+    from allocsearch.search.budget import Budget
+    from allocsearch.search.study import Study
+
+    def drive(ctl, clock):
+        for _ in range(60):
+            config = ctl.propose()
+            if config == "finished":
+                break
+            n = config["number"]
+            ctl.on_start(n)
+            clock.t += 30.0
+            ctl.on_complete(n, final(objective=score(ctl.running[n]["params"], config["spec"]["train"]["seed"])),
+                            error=False)
+        ctl.close()
+
+    clock = Clock()
+    ctl = make(tmp_path, budget="2cpu-min", clock=clock, scheduler="none", max_seeds=4, confirm=0.2)
+    drive(ctl, clock)
+    assert ctl.reserve.phase == "search, reserve released"
+    assert not [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
+    Study.open(tmp_path, "s").save_settings(budget=Budget.parse("12cpu-min").to_dict())
+    clock = Clock()
+    ctl = make(tmp_path, budget="12cpu-min", clock=clock, scheduler="none", max_seeds=4, confirm=0.2)
+    drive(ctl, clock)
+    assert [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
+
+
 def test_a_reserve_the_prior_says_is_too_small_goes_before_the_first_trials_caps_are_set(tmp_path):
     # the cost prior guesses 40 s a trial: a 20% reserve of 2 CPU-min (24 s) cannot pay for one (40 x 1.2).
     # The first trial, admitted before any is seen, gets its cap from the whole budget, not from the 96 s

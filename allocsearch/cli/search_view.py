@@ -156,12 +156,18 @@ def _means(ev: dict | None) -> dict[int, tuple[float, int]]:
     return {f["trials"][0]: (f["mean"], f["n"]) for f in [ev["winner"], *ev["finalists"], *ev["tied"]] if f["n"] > 1}
 
 
-def render_evidence(ev: dict | None) -> list[str]:
-    """The finalists' mean +- 95% CI over seeds and the configurations tied with the winner."""
+def render_evidence(ev: dict | None, *, confirm: float | None = None, running: bool = False) -> list[str]:
+    """The finalists' mean +- 95% CI over seeds and the configurations tied with the winner; ``confirm``:
+    the study's confirmation share (None: not known), ``running``: whether its search is still going."""
     if not ev or max(f["n"] for f in ev["finalists"]) < 2:
         if ev and ev["noise"] is None and len(ev["tied"]) > 0:
-            return ["        single-seed scores, no seed noise measured: the best may be a lucky seed "
-                    "(the confirmation phase re-runs the finalists)"]
+            if confirm is not None and not confirm:
+                why = "confirmation was off: --confirm 0.2 re-runs the finalists on fresh seeds"
+            elif running or confirm is None:
+                why = "the confirmation phase re-runs the finalists before the search ends"
+            else:  # the search ended without one (the reserve was too small or had one configuration to race)
+                why = "the search ran no confirmation run: a resume with a larger --budget pays for one"
+            return [f"        single-seed scores, no seed noise measured: the best may be a lucky seed ({why})"]
         return []
     noise = f"seed noise (std) {ev['noise']:.4f}" if ev["noise"] is not None else "no seed noise measured"
     lines = [f"finalists (mean +- 95% CI over seeds; {noise})"]
@@ -205,7 +211,7 @@ def render_summary(s: dict, final: bool) -> str:
         lines.append(f"        files: {s['root']}/trials/{best['number']:04d}")
     elif final:
         lines.append("best    no trial completed")
-    lines += render_evidence(s.get("evidence"))
+    lines += render_evidence(s.get("evidence"), confirm=s.get("confirm"), running=bool(s.get("controller_pid")))
     if s.get("rungs"):
         lines.append("stopping " + " · ".join(
             f"step {r['step']}: Spearman {r['rho']:+.2f} over {r['n']} completed" if r["rho"] is not None
