@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 
 
@@ -50,8 +52,10 @@ def make_sampler(name: str, seed: int):
 
     constraints = {} if reads_trial_constraints() else {"constraints_func": infeasibility}
     if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                          **constraints)
+        with warnings.catch_warnings():  # ``group`` is experimental in Optuna, and chosen on purpose here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                              **constraints)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
