@@ -99,7 +99,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
                       "describe": budget.describe(), "spent_text": budget.format(spent)},
            "counts": counts, "trials": trials, "best": best, "baseline": baseline,
            "controller_pid": study.running_pid(), "declared_noise": s.get("noise"),
-           "confirm": float(s.get("confirm") or 0.0) if len(s["objectives"]) == 1 else 0.0}
+           "confirm": float(s.get("confirm") or 0.0)}
     if len(s["objectives"]) == 1:
         out["evidence"] = _evidence(trials, s.get("noise"))
         if s.get("scheduler", "asha") == "asha":

@@ -53,6 +53,10 @@ def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
     t = trials(ctl)[n]
     assert t.user_attrs["state"] == "oom" and t.state.name == "PRUNED" and t.value is None
     assert infeasibility(t) == [1.0] and "out of memory" in t.user_attrs["failure"]
+    from allocsearch.search.samplers import reads_trial_constraints
+
+    if reads_trial_constraints():  # Optuna 5: the constraint the bookkeeper stored is what TPE / NSGA-II read
+        assert t.constraints == {"out_of_memory": 1.0}
     assert ctl.failures_in_row == 0 and ctl.end_reason is None  # --max-failures 1 did not end the search
     from allocsearch.analysis import summarize
 

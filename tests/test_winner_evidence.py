@@ -21,10 +21,11 @@ def score(params: dict, seed: int) -> float:
     return 0.70 + 20 * params["lr"] + random.Random(f"{config_key(params)}-{seed}").gauss(0, 0.01)
 
 
-def search(tmp_path, **settings):
-    """Run a whole search through the controller's hooks; returns (controller, [(number, config)])."""
+def search(tmp_path, budget="12cpu-min", **settings):
+    """Run a whole search through the controller's hooks (or resume the study in ``tmp_path``, whose stored
+    budget then holds); returns (controller, [(number, config)])."""
     clock = Clock()
-    ctl = make(tmp_path, budget="12cpu-min", clock=clock, scheduler="none", max_seeds=4, **settings)
+    ctl = make(tmp_path, budget=budget, clock=clock, scheduler="none", max_seeds=4, **settings)
     ran = []
     for _ in range(200):
         config = ctl.propose()
@@ -139,32 +140,20 @@ def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search():
 
 
 def test_a_search_that_could_not_pay_for_confirmation_confirms_when_resumed_with_a_larger_budget(tmp_path):
-    """What status tells the user after such a search ("a resume with a larger --budget pays for one")."""
+    """What status tells the user after such a search ("a resume with a larger --budget pays for one") holds."""
     from allocsearch.search.budget import Budget
     from allocsearch.search.study import Study
 
-    def drive(ctl, clock):
-        for _ in range(60):
-            config = ctl.propose()
-            if config == "finished":
-                break
-            n = config["number"]
-            ctl.on_start(n)
-            clock.t += 30.0
-            ctl.on_complete(n, final(objective=score(ctl.running[n]["params"], config["spec"]["train"]["seed"])),
-                            error=False)
-        ctl.close()
+    def confirmation_runs(ctl):
+        return [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
 
-    clock = Clock()
-    ctl = make(tmp_path, budget="2cpu-min", clock=clock, scheduler="none", max_seeds=4, confirm=0.2)
-    drive(ctl, clock)
-    assert ctl.reserve.phase == "search, reserve released"
-    assert not [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
+    ctl, _ = search(tmp_path, budget="2cpu-min", confirm=0.2)
+    assert ctl.reserve.phase == "search, reserve released" and not confirmation_runs(ctl)
+    status = render_summary(analysis.summarize(ctl.study.root), final=True)
+    assert "the search ran no confirmation run: a resume with a larger --budget pays for one" in status
     Study.open(tmp_path, "s").save_settings(budget=Budget.parse("12cpu-min").to_dict())
-    clock = Clock()
-    ctl = make(tmp_path, budget="12cpu-min", clock=clock, scheduler="none", max_seeds=4, confirm=0.2)
-    drive(ctl, clock)
-    assert [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
+    ctl, _ = search(tmp_path, confirm=0.2)
+    assert confirmation_runs(ctl)
 
 
 def test_a_reserve_the_prior_says_is_too_small_goes_before_the_first_trials_caps_are_set(tmp_path):
