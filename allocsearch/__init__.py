@@ -5,9 +5,10 @@ ray and mlflow load only when a function that needs them runs (see ``allocsearch
 """
 from __future__ import annotations
 
-from allocsearch.allocation import SCHEMA_VERSION, AllocationConfig, AllocationError
-from allocsearch.methods import METHOD_NAMES, PRESETS, get_method, preset
-from allocsearch.shapes import SHAPES, shape_experts
+from allocsearch.allocation.config import SCHEMA_VERSION, AllocationConfig, AllocationError
+from allocsearch.allocation.config import preset
+from allocsearch.allocation.methods import METHOD_NAMES, PRESETS, get_method
+from allocsearch.allocation.shapes import SHAPES, shape_experts
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Plotly figures of the dashboard, built from what ``allocsearch.analysis*`` returns (plain lists and
+"""Plotly figures of the dashboard, built from what ``allocsearch.reports.status*`` returns (plain lists and
 dicts). No reads here."""
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def slices(columns: list[dict], points_by_param: dict[str, list[dict]]) -> go.Fi
 
 
 def pareto(data: dict) -> go.Figure:
-    from allocsearch.search.study import metric_names
+    from allocsearch.study.folder import metric_names
 
     names = metric_names(data["objectives"])
     fig = go.Figure()

@@ -1,5 +1,5 @@
 """What every dashboard page shares: the workdir and the selected study / trial, cached reads through
-``allocsearch.analysis*`` (keyed by the files' sizes and mtimes, so a running search shows up on the next
+``allocsearch.reports.status*`` (keyed by the files' sizes and mtimes, so a running search shows up on the next
 run), the sidebar (study picker, refresh, auto-refresh) and one-line problem messages. UI only: every
 read of a study goes through the package's read-only queries."""
 from __future__ import annotations
@@ -11,8 +11,11 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from allocsearch import analysis, analysis_insight, analysis_trial
+from allocsearch.reports import status as analysis
 
+from allocsearch.reports import insight as analysis_insight
+
+from allocsearch.reports import trial as analysis_trial
 DEFAULT_WORKDIR = "allocsearch-runs"
 REFRESH_SECONDS = 5
 PAGES = {"studies": "app_pages/studies.py", "trials": "app_pages/trials.py", "trial": "app_pages/trial.py",
@@ -109,7 +112,7 @@ def param_importance(method: str | None, pruned: bool) -> dict:
 
 def export_text(number: int) -> tuple[str | None, str | None]:
     """(YAML text of ``allocsearch export`` for the trial, None) or (None, why there is none)."""
-    from allocsearch.export import export_trial
+    from allocsearch.reports.export import export_trial
 
     try:
         return export_trial(study_root(), int(number)), None

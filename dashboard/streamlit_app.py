@@ -1,6 +1,6 @@
 """allocsearch dashboard: ``allocsearch dashboard [--workdir D]`` runs
 ``streamlit run streamlit_app.py -- --workdir D``. The pages are in app_pages/; every read of a study goes
-through allocsearch.analysis (read-only), so the dashboard can watch a running search."""
+through allocsearch.reports.status (read-only), so the dashboard can watch a running search."""
 import sys
 from pathlib import Path
 

@@ -119,7 +119,7 @@ fi
 DEVICE=$(timeout 60 "$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB')" 2>/dev/null)
 echo "GPU: ${DEVICE:-?}; deadline ${DEADLINE} s"
 # load the model once (the first load converts the wheel's GGUF into the cache, which the trials then read)
-if ! timeout 150 "$PY" -c "from allocsearch.models import load_model; load_model('smollm2-135m', device='cpu')" \
+if ! timeout 150 "$PY" -c "from allocsearch.training.models import load_model; load_model('smollm2-135m', device='cpu')" \
     >"$WORK/model.txt" 2>&1; then
   row "2 search 0.1gpu-h @0.25 GPU" "FAIL" "smollm2-135m not loadable: $(tail -1 "$WORK/model.txt" | cut -c1-90)"
   STATUS=1

@@ -58,8 +58,8 @@ def main() -> int:
 
     import optuna
 
-    from allocsearch.search.space import load_space, model_depth, resolve_space_path
-    from allocsearch.trial import TrialSpec, run_trial
+    from allocsearch.search.space.space import load_space, model_depth, resolve_space_path
+    from allocsearch.training.trial import TrialSpec, run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = load_space(resolve_space_path(args.space))
@@ -132,7 +132,7 @@ def _over_seeds(rows: list[dict]) -> dict:
     """Each configuration's mean over its seeds, the pooled seed noise (the median rule of
     ``confidence.pooled_noise``), the spread of the means and each one's distance below the best in standard
     errors of a difference of two means, sigma * sqrt(1/n_best + 1/n)."""
-    from allocsearch.confidence import Estimate, pooled_noise
+    from allocsearch.study.confidence import Estimate, pooled_noise
 
     by: dict[str, dict[int, float]] = {}
     for r in rows:

@@ -14,9 +14,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from allocsearch.allocation import AllocationConfig
+from allocsearch.allocation.config import AllocationConfig
 from allocsearch.bench.layers import _ours, _peft_lora, _time_once  # noqa: E402
-from allocsearch.methods import get_method  # noqa: E402
+from allocsearch.allocation.methods import get_method  # noqa: E402
 
 source = subprocess.run(["git", "show", "f94e581^:allocsearch/moe/omoe.py"], cwd=REPO, check=True,
                         capture_output=True, text=True).stdout

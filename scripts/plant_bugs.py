@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN, TRIAL, EVAL, ENC, CLI = ("allocsearch/train.py", "allocsearch/trial.py", "allocsearch/evaluate.py",
-                                "allocsearch/encode.py", "allocsearch/cli/train.py")
+TRAIN, TRIAL, EVAL, ENC, CLI = ("allocsearch/training/loop.py", "allocsearch/training/trial.py", "allocsearch/training/evaluate.py",
+                                "allocsearch/training/encode.py", "allocsearch/cli/train.py")
 EXPERTS = "allocsearch/moe/experts.py"
 
 # the fast selection, the new behaviour tests first (with -x the first failure names the catching test)

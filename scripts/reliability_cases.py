@@ -20,8 +20,8 @@ from reliability_harness import (DONE, DROPPED, GENERIC, KILL_BEFORE_TELL, RAN, 
                                  snapshot, wait_for, worker_pid)
 
 from allocsearch.search.budget import Budget  # noqa: E402  (reliability_harness put the repo on sys.path)
-from allocsearch.search.ledger import Ledger  # noqa: E402
-from allocsearch.search.study import Study  # noqa: E402
+from allocsearch.study.ledger import Ledger  # noqa: E402
+from allocsearch.study.folder import Study  # noqa: E402
 
 
 def user_stop_reason(sig: str) -> str:
@@ -228,7 +228,7 @@ def tell_kill_case(case: Case, args, rng) -> None:
     resumed = snapshot(case.root)
     case.lost += lost(at_kill, resumed)
     r = by_number(resumed).get(n, {})
-    from allocsearch.trial import result_objective
+    from allocsearch.training.trial import result_objective
 
     want = result_objective(result) if result else None
     case.details["told"] = {"trial": n, "state": r.get("state"), "objective": r.get("objective"), "want": want,

@@ -19,9 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from allocsearch.analysis import optuna_trials, summarize  # noqa: E402
-from allocsearch.search.ledger import Ledger  # noqa: E402
-from allocsearch.search.study import Study, trial_dir  # noqa: E402
+from allocsearch.reports.status import optuna_trials, summarize  # noqa: E402
+from allocsearch.study.ledger import Ledger  # noqa: E402
+from allocsearch.study.folder import Study, trial_dir  # noqa: E402
 
 STUDY = "killtest"
 SPACE = """\

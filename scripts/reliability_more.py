@@ -22,7 +22,7 @@ from reliability_harness import (DONE, STUDY, Case, Run, audit_end, first_start,
                                  snapshot, wait_for)
 from reliability_cases import _double
 
-from allocsearch.search.study import Study  # noqa: E402  (reliability_harness put the repo on sys.path)
+from allocsearch.study.folder import Study  # noqa: E402  (reliability_harness put the repo on sys.path)
 
 
 def half(budget: str) -> str:
@@ -266,8 +266,8 @@ def _mlflow_runs(case: Case, uri: str, end: dict):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType
 
-    from allocsearch.tracking import EXPERIMENT, STATE_FILE
-    from allocsearch.tracking_data import END_STATUS
+    from allocsearch.tracking.tracker import EXPERIMENT, STATE_FILE
+    from allocsearch.tracking.data import END_STATUS
 
     client = MlflowClient(tracking_uri=uri)
     wrong, notes = [], []

@@ -39,7 +39,7 @@ def main() -> int:
 
     from allocsearch.bench.replay import replay
     from allocsearch.bench.table import Table
-    from allocsearch.confidence import config_key
+    from allocsearch.study.confidence import config_key
     from allocsearch.search.budget import Budget
 
     table = Table.load(args.table)

@@ -92,7 +92,7 @@ def ex(prompt, choices=(" yes", " no"), label=0, task="t", uid=None, text_a="", 
 @pytest.fixture(scope="module")
 def tiny():
     """tiny-llama from the model registry (random init, byte-level tokenizer: one byte -> one token)."""
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
 
     return load_model("tiny-llama", device="cpu", dtype="fp32")
 

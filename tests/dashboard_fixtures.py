@@ -14,8 +14,8 @@ from test_search_controller import SPACE, Clock, final
 
 from allocsearch.search.budget import Budget
 from allocsearch.search.controller import Controller
-from allocsearch.search.space import SearchSpace
-from allocsearch.search.study import Study
+from allocsearch.search.space.space import SearchSpace
+from allocsearch.study.folder import Study
 
 NUM_LAYERS = 4
 TASKS = ("sst2", "rte")
@@ -52,7 +52,7 @@ def _metrics(score: float, n: int = 8) -> dict:
 
 def results(spec: dict, score: float, steps: int, status: str = "completed", seed: int = 0,
             trainable: int = 4096) -> dict:
-    """A results.json as allocsearch.trial writes it."""
+    """A results.json as allocsearch.training.trial writes it."""
     rng = random.Random(seed)
     alloc = spec["allocation"]
     experts = alloc.get("experts") if isinstance(alloc.get("experts"), list) else [1] * NUM_LAYERS

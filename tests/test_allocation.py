@@ -11,8 +11,9 @@ import yaml
 
 from allocsearch import SCHEMA_VERSION, AllocationConfig, AllocationError
 from allocsearch.errors import AllocsearchError
-from allocsearch.methods import PRESETS, preset
-from allocsearch.shapes import SHAPES, levels, shape_experts
+from allocsearch.allocation.config import preset
+from allocsearch.allocation.methods import PRESETS
+from allocsearch.allocation.shapes import SHAPES, levels, shape_experts
 
 
 def _cfg(**changes) -> dict:
@@ -274,7 +275,7 @@ def test_preset_details():
 
 
 def test_import_is_light():
-    code = ("import sys, allocsearch, allocsearch.allocation, allocsearch.methods, allocsearch.shapes\n"
+    code = ("import sys, allocsearch, allocsearch.allocation.config, allocsearch.allocation.methods, allocsearch.allocation.shapes\n"
             "heavy = {'torch', 'transformers', 'peft', 'ray', 'mlflow'}\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""The read-only queries behind ``status`` and the dashboard (allocsearch.analysis*), on fixture studies
+"""The read-only queries behind ``status`` and the dashboard (allocsearch.reports.status*), on fixture studies
 built by driving the controller by hand; no Streamlit here."""
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from dashboard_fixtures import shared_workdir
 
-from allocsearch import analysis, analysis_insight, analysis_trial
-from allocsearch.search.study import Study, StudyError
+from allocsearch.reports import status as analysis
+
+from allocsearch.reports import insight as analysis_insight
+
+from allocsearch.reports import trial as analysis_trial
+from allocsearch.study.folder import Study, StudyError
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,7 @@ def mode(path) -> int:
 @pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
                                                        (0o027, 0o640, 0o750)])
 def test_atomic_writes_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
-    from allocsearch.allocation import AllocationConfig
+    from allocsearch.allocation.config import AllocationConfig
     from allocsearch.fileio import current_umask, write_text_atomic
 
     with umask(mask):
@@ -216,7 +216,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
 def test_saved_adapters_follow_the_umask(tmp_path, method):
     from conftest import tiny_llama
 
-    from allocsearch.allocation import AllocationConfig
+    from allocsearch.allocation.config import AllocationConfig
     from allocsearch.moe.inject import inject
 
     adapter = inject(tiny_llama(layers=2), AllocationConfig.uniform(method, 2, experts=2 if method == "mola" else 1,
@@ -247,8 +247,8 @@ def test_alloc_method_alone_builds_the_method_default(capsys, tmp_path, monkeypa
 
 
 def test_numbers_as_strings_are_read_where_a_float_is_expected(tmp_path):
-    from allocsearch.allocation import AllocationConfig
-    from allocsearch.trial import TrialSpec
+    from allocsearch.allocation.config import AllocationConfig
+    from allocsearch.training.trial import TrialSpec
 
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"name": "json-trial", "train": {"lr": "1e-3", "weight_decay": "0"}}))
@@ -261,7 +261,7 @@ def test_numbers_as_strings_are_read_where_a_float_is_expected(tmp_path):
 def test_gguf_conversion_bar_is_off_off_a_terminal():
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    from allocsearch.models import _gguf_progress_off_a_terminal
+    from allocsearch.training.models import _gguf_progress_off_a_terminal
 
     from transformers.utils import logging as hf_logging
 

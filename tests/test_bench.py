@@ -166,9 +166,9 @@ def test_bench_trial_unknown_method(capsys):
     ("bogus:linear", ["unknown preset 'bogus'", "PRESET:SCOPE"]),
 ])
 def test_bench_trial_bad_scope_is_one_line_before_any_model_loads(capsys, monkeypatch, methods, needles):
-    import allocsearch.models
+    import allocsearch.training.models
 
-    monkeypatch.setattr(allocsearch.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(allocsearch.training.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     code, out, err = run_main(["bench", "trial", "--methods", methods], capsys)
     assert code == 2 and out == ""
     assert_one_error_line(code, err, *needles)
@@ -180,7 +180,7 @@ def test_bench_trial_method_entry_sets_the_router_scope():
     from allocsearch.moe.ffn_block import GraphLoRAFFNBlock
     from allocsearch.moe.graphlora import GraphLoRALinear
     from allocsearch.moe.inject import inject
-    from allocsearch.trial import resolve_allocation
+    from allocsearch.training.trial import resolve_allocation
     from conftest import tiny_llama
 
     linear = method_entry("graphlora:linear")
@@ -208,8 +208,8 @@ def test_bench_trial_compares_both_forms_each_with_its_own_matched_lora(capsys, 
     """graphlora and graphlora:linear run as two configurations (a repeat of the same one is dropped), each
     against the LoRA rank matched to its own parameter count; the table names the scope."""
     import allocsearch.bench.trial as trial_bench
-    from allocsearch import models
-    from allocsearch.trial import resolve_allocation
+    from allocsearch.training import models
+    from allocsearch.training.trial import resolve_allocation
 
     seen = []
 

@@ -13,7 +13,7 @@ from conftest import run_cli
 from allocsearch.bench import compare
 from allocsearch.bench.replay import STRATEGIES, replay
 from allocsearch.bench.table import Table, TableError, write
-from allocsearch.confidence import config_key, separated
+from allocsearch.study.confidence import config_key, separated
 
 SPACE = {
     "version": 1, "model": "tiny-llama",
@@ -29,7 +29,7 @@ def grid_points():
     import optuna
 
     from allocsearch.search.samplers import make_sampler
-    from allocsearch.search.space import SearchSpace
+    from allocsearch.search.space.space import SearchSpace
 
     space, sampler = SearchSpace.from_dict(SPACE), make_sampler("grid", 0)
     study = optuna.create_study(sampler=sampler)
@@ -196,7 +196,7 @@ def test_compare_scores_strategies_against_the_tables_truth(table):
 
 
 def test_the_replays_default_is_what_allocsearch_start_runs_by_default(table, tmp_path, monkeypatch):
-    from allocsearch.search import study as study_module
+    from allocsearch.study import folder as study_module
     from allocsearch.search.session import EXECUTION_DEFAULTS
 
     seen = []
@@ -275,7 +275,7 @@ def test_confirmation_runs_are_never_stopped_early(tmp_path):
 def test_tunes_face_of_the_rungs_never_stops_a_confirmation_run():
     from ray.tune.schedulers import TrialScheduler
 
-    from allocsearch.search.executor import RungScheduler
+    from allocsearch.search.ray.executor import RungScheduler
     from allocsearch.search.rungs import Rungs
 
     class T:
@@ -292,7 +292,7 @@ def test_tunes_face_of_the_rungs_never_stops_a_confirmation_run():
 def test_the_replay_shows_the_scheduler_each_final_report_as_tune_does(table, monkeypatch):
     # the rungs learn whether they predict the end from completed trials' final scores; without them
     # a replayed default search would never stop a trial early
-    import allocsearch.search.executor as executor
+    import allocsearch.search.ray.executor as executor
 
     made, real = [], executor.make_scheduler
 

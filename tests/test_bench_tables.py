@@ -12,8 +12,8 @@ import pytest
 
 from allocsearch.bench.replay import replay
 from allocsearch.bench.table import Table
-from allocsearch.confidence import config_key
-from allocsearch.search.space import SearchSpace, model_depth
+from allocsearch.study.confidence import config_key
+from allocsearch.search.space.space import SearchSpace, model_depth
 
 ROOT = Path(__file__).resolve().parent.parent / "benchmarks"
 TABLES = sorted(p.parent for p in ROOT.glob("*/table.csv"))

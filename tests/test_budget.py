@@ -17,7 +17,7 @@ from allocsearch.search.budget import (
     devices_per_trial,
     prior_for,
 )
-from allocsearch.search.ledger import Ledger
+from allocsearch.study.ledger import Ledger
 
 
 # -- Budget ----------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_an_unmeasured_model_is_predicted_from_its_config(tmp_path):
     deep = prior_for(_config_folder(tmp_path / "deep", hidden=256, intermediate=512, layers=8), tokens)
     assert big[0] > small[0] and big[1] > small[1] and deep[0] > small[0] and deep[1] > small[1]
     assert prior_for(str(tmp_path / "small"), 2 * tokens)[0] > small[0]  # more tokens per step: slower steps
-    from allocsearch.model_info import REGISTRY_CONFIGS
+    from allocsearch.allocation.model_info import REGISTRY_CONFIGS
 
     for name in ("minilm-l6", "smollm2-135m"):  # the scaling reproduces the measured models it is anchored on
         (tmp_path / name).mkdir()
@@ -374,7 +374,7 @@ def test_budget_module_is_pure_python():
     heavy = {"torch", "ray", "optuna", "numpy", "transformers"}
     import subprocess
 
-    code = ("import sys; import allocsearch.search.budget, allocsearch.search.ledger; "
+    code = ("import sys; import allocsearch.search.budget, allocsearch.study.ledger; "
             f"print(sorted(m for m in {sorted(heavy)!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -175,7 +175,7 @@ def test_alloc_chart_marks_omoe_orthogonal_layers(capsys):
 
 
 def test_alloc_list_presets(capsys):
-    from allocsearch.methods import PRESETS
+    from allocsearch.allocation.methods import PRESETS
 
     code, out, err = run_main(["alloc", "--list-presets"], capsys)
     assert code == 0 and err == ""

@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 
-from allocsearch.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, finalist_mark, noise_of, pooled_noise, raced,
+from allocsearch.study.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, finalist_mark, noise_of, pooled_noise, raced,
                                     separated, spread_bound, t95, winner, winner_of)
-from allocsearch.trial_state import best_of
+from allocsearch.study.records import best_of
 from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.rungs import Rungs
 
@@ -85,7 +85,7 @@ def test_a_rung_stops_trials_only_once_it_has_ranked_completed_trials_as_their_e
 
 
 def test_tunes_face_of_the_rungs_learns_the_final_scores():
-    from allocsearch.search.executor import RungScheduler
+    from allocsearch.search.ray.executor import RungScheduler
 
     class T:
         def __init__(self, i):
@@ -362,7 +362,7 @@ def test_a_single_run_above_the_raced_winner_is_labelled_as_one_seed():
     marks = {f["params"]["c"]: finalist_mark(f, ev) for f in ev["finalists"]}
     assert marks["a"] == "winner" and marks["b"] == "tied" and marks["e"] == "tied, 1 seed"
     assert marks["c"] == "" and marks["d"] == "tied"  # separated; below the winner on one seed: a plain tie
-    from allocsearch.analysis import finalists_table
+    from allocsearch.reports.status import finalists_table
     from allocsearch.cli.search_view import render_evidence
 
     assert {r["mark"] for r in finalists_table({"evidence": ev})} >= {"winner", "tied", "tied, 1 seed"}

@@ -26,7 +26,7 @@ def wd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def numbers(wd) -> dict:
-    from allocsearch.analysis import summarize
+    from allocsearch.reports.status import summarize
 
     out: dict[str, list[int]] = {}
     for t in summarize(wd / "demo")["trials"]:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from allocsearch import AllocationConfig
-from allocsearch.evaluate import autocast_context
-from allocsearch.methods import FFN_TARGETS, METHOD_NAMES, get_method
+from allocsearch.training.evaluate import autocast_context
+from allocsearch.allocation.methods import FFN_TARGETS, METHOD_NAMES, get_method
 from allocsearch.moe import inject
 from allocsearch.moe.base import load_count_dtype
 from conftest import tiny_llama

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from allocsearch.data import Example
-from allocsearch.encode import IGNORE, Encoder
+from allocsearch.training.encode import IGNORE, Encoder
 from conftest import ex
 from hand_tokenizers import BOS, EOS, PAD, wid, word_tokenizer
 

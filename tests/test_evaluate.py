@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from allocsearch.data import Example
-from allocsearch.encode import Encoder
-from allocsearch.evaluate import evaluate
-from allocsearch.scoring import accuracy, balanced_accuracy, first_number, generation_correct
+from allocsearch.training.encode import Encoder
+from allocsearch.training.evaluate import evaluate
+from allocsearch.training.scoring import accuracy, balanced_accuracy, first_number, generation_correct
 from conftest import ex
 
 
@@ -255,7 +255,7 @@ def test_evaluate_generation_with_tiny_llama(tiny):
 
 def test_scoring_with_logits_to_keep_matches_full_logits(tiny, monkeypatch):
     """Projecting only the last prompt position gives the same predictions as full-sequence logits."""
-    from allocsearch import evaluate as ev
+    from allocsearch.training import evaluate as ev
     from allocsearch.data import DataSpec, TaskSpec, load_splits
 
     examples = load_splits(DataSpec([TaskSpec("sst2", 1, 1, 12), TaskSpec("arc_easy", 1, 1, 12)]))["test"]

@@ -14,7 +14,7 @@ from test_search_controller import Clock, final, make, run_one
 @pytest.fixture
 def real_study(tmp_path, one_thread):
     """A study whose trial 0 really ran (tiny-llama, in-process, as the Ray worker runs it)."""
-    from allocsearch.trial import TrialSpec, run_trial
+    from allocsearch.training.trial import TrialSpec, run_trial
 
     clock = Clock()
     ctl = make(tmp_path, clock=clock, name="exp")
@@ -87,7 +87,7 @@ def test_a_file_of_another_format_version_says_so(capsys, tmp_path):
 
 
 def test_lora_winners_carry_a_peft_config(tmp_path):
-    from allocsearch.export import _peft_config
+    from allocsearch.reports.export import _peft_config
 
     cfg = _peft_config({"method": "dora", "rank": [8, 8], "alpha": 16.0, "dropout": 0.1, "targets": ["q", "v"]})
     assert cfg["r"] == 8 and cfg["use_dora"] and cfg["target_modules"] == ["q", "v"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allocsearch import AllocationConfig
-from allocsearch.methods import get_method
+from allocsearch.allocation.methods import get_method
 from allocsearch.moe.losses import _kl, normal_balance, normal_target
 from allocsearch.moe.routers import topk_route
 from conftest import tiny_llama
@@ -373,7 +373,7 @@ def test_bf16_block_forward_backward_is_finite(token_ids):
 
 
 def test_router_scope_field_is_documented_defaulted_and_checked():
-    from allocsearch.allocation import AllocationError
+    from allocsearch.allocation.config import AllocationError
     from conftest import one_line
 
     old = AllocationConfig.uniform("graphlora", 2, experts=4).to_dict()
@@ -394,13 +394,13 @@ def test_router_scope_field_is_documented_defaulted_and_checked():
     with pytest.raises(AllocationError) as exc:
         AllocationConfig.uniform("mola", 2, experts=4, router_scope="ffn_block", moe_targets=["q", "gate"])
     assert "moe_targets" in one_line(exc)
-    import allocsearch.allocation as allocation_module
+    import allocsearch.allocation.config as allocation_module
 
     assert "router_scope" in allocation_module.__doc__
 
 
 def test_ffn_block_on_a_bert_encoder_is_a_clear_one_line_error():
-    from allocsearch.allocation import AllocationError
+    from allocsearch.allocation.config import AllocationError
     from allocsearch.moe import inject
     from conftest import one_line, tiny_bert
 

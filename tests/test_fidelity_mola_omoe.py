@@ -10,11 +10,11 @@ from torch import nn
 
 from allocsearch import AllocationConfig, preset
 from allocsearch.errors import AllocsearchError
-from allocsearch.methods import get_method
+from allocsearch.allocation.methods import get_method
 from allocsearch.moe import inject
 from allocsearch.moe.losses import pooled_switch_load_balance, switch_stats
 from allocsearch.moe.omoe import OMoELinear
-from allocsearch.shapes import levels
+from allocsearch.allocation.shapes import levels
 from conftest import tiny_llama
 
 

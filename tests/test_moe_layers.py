@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from allocsearch import AllocationConfig, preset
-from allocsearch.methods import get_method
+from allocsearch.allocation.methods import get_method
 from allocsearch.moe import inject
 from allocsearch.moe.loracoe import LoRACoELinear
 from allocsearch.moe.omoe import OMoELinear

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from allocsearch import AllocationConfig, AllocationError, preset
-from allocsearch.methods import get_method
+from allocsearch.allocation.methods import get_method
 from allocsearch.moe import inject, load_adapter
 from allocsearch.moe.experts import LoRAExperts
 from allocsearch.moe.graphlora import GraphLoRALinear, expert_edges, normalized_adjacency

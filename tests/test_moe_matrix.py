@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from allocsearch import AllocationConfig, preset
-from allocsearch.methods import METHOD_NAMES
+from allocsearch.allocation.methods import METHOD_NAMES
 from allocsearch.moe import MoELoRALayer, inject, load_adapter
 from conftest import tiny_llama
 

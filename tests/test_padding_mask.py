@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from allocsearch.allocation import AllocationConfig
+from allocsearch.allocation.config import AllocationConfig
 from allocsearch.moe.base import pooled_load_balance
 from allocsearch.moe.inject import inject
 from allocsearch.moe.losses import pooled_switch_load_balance, switch_stats

@@ -9,8 +9,8 @@ import pytest
 
 from allocsearch.search.budget import Budget
 from allocsearch.search.controller import Controller
-from allocsearch.search.space import SearchSpace
-from allocsearch.search.study import CRASHED, NOT_STARTED, Study, StudyError, check_name
+from allocsearch.search.space.space import SearchSpace
+from allocsearch.study.folder import CRASHED, NOT_STARTED, Study, StudyError, check_name
 
 SPACE = {
     "version": 1, "model": "tiny-llama",
@@ -246,7 +246,7 @@ def test_study_names_never_leave_the_workdir(name):
 
 
 def test_multi_objective_tells_every_value_and_status_shows_the_pareto_front(tmp_path):
-    from allocsearch.analysis import summarize
+    from allocsearch.reports.status import summarize
 
     clock = Clock()
     ctl = make(tmp_path, clock=clock, objectives=["accuracy", "params"])

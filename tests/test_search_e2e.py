@@ -68,8 +68,8 @@ def check_one_truth(root: Path, rows: list[dict], best: dict | None) -> None:
     import optuna
     from mlflow import MlflowClient
 
-    from allocsearch.analysis import summarize
-    from allocsearch.trial import result_objective
+    from allocsearch.reports.status import summarize
+    from allocsearch.training.trial import result_objective
 
     ostudy = optuna.load_study(study_name=root.name, storage=f"sqlite:///{root / 'optuna.db'}")
     by_number = {r["number"]: r for r in rows}

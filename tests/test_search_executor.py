@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("ray.tune")
 
-from allocsearch.search import executor  # noqa: E402
+from allocsearch.search.ray import executor  # noqa: E402
 
 SPEC = {"name": "t", "model": "tiny-llama",
         "allocation": {"method": "mola", "experts": 2, "top_k": 1, "rank": 2},
@@ -65,8 +65,9 @@ def test_checkpoint_reports_time_the_training_steps_without_the_evaluations(monk
     steps slowed to >= 50 ms each, evaluations to >= 0.5 s: the estimate counts the steps, not the evaluations."""
     import time
 
-    from allocsearch import evaluate as ev, train
+    from allocsearch.training import evaluate as ev
 
+    from allocsearch.training import loop as train
     step_loss, evaluate = train._task_loss, ev.evaluate
     monkeypatch.setattr(train, "_task_loss", lambda *a: (time.sleep(0.05), step_loss(*a))[1])
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: (time.sleep(0.5), evaluate(*a, **k))[1])
@@ -127,8 +128,7 @@ def test_a_dead_controllers_local_ray_leftovers_are_cleaned(tmp_path):
 def test_a_fractional_gpu_trial_is_capped_to_its_share_of_the_gpu_memory(monkeypatch):
     import torch
 
-    from allocsearch.search import worker
-
+    from allocsearch.search.ray import worker
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
@@ -142,11 +142,11 @@ def test_a_segfaulting_worker_leaves_its_stack_where_the_controller_reads_it(tmp
     import subprocess
     import sys
 
-    code = ("import ctypes; from allocsearch.search import worker; "
+    code = ("import ctypes; from allocsearch.search.ray import worker; "
             f"worker._crash_log({str(tmp_path)!r}); ctypes.string_at(0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    from allocsearch.search.worker import worker_log_tail
+    from allocsearch.search.ray.worker import worker_log_tail
 
     tail = worker_log_tail(tmp_path)
     assert tail.startswith("Fatal Python error: Segmentation fault") and "<string>" in tail

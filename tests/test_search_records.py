@@ -10,7 +10,7 @@ import pytest
 
 from test_search_controller import SPACE, Clock, final, make, run_one, trials
 
-from allocsearch.search.study import Study, StudyError
+from allocsearch.study.folder import Study, StudyError
 
 
 def test_a_dead_worker_without_a_reason_is_recorded_at_the_next_tick(tmp_path):
@@ -58,7 +58,7 @@ def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
     if reads_trial_constraints():  # Optuna 5: the constraint the bookkeeper stored is what TPE / NSGA-II read
         assert t.constraints == {"out_of_memory": 1.0}
     assert ctl.failures_in_row == 0 and ctl.end_reason is None  # --max-failures 1 did not end the search
-    from allocsearch.analysis import summarize
+    from allocsearch.reports.status import summarize
 
     row = next(r for r in summarize(ctl.study.root)["trials"] if r["number"] == n)
     assert row["state"] == "oom" and "out of memory" in row["reason"]
@@ -146,7 +146,7 @@ def test_a_kill_between_the_result_and_optunas_tell_loses_nothing(tmp_path, stat
 
 def test_a_used_up_grid_ends_the_search_cleanly(tmp_path):
     from allocsearch.search.samplers import make_sampler
-    from allocsearch.search.space import SearchSpace
+    from allocsearch.search.space.space import SearchSpace
     from allocsearch.search.controller import Controller
     from allocsearch.search.budget import Budget
 
@@ -177,8 +177,7 @@ def test_multi_objective_studies_are_not_pruned_on_accuracy(tmp_path):
 
 
 def test_a_cluster_that_cannot_run_a_trial_is_refused_in_one_line(tmp_path):
-    from allocsearch.search import nodes
-
+    from allocsearch.search.ray import nodes
     ctl = make(tmp_path, cpus_per_trial=4.0)
     two = [{"id": "a", "ip": "10.0.0.1", "cpus": 2.0, "gpus": 0.0}, {"id": "b", "ip": "10.0.0.2", "cpus": 2.0, "gpus": 0.0}]
     too_big = nodes.largest_fit(two, 4.0, 0.0)
@@ -275,7 +274,7 @@ def test_a_start_refused_by_the_lock_leaves_the_stored_settings(tmp_path, monkey
     # lock: the refused start must not write back what it read
     from allocsearch.fileio import write_text_atomic
     from allocsearch.search.budget import Budget
-    from allocsearch.search.study import Study
+    from allocsearch.study.folder import Study
 
     real_lock = Study.lock
 
@@ -325,9 +324,9 @@ def test_the_sampler_is_told_an_out_of_memory_trial_is_infeasible(name):
 
 def test_one_best_for_status_and_mlflow(tmp_path):
     """The same trial is "best" for status (analysis) and the tracker (its Optuna reader), ties to the earlier."""
-    from allocsearch.analysis import summarize
-    from allocsearch.tracking_data import OptunaReader
-    from allocsearch.trial_state import best_of
+    from allocsearch.reports.status import summarize
+    from allocsearch.tracking.data import OptunaReader
+    from allocsearch.study.records import best_of
 
     rows = [{"number": 0, "state": "pruned", "objective": 0.9}, {"number": 1, "state": "completed", "objective": 0.8},
             {"number": 2, "state": "completed", "objective": 0.8}, {"number": 3, "state": "oom", "objective": None}]

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from allocsearch.cli import cli, main
 from allocsearch.fileio import load_yaml_text
-from allocsearch.search.space import (SearchSpace, SpaceError, load_space, model_depth, resolve_space_path,
+from allocsearch.search.space.space import (SearchSpace, SpaceError, load_space, model_depth, resolve_space_path,
                                       shipped_spaces, spaces_dir)
-from allocsearch.trial import TrialSpec, resolve_allocation
-from allocsearch.train import TrainConfig
+from allocsearch.training.trial import TrialSpec, resolve_allocation
+from allocsearch.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["baselines", "decoder", "demo", "graphlora", "joint", "loracoe", "mola", "omoe"]
@@ -304,7 +304,7 @@ def test_space_check_cli_grid_list_and_errors(tmp_path, capsys):
 
 
 def test_space_module_imports_no_torch():
-    code = ("import sys, allocsearch.search.space, allocsearch.cli.space\n"
+    code = ("import sys, allocsearch.search.space.space, allocsearch.cli.space\n"
             "assert 'torch' not in sys.modules and 'optuna' not in sys.modules\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr

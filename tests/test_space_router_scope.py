@@ -8,9 +8,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from allocsearch.allocation import model_family
-from allocsearch.search.space import SearchSpace, SpaceError, load_space
-from allocsearch.trial import resolve_allocation
+from allocsearch.allocation.config import model_family
+from allocsearch.search.space.space import SearchSpace, SpaceError, load_space
+from allocsearch.training.trial import resolve_allocation
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -61,10 +61,10 @@ def test_router_scope_is_a_dimension_carried_into_each_trials_allocation(tmp_pat
 
 
 def test_each_scope_builds_its_own_layers_on_a_real_model(tmp_path):
-    from allocsearch import models
+    from allocsearch.training import models
     from allocsearch.moe.ffn_block import GraphLoRAFFNBlock
     from allocsearch.moe.graphlora import GraphLoRALinear
-    from allocsearch.trial import build_adapter
+    from allocsearch.training.trial import build_adapter
 
     space = load_space(space_file(tmp_path))
     counts = {}

@@ -17,9 +17,8 @@ from test_search_controller import Clock, final, make, run_one
 pytest.importorskip("mlflow")
 pytest.importorskip("matplotlib")
 
-from allocsearch.analysis import summarize  # noqa: E402
-from allocsearch.search.study import CRASHED, NOT_STARTED  # noqa: E402
-from allocsearch.tracking import Tracker  # noqa: E402
+from allocsearch.study.folder import CRASHED, NOT_STARTED  # noqa: E402
+from allocsearch.tracking.tracker import Tracker  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -202,7 +201,7 @@ def tracked_study(tmp_path, uri, capsys):
     attach(ctl, tracker)
     numbers = run_every_end(ctl, clock)
     ctl.close()
-    tracker.close(ctl.end_reason, summarize(ctl.study.root))
+    tracker.close(ctl.end_reason)
     assert tracker.pending() == 0 and "mlflow" not in capsys.readouterr().err
     return ctl, numbers
 
@@ -230,7 +229,7 @@ def test_a_user_stop_kills_the_parent_and_prunes_the_running_trial(tmp_path, emp
     ctl.tick()
     ctl.on_complete(c["number"], {"step": 2, "objective": 0.5}, error=False)
     ctl.close()
-    tracker.close(ctl.end_reason, summarize(ctl.study.root))
+    tracker.close(ctl.end_reason)
     cl = client(uri)
     parent = cl.get_run(tracker.parent_id)
     assert parent.info.status == "KILLED" and parent.data.tags["stop_requested"] == "true"
@@ -288,7 +287,7 @@ def test_resume_reuses_the_parent_run_and_ends_the_runs_a_crash_left_running(tmp
     assert runs[never].info.status == "KILLED" and runs[never].data.tags["failure"] == NOT_STARTED
     retry, _ = run_one(ctl, clock, 10.0, final(objective=0.75))
     ctl.close()
-    tracker.close(ctl.end_reason, summarize(root))
+    tracker.close(ctl.end_reason)
     exp = cl.get_experiment_by_name("allocsearch")
     parents = [r for r in cl.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_id for r in parents] == [parent_id] and parents[0].info.status == "FINISHED"
@@ -346,6 +345,6 @@ def test_a_failing_client_queues_warns_once_backs_off_and_drops_only_bad_request
     assert tracker.pending() == 0, err
     assert "is back" in err and "dropped" in err
     ctl.close()
-    tracker.close(ctl.end_reason, summarize(ctl.study.root))
+    tracker.close(ctl.end_reason)
     runs = runs_by_trial(client(uri), tracker.parent_id)
     assert set(runs) == set(numbers) and {r.info.status for r in runs.values()} == {"FINISHED"}

@@ -25,8 +25,7 @@ empty_db = test_tracking.empty_db
 
 pytest.importorskip("mlflow")
 
-from allocsearch.analysis import summarize  # noqa: E402
-from allocsearch.tracking import Tracker  # noqa: E402
+from allocsearch.tracking.tracker import Tracker  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- a real server
@@ -95,7 +94,7 @@ def test_a_server_down_at_the_start_gets_everything_once_it_comes_up(tmp_path, e
         numbers = run_every_end(ctl, clock)
         assert tracker.pending() == 0 and "is back" in capsys.readouterr().err
         ctl.close()
-        tracker.close(ctl.end_reason, summarize(ctl.study.root))
+        tracker.close(ctl.end_reason)
         c = client(uri)
         runs = runs_by_trial(c, tracker.parent_id)
         assert set(runs) == {first, *numbers.values()}

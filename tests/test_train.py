@@ -9,9 +9,9 @@ import torch
 
 from allocsearch import preset
 from allocsearch.data import DataSpec, TaskSpec, load_splits
-from allocsearch.encode import Encoder
+from allocsearch.training.encode import Encoder
 from allocsearch.moe.inject import inject
-from allocsearch.train import TrainConfig, TrainConfigError, lr_lambda, train
+from allocsearch.training.loop import TrainConfig, TrainConfigError, lr_lambda, train
 from conftest import one_line
 
 CPU = torch.device("cpu")
@@ -87,7 +87,7 @@ def test_lr_lambda_linear_and_constant():
 
 @pytest.fixture
 def loracoe_setup():
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
 
     loaded = load_model("tiny-llama", device="cpu", dtype="fp32")
     adapter = inject(loaded.model, preset("loracoe", TINY_LAYERS, rank=4))
@@ -141,8 +141,8 @@ def test_loracoe_joint_phase_runs_at_the_scaled_learning_rate(loracoe_setup, mon
 @pytest.mark.parametrize("preset_name", ["mola", "lora"])
 def test_target_only_logits_loss_equals_the_models_own_loss(preset_name):
     """The loss from logits kept only at target positions equals HF's full-sequence loss (and through peft)."""
-    from allocsearch.models import load_model
-    from allocsearch.train import _task_loss
+    from allocsearch.training.models import load_model
+    from allocsearch.training.loop import _task_loss
 
     loaded = load_model("tiny-llama", device="cpu", dtype="fp32")
     adapter = inject(loaded.model, preset(preset_name, loaded.num_layers))
@@ -158,8 +158,8 @@ def test_target_only_logits_loss_equals_the_models_own_loss(preset_name):
 
 def fp16_setup(dtype: str):
     """(adapter, encoder, examples) as a trial builds them: the frozen tiny-llama in ``dtype``, fp32 adapter."""
-    from allocsearch.models import load_model
-    from allocsearch.trial import build_adapter
+    from allocsearch.training.models import load_model
+    from allocsearch.training.trial import build_adapter
 
     loaded = load_model("tiny-llama", device="cpu", dtype=dtype)
     torch.manual_seed(0)  # the same adapter init whatever the dtype

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from allocsearch.evaluate import evaluate
-from allocsearch.train import TrainConfig, train
+from allocsearch.training.evaluate import evaluate
+from allocsearch.training.loop import TrainConfig, train
 from trial_helpers import (CPU, build, grads_by_name, named_trainable, np_topk_counts,
                            record_optimizer_steps, snapshot, sst2_splits)
 

@@ -15,15 +15,15 @@ import torch
 import yaml
 
 from allocsearch import AllocationConfig, preset
-from allocsearch.allocation import AllocationError
+from allocsearch.allocation.config import AllocationError
 from allocsearch.data import DataError, DataSpec, TaskSpec, load_splits
-from allocsearch.encode import Encoder
+from allocsearch.training.encode import Encoder
 from allocsearch.errors import AllocsearchError
-from allocsearch.evaluate import evaluate
+from allocsearch.training.evaluate import evaluate
 from allocsearch.moe import load_adapter
-from allocsearch.shapes import shape_experts
-from allocsearch.train import TrainConfig, TrainConfigError
-from allocsearch.trial import TrialResult, TrialSpec, TrialSpecError, resolve_allocation, run_trial
+from allocsearch.allocation.shapes import shape_experts
+from allocsearch.training.loop import TrainConfig, TrainConfigError
+from allocsearch.training.trial import TrialResult, TrialSpec, TrialSpecError, resolve_allocation, run_trial
 from conftest import SHARED_DATASETS, one_line
 
 CPU = torch.device("cpu")
@@ -258,7 +258,7 @@ def test_e2e_parameter_counts(e2e):
 
 
 def test_e2e_saved_adapter_reproduces_the_validation_predictions(e2e):
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
 
     spec, r, out, _ = e2e
     loaded = load_model("tiny-llama", device="cpu", dtype="fp32", seed=spec.train.seed)
@@ -318,12 +318,12 @@ def test_nan_loss_fails_the_trial_and_still_writes_results(tmp_path):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import allocsearch.models
+    import allocsearch.training.models
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the data were checked")
 
-    monkeypatch.setattr(allocsearch.models, "load_model", boom)
+    monkeypatch.setattr(allocsearch.training.models, "load_model", boom)
 
 
 @pytest.mark.parametrize("tasks, match", [
@@ -374,7 +374,7 @@ def _tiny_bert_dir(path):
 
 
 def test_sequence_classification_trial_on_a_tiny_bert(tmp_path):
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
 
     model_dir = _tiny_bert_dir(tmp_path / "bert")
     spec = TrialSpec(name="bert", model=str(model_dir), allocation={"preset": "mola"},

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import allocsearch.evaluate
+import allocsearch.training.evaluate
 from allocsearch.data import DataSpec, TaskSpec, load_splits
-from allocsearch.encode import Encoder
-from allocsearch.trial import TrialSpec, run_trial
+from allocsearch.training.encode import Encoder
+from allocsearch.training.trial import TrialSpec, run_trial
 from trial_helpers import np_redundancy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,13 +37,13 @@ def make_spec(seed=0, **train) -> TrialSpec:
 
 
 class Spy:
-    """Wraps ``allocsearch.evaluate.evaluate``: for every call, the stage it ran in, the example uids, whether
+    """Wraps ``allocsearch.training.evaluate.evaluate``: for every call, the stage it ran in, the example uids, whether
     the adapter was still untrained (every lora_B zero), its duration and its result."""
 
     def __init__(self, monkeypatch, sleep=0.0):
         self.calls, self.stages, self.sleep = [], [], sleep
-        self.real = allocsearch.evaluate.evaluate
-        monkeypatch.setattr(allocsearch.evaluate, "evaluate", self)
+        self.real = allocsearch.training.evaluate.evaluate
+        monkeypatch.setattr(allocsearch.training.evaluate, "evaluate", self)
 
     def on_stage(self, stage):
         self.stages.append((stage, time.perf_counter()))
@@ -106,14 +106,14 @@ def test_every_evaluation_reads_the_right_split(spec, splits, monkeypatch):
 
 
 def test_zero_shot_is_the_base_model_and_differs_from_the_trained_one(splits):
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
 
     spec = make_spec(seed=3)  # the model's random weights (and fresh heads) come from the trial's seed
     r = run_trial(spec)
     base = load_model("tiny-llama", device="cpu", dtype="fp32", seed=3)
     enc = Encoder(base.tokenizer, "causal-lm", spec.train.max_length)
     for split in ("validation", "test"):
-        expected = allocsearch.evaluate.evaluate(base.model, enc, splits[split], batch_size=4)
+        expected = allocsearch.training.evaluate.evaluate(base.model, enc, splits[split], batch_size=4)
         assert r.zero_shot[split] == expected, split
     assert r.validation != r.zero_shot["validation"] or r.test != r.zero_shot["test"]
 
@@ -147,7 +147,7 @@ def trained(spec, tmp_path_factory):
 
 
 def test_parameter_counts_and_tokens_by_hand(spec, splits, trained):
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
 
     r, _ = trained
     per_layer = sum(EXPERTS * RANK * (i + o) + EXPERTS * i for i, o in SHAPES.values())  # LoRA + router
@@ -177,7 +177,7 @@ def test_descriptive_fields_and_results_json(spec, trained):
 
 
 def _saved_adapter(spec, out):
-    from allocsearch.models import load_model
+    from allocsearch.training.models import load_model
     from allocsearch.moe import load_adapter
 
     loaded = load_model("tiny-llama", device="cpu", dtype="fp32", seed=spec.train.seed)

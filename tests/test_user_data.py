@@ -363,7 +363,7 @@ def test_data_check_bad_data_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_user_task_runs_through_run_trial(tmp_path, one_thread):
-    from allocsearch.trial import TrialSpec, run_trial
+    from allocsearch.training.trial import TrialSpec, run_trial
 
     path = write(tmp_path / "reviews.jsonl", [{"text": f"{'good' if i % 2 else 'bad'} {i}",
                                               "label": ["negative", "positive"][i % 2]} for i in range(24)])
@@ -378,7 +378,7 @@ def test_a_user_task_runs_through_run_trial(tmp_path, one_thread):
 
 
 def test_a_trial_configs_user_task_paths_are_relative_to_the_config(tmp_path, monkeypatch):
-    from allocsearch.trial import TrialSpec
+    from allocsearch.training.trial import TrialSpec
 
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "reviews.jsonl").write_text("")

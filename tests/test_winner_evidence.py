@@ -10,10 +10,10 @@ import pytest
 import yaml
 from test_search_controller import Clock, final, make
 
-from allocsearch import analysis
+from allocsearch.reports import status as analysis
 from allocsearch.cli.search_view import LiveView, render_summary
-from allocsearch.confidence import config_key
-from allocsearch.export import export_trial
+from allocsearch.study.confidence import config_key
+from allocsearch.reports.export import export_trial
 
 
 def score(params: dict, seed: int) -> float:
@@ -80,7 +80,7 @@ def test_status_export_and_optuna_name_the_same_winner_with_its_evidence(tmp_pat
     assert evidence["tied_count"] == len(ev["tied"])
     rows = analysis.finalists_table(summary)
     assert rows[0]["mark"] == "winner" and rows[0]["n"] == ev["winner"]["n"]
-    from allocsearch.tracking_data import summary_metrics  # what the MLflow parent run gets at the end
+    from allocsearch.tracking.data import summary_metrics  # what the MLflow parent run gets at the end
 
     metrics, tags = summary_metrics(summary, 0)
     logged = {k: v for k, v, _, _ in metrics}
@@ -142,7 +142,7 @@ def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search():
 def test_a_search_that_could_not_pay_for_confirmation_confirms_when_resumed_with_a_larger_budget(tmp_path):
     """What status tells the user after such a search ("a resume with a larger --budget pays for one") holds."""
     from allocsearch.search.budget import Budget
-    from allocsearch.search.study import Study
+    from allocsearch.study.folder import Study
 
     def confirmation_runs(ctl):
         return [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
@@ -219,7 +219,7 @@ def test_the_dashboard_shows_how_sure_the_winner_is(tmp_path):
 def test_a_resumed_search_s_rungs_go_on_from_its_records(tmp_path):
     from test_search_controller import make as make_ctl
 
-    from allocsearch.search.executor import make_scheduler
+    from allocsearch.search.ray.executor import make_scheduler
     from allocsearch.search.rungs import Rungs, spearman
 
     # trials with checkpoints at steps 2, 4, 6 (the test space trains 8 steps): four complete, one pruned

@@ -21,8 +21,8 @@ def build(*, method="mola", experts=3, top_k=2, rank=2, dropout=0.0, options=Non
     """(adapter, encoder) on a fresh tiny-llama; the same seeds give bit-identical weights.
     ``b_std > 0`` draws lora_B from N(0, b_std) so the adapter changes the output from the start."""
     from allocsearch import AllocationConfig
-    from allocsearch.encode import Encoder
-    from allocsearch.models import load_model
+    from allocsearch.training.encode import Encoder
+    from allocsearch.training.models import load_model
     from allocsearch.moe.inject import inject
 
     loaded = load_model("tiny-llama", device="cpu", dtype="fp32", seed=model_seed)

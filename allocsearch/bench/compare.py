@@ -27,7 +27,7 @@ from typing import Callable
 
 from allocsearch.bench.replay import STRATEGIES, Trace, replay
 from allocsearch.bench.table import Table
-from allocsearch.confidence import beyond_noise
+from allocsearch.study.confidence import beyond_noise
 from allocsearch.errors import AllocsearchError
 
 CURVE_POINTS = 40

@@ -46,7 +46,7 @@ def _injected(method: str, experts: int, top_k: int, rank: int, router_scope: st
     """Build: inject ``method`` into gate/up/down of the model's MLP with ``router_scope``; the timed module
     is the model's ``mlp`` afterwards (the block layer for ffn_block, the MLP with wrapped Linears else)."""
     def build(model: nn.Module) -> nn.Module:
-        from allocsearch.allocation import AllocationConfig
+        from allocsearch.allocation.config import AllocationConfig
         from allocsearch.moe.inject import inject
 
         alloc = AllocationConfig.uniform(method, 1, experts=experts, top_k=top_k, rank=rank, alpha=2.0 * rank,

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from allocsearch.allocation import AllocationConfig
-from allocsearch.methods import get_method
+from allocsearch.allocation.config import AllocationConfig
+from allocsearch.allocation.methods import get_method
 
 
 @dataclass

@@ -20,7 +20,7 @@ from allocsearch.errors import AllocsearchError
 
 def recording_space(space_path: str, seeds: list[int]) -> tuple[dict, dict]:
     """(the table's space, the recording's space: the same with ``train.seed`` searched over ``seeds``)."""
-    from allocsearch.search.space import SearchSpace, load_space, model_depth, resolve_space_path
+    from allocsearch.search.space.space import SearchSpace, load_space, model_depth, resolve_space_path
 
     space = load_space(resolve_space_path(space_path))
     if "seed" in space.train_dims:
@@ -43,8 +43,8 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
 
     from allocsearch.search.budget import Budget
     from allocsearch.search.session import StartOptions, run
-    from allocsearch.search.space import model_depth, SearchSpace
-    from allocsearch.search.study import Study, check_name
+    from allocsearch.search.space.space import model_depth, SearchSpace
+    from allocsearch.study.folder import Study, check_name
 
     if len(set(seeds)) < 2:
         raise AllocsearchError(f"--seeds {seeds}: a table needs at least 2 seeds (3 or more to see seed noise)")
@@ -70,7 +70,7 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
         space_file.write_text(yaml.safe_dump(rec, sort_keys=False))
         if opts.sampler == "grid":
             opts.space = str(space_file)
-        summary = run(opts, on_event=on_event)
+        outcome = run(opts, on_event=on_event)
     study = Study.open(work, name)
     rows = table_rows(study)
     space = SearchSpace.from_dict(table_space)
@@ -84,7 +84,7 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
             "budget_unit": Budget.from_dict(study.settings["budget"]).unit, "commit": _commit(),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "spent_device_seconds": study.ledger.spent(Budget.from_dict(study.settings["budget"]).unit),
-            "end_reason": summary.get("end_reason")}
+            "end_reason": outcome.end_reason}
     folder = Path(out) if out else Path("benchmarks") / name
     write(folder, rows, card, yaml.safe_dump(table_space, sort_keys=False))
     return {"study": str(study.root), "table": str(folder), "runs": runs, "expected": expected,
@@ -108,9 +108,9 @@ def _requeue_unfinished(study) -> None:
 
 def table_rows(study) -> list[dict]:
     """The table's rows from a recording study: every completed trial's checkpoints and end."""
-    from allocsearch.analysis import optuna_trials
-    from allocsearch.confidence import config_key
-    from allocsearch.trial_state import state_of
+    from allocsearch.reports.status import optuna_trials
+    from allocsearch.study.confidence import config_key
+    from allocsearch.study.records import state_of
 
     rows = []
     for t in optuna_trials(study):

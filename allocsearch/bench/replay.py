@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allocsearch.bench.table import Table
-from allocsearch.confidence import config_key, winner_of
+from allocsearch.study.confidence import config_key, winner_of
 
 # name -> settings of the study (see ``allocsearch.search.session.EXECUTION_DEFAULTS``)
 STRATEGIES = {
@@ -85,11 +85,11 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
     """Run one search of ``strategy`` with ``budget_seconds`` device-seconds against the table."""
     from allocsearch.search.budget import Budget
     from allocsearch.search.controller import Controller
-    from allocsearch.search.executor import make_scheduler
+    from allocsearch.search.ray.executor import make_scheduler
     from allocsearch.search.samplers import make_sampler
     from allocsearch.search.session import EXECUTION_DEFAULTS
-    from allocsearch.search.space import SearchSpace, model_depth
-    from allocsearch.search.study import MEMORY, Study
+    from allocsearch.search.space.space import SearchSpace, model_depth
+    from allocsearch.study.folder import MEMORY, Study
 
     plan = STRATEGIES[strategy]
     space = SearchSpace.from_dict(table.space, source="table")

@@ -22,7 +22,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from allocsearch.confidence import Estimate, config_key, pooled_noise
+from allocsearch.study.confidence import Estimate, config_key, pooled_noise
 from allocsearch.errors import AllocsearchError
 
 COLUMNS = ("config", "seed", "step", "final", "validation", "test", "device_seconds", "train_seconds",

@@ -1,7 +1,7 @@
 """``allocsearch bench trial``: seconds per training step and peak memory of MoE-LoRA trials against
 plain peft LoRA of (nearly) equal trainable parameters, on a real model, side by side.
 
-Each measurement runs the real training loop (:func:`allocsearch.train.train`) in a fresh subprocess, so
+Each measurement runs the real training loop (:func:`allocsearch.training.loop.train`) in a fresh subprocess, so
 peak memory belongs to that configuration alone; rounds alternate the configurations so machine noise hits
 them alike. Reported: median step seconds over all timed steps of all rounds, the ratio to the matched
 LoRA, and peak memory: the process peak (CUDA: max allocated) and the growth over the loaded model
@@ -28,8 +28,9 @@ def method_entry(entry: str) -> dict:
     """One ``--methods`` entry, ``PRESET`` or ``PRESET:SCOPE``, checked without a model: returns ``label``
     ("graphlora (linear)"), ``preset``, ``router_scope`` (the preset's own when no scope is given) and
     ``allocation`` (the spec a worker resolves: ``{"preset": ..., "router_scope": ...}``)."""
-    from allocsearch.allocation import ROUTER_SCOPES, AllocationError
-    from allocsearch.methods import PRESETS, preset
+    from allocsearch.allocation.config import ROUTER_SCOPES, AllocationError
+    from allocsearch.allocation.config import preset
+    from allocsearch.allocation.methods import PRESETS
 
     name, sep, scope = (part.strip() for part in str(entry).strip().partition(":"))
     if name not in PRESETS:
@@ -51,12 +52,14 @@ def worker(config: dict) -> dict:
     """Run ``warmup + steps`` training steps of one allocation; called in a fresh process."""
     import torch
 
-    from allocsearch import memory, models
+    from allocsearch.training import memory
+
+    from allocsearch.training import models
     from allocsearch.data import DataSpec, TaskSpec, load_splits
-    from allocsearch.encode import Encoder
-    from allocsearch.methods import get_method
-    from allocsearch.train import TrainConfig, train
-    from allocsearch.trial import build_adapter
+    from allocsearch.training.encode import Encoder
+    from allocsearch.allocation.methods import get_method
+    from allocsearch.training.loop import TrainConfig, train
+    from allocsearch.training.trial import build_adapter
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
@@ -95,8 +98,9 @@ def matched_lora_rank(loaded, allocation: dict) -> tuple[int, int, int]:
     changed: the allocation is injected into a copy."""
     import copy
 
-    from allocsearch.moe.inject import inject, resolve_targets
-    from allocsearch.trial import resolve_allocation
+    from allocsearch.moe.adapter import resolve_targets
+    from allocsearch.moe.inject import inject
+    from allocsearch.training.trial import resolve_allocation
 
     alloc = resolve_allocation(allocation, loaded.num_layers)
     per_rank = 0  # LoRA parameters per unit of rank: sum over wrapped Linears of (d_in + d_out)
@@ -113,8 +117,7 @@ def run(methods=DEFAULT_METHODS, *, model: str = "smollm2-135m", steps: int = 5,
         dtype: str = "fp32", progress=None) -> list[dict]:
     """Benchmark each method (a preset, or ``PRESET:SCOPE``: see :func:`method_entry`) against LoRA of
     matched trainable parameters; an entry naming the same configuration as an earlier one is dropped."""
-    from allocsearch import models
-
+    from allocsearch.training import models
     entries = {}
     for method in methods:
         entry = method_entry(method)

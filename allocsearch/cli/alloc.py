@@ -75,8 +75,9 @@ def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, ran
       allocsearch alloc --check best.yaml
     The YAML goes to stdout (or --out); the chart goes to stderr.
     """
-    from allocsearch.allocation import AllocationConfig
-    from allocsearch.methods import PRESETS, preset
+    from allocsearch.allocation.config import AllocationConfig
+    from allocsearch.allocation.config import preset
+    from allocsearch.allocation.methods import PRESETS
 
     if list_presets:
         for name, (summary, _) in PRESETS.items():
@@ -122,7 +123,7 @@ def alloc(method, preset_name, layers, shape, total_experts, experts, top_k, ran
 
 
 def _per_layer(fields, layers, shape, total_experts, experts, top_k, rank) -> dict:
-    from allocsearch.shapes import shape_experts
+    from allocsearch.allocation.shapes import shape_experts
 
     def expand(name, value, default):
         values = _int_csv(name, value)

@@ -5,17 +5,10 @@ import json
 
 import click
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
+from allocsearch.cli.options import run_with_progress
 from allocsearch.errors import AllocsearchError
-
-
-def _run_with_progress(first: str, verb: str, run):
-    """``run(progress)`` under a transient progress bar on stderr; ``progress(i, n, what)`` moves it."""
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(first, total=None)
-        return run(lambda i, n, what: bar.update(task, completed=i, total=n, description=f"{verb} {what}"))
 
 
 @click.group()
@@ -82,7 +75,7 @@ def layers(tokens, repeats, warmup, shapes, ffns, device, dtype, threads, as_jso
         rows = layer_bench.run(parsed, progress=progress, **common)
         return rows + (ffn_bench.run(ffn_shapes, progress=progress, **common) if ffn_shapes else [])
 
-    rows = _run_with_progress("timing", "timing", run)
+    rows = run_with_progress("timing", "timing", run)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -149,7 +142,7 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
         raise AllocsearchError("--methods is empty: name presets, e.g. --methods graphlora,graphlora:linear")
     for name in names:
         trial_bench_mod.method_entry(name)  # a bad preset or scope fails here, before any model loads
-    rows = _run_with_progress("matching LoRA ranks", "training", lambda progress: trial_bench_mod.run(
+    rows = run_with_progress("matching LoRA ranks", "training", lambda progress: trial_bench_mod.run(
         names, model=model, steps=steps, warmup=warmup, rounds=rounds, batch_size=batch_size,
         max_length=max_length, threads=threads, device=device, dtype=dtype, progress=progress))
     if as_json:

@@ -78,7 +78,7 @@ def search_cmd(table_dir, strategies, seeds, budgets, max_concurrent, plot, as_j
     from allocsearch.bench import compare
     from allocsearch.bench.plots import draw
     from allocsearch.bench.table import Table
-    from allocsearch.cli.bench import _run_with_progress
+    from allocsearch.cli.options import run_with_progress
 
     names, shares = compare.parse_strategies(strategies), compare.parse_budgets(budgets)
     if seeds < 1:
@@ -87,7 +87,7 @@ def search_cmd(table_dir, strategies, seeds, budgets, max_concurrent, plot, as_j
     max_concurrent = max_concurrent or int(table.card.get("max_concurrent") or 1)
     if max_concurrent < 1:
         raise AllocsearchError(f"--max-concurrent {max_concurrent}: at least 1 trial runs at a time")
-    result = _run_with_progress("replaying", "replaying", lambda progress: compare.run(
+    result = run_with_progress("replaying", "replaying", lambda progress: compare.run(
         table, names, shares, seeds, max_concurrent=max_concurrent, progress=progress))
     png = draw(result, plot or Path(table_dir) / "replay.png", title=f"{table.card.get('name', table_dir)}: "
                f"{result['table']['configurations']} configurations x {len(table.seeds)} seeds")

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from allocsearch.errors import AllocsearchError
-from allocsearch.search.session import DEFAULT_WORKDIR
+from allocsearch.cli.options import workdir_option
 
 APP = "streamlit_app.py"
 
@@ -38,8 +38,7 @@ def streamlit_command(app: Path, workdir: str, host: str, port: int) -> list[str
 
 
 @click.command("dashboard")
-@click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True, type=click.Path(file_okay=False),
-              help="Folder holding one sub-folder per study.")
+@workdir_option
 @click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; the default serves this machine only (0.0.0.0 exposes it to the network).")

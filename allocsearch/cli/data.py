@@ -91,7 +91,7 @@ def check(spec, data_dir):
         if ex.choices:
             click.echo(f"  choices  {' | '.join(repr(c) for c in ex.choices)}; target {ex.target!r}")
         else:
-            from allocsearch.scoring import is_number
+            from allocsearch.training.scoring import is_number
 
             how = "the first number generated" if is_number(ex.target) else "normalised exact match"
             click.echo(f"  target   {ex.target!r}  (scored by {how})")

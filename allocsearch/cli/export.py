@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from allocsearch.cli.search import study_options
+from allocsearch.cli.options import study_options
 
 
 @click.command("export")
@@ -26,11 +26,11 @@ def export(study, workdir, trial, best, pareto, out):
       allocsearch train --config best.yaml --steps 2000 --data-dir /data/glue     # production scale
       allocsearch export --study pareto-run --pareto 3 --out front.yaml           # front-trial-NNNN.yaml
     """
-    from allocsearch.analysis import list_studies, summarize
+    from allocsearch.reports.status import list_studies, summarize
     from allocsearch.cli.search import _pick
-    from allocsearch.export import ExportError, export_trial, pick_trials
+    from allocsearch.reports.export import ExportError, export_trial, pick_trials
     from allocsearch.fileio import write_text_atomic
-    from allocsearch.search.study import Study
+    from allocsearch.study.folder import Study
 
     if sum(x is not None and x is not False for x in (trial, best or None, pareto)) > 1:
         raise ExportError("--trial, --best and --pareto exclude each other; fix: give one of them")

@@ -9,19 +9,8 @@ import sys
 import click
 
 from allocsearch.search.samplers import SAMPLERS
-from allocsearch.search.session import DEFAULT_WORKDIR, SCHEDULERS
-
-
-def study_options(f):
-    """--study and --workdir, declared once for every search command."""
-    f = click.option("--workdir", default=DEFAULT_WORKDIR, show_default=True, type=click.Path(file_okay=False),
-                     help="Folder holding one sub-folder per study.")(f)
-    return click.option("--study", "study", default=None, help="Study name (default: the only study in "
-                        "--workdir; for a new study, the space's name).")(f)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")(f)
+from allocsearch.cli.options import json_option, study_options
+from allocsearch.search.session import SCHEDULERS
 
 
 @click.command("start")
@@ -92,9 +81,12 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
         with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-            summary = run(opts, on_event=view.event, subscribers=(mlflow_tracker,))
+            outcome = run(opts, on_event=view.event, subscribers=(mlflow_tracker,))
     finally:
         view.close()
+    from allocsearch.reports.status import summarize
+
+    summary = dict(summarize(outcome.root), end_reason=outcome.end_reason)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
@@ -133,7 +125,7 @@ def mlflow_tracker(study):
     """The study's MLflow tracker, subscribed to the controller's events (None with --no-mlflow)."""
     if not study.settings.get("mlflow", True):
         return None
-    from allocsearch.tracking import Tracker
+    from allocsearch.tracking.tracker import Tracker
 
     return Tracker(study.root, study.settings.get("tracking_uri"))
 
@@ -149,8 +141,8 @@ def status(study, workdir, as_json):
       allocsearch status                       # the only study in ./allocsearch-runs
       allocsearch status --study demo --json
     """
-    from allocsearch.analysis import list_studies, summarize
-    from allocsearch.search.study import Study
+    from allocsearch.reports.status import list_studies, summarize
+    from allocsearch.study.folder import Study
 
     name = _pick(study, workdir, list_studies(workdir))
     summary = summarize(Study.path(workdir, name))
@@ -171,8 +163,8 @@ def stop(study, workdir):
     Example:
       allocsearch stop --study demo
     """
-    from allocsearch.analysis import list_studies
-    from allocsearch.search.study import Study
+    from allocsearch.reports.status import list_studies
+    from allocsearch.study.folder import Study
 
     name = _pick(study, workdir, list_studies(workdir))
     s = Study.open(workdir, name)
@@ -186,7 +178,7 @@ def stop(study, workdir):
 
 
 def _pick(study: str | None, workdir: str, names: list[str]) -> str:
-    from allocsearch.search.study import StudyError, check_name
+    from allocsearch.study.folder import StudyError, check_name
 
     if study is not None:
         return check_name(study)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from allocsearch.confidence import finalist_mark
+from allocsearch.study.confidence import finalist_mark
 from allocsearch.search.budget import Budget
 from allocsearch.search.rungs import EVIDENCE_PAIRS, EVIDENCE_RHO
 

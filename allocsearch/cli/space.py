@@ -24,7 +24,7 @@ def list_spaces():
     Example:
       allocsearch space list
     """
-    from allocsearch.search.space import load_space, shipped_spaces, spaces_dir
+    from allocsearch.search.space.space import load_space, shipped_spaces, spaces_dir
 
     click.echo(f"shipped spaces in {spaces_dir()}:")
     for name in shipped_spaces():
@@ -44,8 +44,8 @@ def check(file, model):
       allocsearch space check joint
       allocsearch space check my_space.yaml --model smollm2-135m
     """
-    from allocsearch.search.space import load_space, model_depth, resolve_space_path
-    from allocsearch.search.space_dims import fmt
+    from allocsearch.search.space.space import load_space, model_depth, resolve_space_path
+    from allocsearch.search.space.dims import fmt
 
     path = resolve_space_path(file)
     sp = load_space(path)

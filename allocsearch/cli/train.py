@@ -48,7 +48,7 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
       allocsearch train --zero-shot                                 # the demo trial
       allocsearch train --config best.yaml --epochs 3 --data-dir /data  # a file from `allocsearch export`
     """
-    from allocsearch.trial import TrialSpec, run_trial
+    from allocsearch.training.trial import TrialSpec, run_trial
 
     spec = TrialSpec.from_yaml(config_path) if config_path else TrialSpec.demo()
     if model:
@@ -66,11 +66,11 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
     if zero_shot:
         overrides["zero_shot"] = True
     if overrides:
-        from allocsearch.train import TrainConfig
+        from allocsearch.training.loop import TrainConfig
 
         spec.train = TrainConfig.from_dict({**spec.train.to_dict(), **overrides})
     _check_allocation(spec.allocation, spec.model)
-    from allocsearch.models import resolve_device
+    from allocsearch.training.models import resolve_device
 
     resolve_device(spec.train.device)  # an unknown or absent device is named before any data or model work
     _check_model(spec.model)
@@ -129,7 +129,7 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
                 evals.update(last=now, shown=True)
                 line(f"{what}: {done}/{total} examples")
 
-        from allocsearch.evaluate import eval_progress
+        from allocsearch.training.evaluate import eval_progress
 
         with eval_progress(on_eval):
             result = run_trial(spec, data_dir=data_dir, out_dir=out_dir, on_step=on_step,
@@ -145,8 +145,8 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
 def _check_allocation(allocation, model: str) -> None:
     """An unknown preset, method or option, or the FFN-block form on a model without gated MLPs, is named
     now, not after the data and the model have loaded."""
-    from allocsearch.allocation import _typed_options, ffn_block_misfit
-    from allocsearch.methods import PRESETS, get_method
+    from allocsearch.allocation.config import _typed_options, ffn_block_misfit
+    from allocsearch.allocation.methods import PRESETS, get_method
 
     if not isinstance(allocation, dict):
         return
@@ -172,7 +172,7 @@ def _check_model(name: str) -> None:
     full check."""
     import re
 
-    from allocsearch.models import MODEL_NAMES, ModelError, _not_found
+    from allocsearch.training.models import MODEL_NAMES, ModelError, _not_found
 
     path = Path(name).expanduser()
     if name in MODEL_NAMES or path.exists():

@@ -21,7 +21,7 @@ Formats (canonical field names; ``fields`` maps them to the file's names, e.g. `
                      (or "Text 1:" / "Text 2:"), "Answer:"; choices are " " + label word.
     generation       prompt, completion (alias: instruction). Rendered as [instruction] / prompt / "Answer:",
                      target the completion. A numeric completion is scored by the first number
-                     generated (as GSM8K), a text one by normalised exact match (allocsearch.scoring).
+                     generated (as GSM8K), a text one by normalised exact match (allocsearch.training.scoring).
 
 Every format takes an optional ``id`` field (default name ``id``, used when the first record has it):
 ids must be unique within and across the train and test files. Without ids the uids are

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from allocsearch.allocation import FFN_BLOCK_TARGETS, AllocationConfig, AllocationError
-from allocsearch.methods import get_method
+from allocsearch.allocation.config import FFN_BLOCK_TARGETS, AllocationConfig, AllocationError
+from allocsearch.allocation.methods import get_method
+from allocsearch.moe.adapter import adapter_of, find_blocks, replace_module, resolve_targets
 from allocsearch.moe.base import MoELoRALayer
 from allocsearch.moe.experts import LoRAExperts
 from allocsearch.moe.graphlora import GraphRouter
@@ -220,7 +221,6 @@ class GraphLoRAFFNBlock(GraphRouter, FFNBlockMoE):
 def inject_ffn_blocks(model: nn.Module, allocation: AllocationConfig, *, train_modules: tuple[str, ...] = ()):
     """``inject`` for ``router_scope: ffn_block``: each decoder layer's MLP becomes the method's block
     layer; every other target gets plain LoRA (``LoRALinear``). Returns the Adapter."""
-    from allocsearch.moe.inject import adapter_of, find_blocks, replace_module, resolve_targets
 
     prefix, blocks = find_blocks(model)
     if any(gated_mlp(b) is None for b in blocks):

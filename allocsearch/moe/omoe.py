@@ -16,7 +16,7 @@ residual anyway (its error is ~1e-7 / (||u_j|| / ||e_j||)). So the output stays 
 ``s * sum_j g_j m_j`` and matches the explicit float64 Gram-Schmidt with the same rule (tests/
 test_fidelity_mola_omoe.py); a dropped expert still gets its router gradient through the others' weights.
 Layers outside ``placement`` (paper Tables 4-5: levels low / middle / high = layers 1-10 / 11-20 / 21-32 of
-32, scaled to the depth: ``allocsearch.shapes.levels``) get vanilla MoE experts.
+32, scaled to the depth: ``allocsearch.allocation.shapes.levels``) get vanilla MoE experts.
 """
 from __future__ import annotations
 

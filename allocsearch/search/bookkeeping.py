@@ -8,7 +8,7 @@ live through Ray or is read back from results.json after a crash, and recorded i
 
 so a kill between any two steps is recovered from the step before it (:meth:`Bookkeeper.recover`): a
 trial whose results.json says it ended is told what it measured; one without is marked crashed and its
-configuration retried once. States and their Optuna forms: ``allocsearch.trial_state``.
+configuration retried once. States and their Optuna forms: ``allocsearch.study.records``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 
 from allocsearch.search.report import TrialReport
 from allocsearch.search.samplers import record_feasibility
-from allocsearch.search.study import CRASHED, NOT_STARTED, Study, metric_names
+from allocsearch.study.folder import CRASHED, NOT_STARTED, Study, metric_names
 
 KILL_BEFORE_TELL = "ALLOCSEARCH_TEST_KILL_BEFORE_TELL"  # test hook: a trial number; kill -9 before its tell
 NO_RESULT = "the trial's worker ended without a result"
@@ -97,8 +97,8 @@ class Bookkeeper:
         self.ostudy.tell(number, values, state=TrialState[_OPTUNA_STATE[state]])
 
     def rows(self) -> list[dict]:
-        """The study's trials as ``allocsearch.confidence`` and the confirmation phase read them."""
-        from allocsearch.trial_state import state_of
+        """The study's trials as ``allocsearch.study.confidence`` and the confirmation phase read them."""
+        from allocsearch.study.records import state_of
 
         return [{"number": t.number, "state": state_of(t)[0], "params": t.params, "seed": t.user_attrs.get("seed", 0),
                  "objective": t.values[0] if t.values else t.user_attrs.get("objective"),

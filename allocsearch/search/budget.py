@@ -3,7 +3,7 @@
 Units: a ``gpu``/``cpu`` budget counts device-seconds of trials (wall seconds x GPUs, or x CPU cores, per
 trial: load, train and evaluate); a ``wall`` budget counts the active wall-clock of the search, summed over
 controller sessions (downtime between sessions is not counted). Spend is recorded in a
-:class:`~allocsearch.search.ledger.Ledger`.
+:class:`~allocsearch.study.ledger.Ledger`.
 
 Never overspending: :class:`BudgetKeeper` admits a trial only with a cap, reserved out of the budget until
 the trial finishes, and the caps of running trials plus everything spent never exceed the budget. A trial
@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Callable
 
 from allocsearch.errors import AllocsearchError
-from allocsearch.model_info import REGISTRY_CONFIGS, ModelInfoError, estimate_params, model_config
+from allocsearch.allocation.model_info import REGISTRY_CONFIGS, ModelInfoError, estimate_params, model_config
 
 ACCEPTED = ("use a number and a unit: 64gpu-h, 90gpu-min, 0.5cpu-h, 3cpu-min (device-hours/minutes of "
             "trials) or 2h, 30min (wall-clock of the search)")

@@ -11,7 +11,7 @@ for configurations that already ran once, inside the user's budget.
     each round: every surviving finalist runs once more on the next seed (1, 2, ...: the same seeds for
                 all, so differences pair by seed), the fewest-seeds first, best mean first
     a finalist is dropped once the incumbent (the best mean) is separated from it, both run on >= 2 seeds
-                (``allocsearch.confidence.separated``: a paired t-test, or the noise band)
+                (``allocsearch.study.confidence.separated``: a paired t-test, or the noise band)
     the race ends when one finalist is left, every finalist has ``max_seeds`` seeds, or the reserve is spent
 
 Each run is its own trial, its user attrs ``confirm`` (the configuration's first trial) and ``seed``. The
@@ -19,7 +19,7 @@ state is re-derived from the study's trials each time, so a resumed search goes 
 """
 from __future__ import annotations
 
-from allocsearch.confidence import Estimate, config_key, estimates, noise_of, separated
+from allocsearch.study.confidence import Estimate, config_key, estimates, noise_of, separated
 
 WAIT = "wait"
 

@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from allocsearch.confidence import config_key
+from allocsearch.study.confidence import config_key
 from allocsearch.search.budget import (Budget, BudgetKeeper, CostModel, devices_per_trial, tokens_per_step,
                                        trial_features)
 from allocsearch.search.bookkeeping import Bookkeeper
@@ -33,9 +33,9 @@ from allocsearch.search.confirmation import WAIT, Confirmation, Reserve, fresh_s
 from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_PAIRS
 from allocsearch.search.samplers import grid_repeats
-from allocsearch.search.space import SearchSpace
-from allocsearch.search.study import Study, directions, metric_names
-from allocsearch.trial_state import ENDED_BADLY
+from allocsearch.search.space.space import SearchSpace
+from allocsearch.study.folder import Study, directions, metric_names
+from allocsearch.study.records import ENDED_BADLY
 
 HEARTBEAT_SECONDS = 2.0
 CAP_SLACK_SECONDS = 2.0
@@ -97,7 +97,7 @@ class Controller:
 
     def noise(self) -> float | None:
         """Seed noise (std): the study's own (its repeated configurations), else the declared one, else None."""
-        from allocsearch.confidence import estimates, noise_of
+        from allocsearch.study.confidence import estimates, noise_of
 
         return noise_of(estimates(self.books.rows()), self.study.settings.get("noise"))
 
@@ -112,14 +112,14 @@ class Controller:
     def cluster_ready(self, cpus: float, gpus: float, *, too_big: str | None = None,
                       lacking: dict[str, list[str]] | None = None) -> None:
         """Refuse in one line a cluster that cannot run a trial (``nodes.check_cluster``)."""
-        from allocsearch.search.nodes import check_cluster
+        from allocsearch.search.ray.nodes import check_cluster
 
         check_cluster(self.study.settings, self.budget, cpus, gpus, too_big=too_big, lacking=lacking)
         self.emit("cluster", cpus=cpus, gpus=gpus)
 
     def required_paths(self) -> dict[str, str]:
         """The files and folders every node running trials must see (label -> absolute path)."""
-        from allocsearch.search.nodes import required_paths
+        from allocsearch.search.ray.nodes import required_paths
 
         return required_paths(self.study.settings)
 
@@ -389,7 +389,7 @@ class Controller:
 
 def _experts(spec: dict, num_layers: int) -> list[int] | None:
     """Experts per layer of a trial's allocation (what status and the live view draw)."""
-    from allocsearch.trial import resolve_allocation
+    from allocsearch.training.trial import resolve_allocation
 
     try:
         return resolve_allocation(spec["allocation"], num_layers).experts

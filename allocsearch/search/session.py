@@ -13,14 +13,13 @@ from typing import Callable
 from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
 from allocsearch.search.samplers import SAMPLERS, make_sampler, session_seed
-from allocsearch.search.study import Study, StudyError, check_name, parse_objectives
+from allocsearch.study.folder import DEFAULT_WORKDIR, Study, StudyError, check_name, parse_objectives
 
 SCHEDULERS = ("asha", "none")
 # how a study runs, free to change on resume; a resume keeps the stored value of each option not given
 EXECUTION_DEFAULTS = {"scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "max_failures": 5,
                       "mlflow": True, "ray_address": None, "max_concurrent": None, "tracking_uri": None,
                       "confirm": 0.2, "noise": None}
-DEFAULT_WORKDIR = "allocsearch-runs"
 DEFAULT_SPACE = "joint"
 
 
@@ -53,8 +52,8 @@ class StartOptions:
 def prepare(opts: StartOptions):
     """Validate everything and return (study, space, num_layers); raises one-line errors, writes only
     once everything is valid."""
-    from allocsearch import model_info
-    from allocsearch.search.space import SearchSpace, load_space, model_depth, resolve_space_path
+    from allocsearch.allocation import model_info
+    from allocsearch.search.space.space import SearchSpace, load_space, model_depth, resolve_space_path
 
     budget = Budget.parse(opts.budget) if opts.budget is not None else None
     if opts.sampler is not None and opts.sampler not in SAMPLERS:
@@ -149,17 +148,24 @@ def _check_execution(s: dict, budget: Budget | None) -> None:
     _check_local_gpus(s)
 
 
-def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscribers: tuple = ()) -> dict:
-    """Run (or resume) a search to its end; returns the study's summary (``analysis.summarize``).
+@dataclass(frozen=True)
+class Outcome:
+    """How one ``start`` ended: the study folder (``allocsearch.reports.status.summarize`` reads it) and why."""
+
+    root: Path
+    end_reason: str
+
+
+def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscribers: tuple = ()) -> Outcome:
+    """Run (or resume) a search to its end; returns where its study is and why it ended.
     SIGINT (Ctrl-C) or SIGTERM ends it: running trials are recorded as stopped by the user, their last
     checkpoint kept; a second Ctrl-C ends at once. A start refused before any trial ran leaves the study
     directory as it found it. ``subscribers``: factories ``f(study)`` of listeners to the controller's
-    events (the MLflow tracker; None when off) with ``event(kind, **data)`` and ``close(reason, summary,
+    events (the MLflow tracker; None when off) with ``event(kind, **data)`` and ``close(reason,
     failed=False)``; the search knows nothing of them."""
     import warnings
 
-    from allocsearch.analysis import summarize
-    from allocsearch.search import executor
+    from allocsearch.search.ray import executor
     from allocsearch.search.controller import Controller
 
     warnings.filterwarnings("ignore", module=r"optuna\..*")  # experimental-feature notes on every trial
@@ -190,7 +196,7 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
                 controller.close(interrupted=controller.interrupted)
     except BaseException as exc:
         for listener in listeners:
-            listener.close(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, None, failed=True)
+            listener.close(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, failed=True)
         refused = isinstance(exc, AllocsearchError) and (controller is None or not controller.started_any)
         if refused and created and not study.ledger.trial_spend():
             shutil.rmtree(study.root, ignore_errors=True)  # refused before any trial ran: leave nothing behind
@@ -199,11 +205,9 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
 
             write_text_atomic(study.root / "study.json", stored)  # the settings it had before this start
         raise
-    summary = summarize(study.root)
-    summary["end_reason"] = controller.end_reason
     for listener in listeners:
-        listener.close(controller.end_reason, summary)
-    return summary
+        listener.close(controller.end_reason)
+    return Outcome(study.root, controller.end_reason)
 
 
 def _fan_out(*handlers):
@@ -229,7 +233,7 @@ def _check_local_gpus(settings: dict) -> None:
 def _with(space, model, data):
     """The space with --model / --data applied, its model (given or the space's own) made absolute when it is a
     local path: trials run in folders of Ray's choosing, so the study must store where the model really is."""
-    from allocsearch.model_info import absolute
+    from allocsearch.allocation.model_info import absolute
 
     model = absolute(model or space.model)
     return space.with_overrides(model=model, data=data) if (model != space.model or data) else space

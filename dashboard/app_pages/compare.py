@@ -3,7 +3,7 @@ import streamlit as st
 
 import dash_charts as charts
 import dashkit as dk
-from allocsearch.analysis_trial import COST_KEYS
+from allocsearch.reports.trial import COST_KEYS
 
 st.title("Compare trials")
 

@@ -4,8 +4,7 @@ import streamlit as st
 
 import dash_charts as charts
 import dashkit as dk
-from allocsearch import analysis_insight as insight
-
+from allocsearch.reports import insight
 st.title("Search insight")
 
 

@@ -4,7 +4,7 @@ import streamlit as st
 
 import dash_charts as charts
 import dashkit as dk
-from allocsearch import analysis
+from allocsearch.reports import status as analysis
 from allocsearch.cli.search_view import sparkline
 
 st.title("Studies")

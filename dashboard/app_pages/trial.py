@@ -4,7 +4,7 @@ import streamlit as st
 
 import dash_charts as charts
 import dashkit as dk
-from allocsearch.trial_state import ENDED_BADLY
+from allocsearch.study.records import ENDED_BADLY
 
 st.title("Trial")
 

@@ -4,8 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import dashkit as dk
-from allocsearch import analysis
-
+from allocsearch.reports import status as analysis
 st.title("Trials")
 
 

@@ -1,13 +1,13 @@
 """Ray Tune runs the trials; this module is everything that knows Ray on the controller's side.
 
-- :func:`allocsearch.search.worker.trainable` runs one trial in a Ray worker with the resources the trial
+- :func:`allocsearch.search.ray.worker.trainable` runs one trial in a Ray worker with the resources the trial
   asked for (see that module: checkpoints, scheduler stops, the budget cap on the worker's clock).
 - :class:`StudySearcher` is Tune's ``OptunaSearch`` bound to the study's Optuna storage, with the
   controller deciding what runs (budget admission, stop requests) and what Optuna is told.
 - :class:`ControllerCallback` gives the controller Tune's loop ticks (the ledger heartbeat), trial starts
   and why a worker died (Tune's error and the worker's last stderr lines).
 - :func:`run` starts (or joins, with an address) a Ray cluster, checks every node can run a trial
-  (``allocsearch.search.nodes``), runs the Tuner, and shuts Ray down. Ray's temp folder (worker logs) is
+  (``allocsearch.search.ray.nodes``), runs the Tuner, and shuts Ray down. Ray's temp folder (worker logs) is
   kept when a trial failed, and its path given to the controller.
 
 Where results live on a cluster (``--ray-address``): everything the study records (trial configs, metrics,
@@ -28,10 +28,10 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from allocsearch.search.interrupts import Interrupts
+from allocsearch.search.ray.interrupts import Interrupts
 from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_RHO, Rungs
-from allocsearch.search.worker import trainable, worker_log_tail
+from allocsearch.search.ray.worker import trainable, worker_log_tail
 
 if TYPE_CHECKING:  # pragma: no cover
     from allocsearch.search.controller import Controller
@@ -148,7 +148,7 @@ def make_scheduler(plan: dict):
         return RungScheduler(rungs.restore(plan["history"]))
     if name == "none":
         return FIFOScheduler()
-    from allocsearch.search.study import StudyError
+    from allocsearch.study.folder import StudyError
 
     raise StudyError(f"scheduler {name!r} is not supported; fix: start with --scheduler asha or none")
 
@@ -190,8 +190,7 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
             (controller.study.root / "ray_local.json").write_text(json.dumps({"tmp": tmp, "pid": os.getpid()}))
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
                      configure_logging=False, logging_level="error", runtime_env={"env_vars": RAY_ENV})
-        from allocsearch.search import nodes
-
+        from allocsearch.search.ray import nodes
         resources = ray.cluster_resources()
         alive = nodes.alive_nodes()
         # on a cluster we joined, every node must see the trials' files; a local Ray is this machine

@@ -34,7 +34,7 @@ def trainable(config: dict) -> None:
     this worker's clock; None: no cap)."""
     start = time.monotonic()
     log = _crash_log(config.get("trial_dir"))
-    from allocsearch.trial import TrialSpec, run_trial
+    from allocsearch.training.trial import TrialSpec, run_trial
 
     devices, budget = float(config["devices"]), config.get("budget_seconds")
     deadline = None if budget is None else start + float(budget)

@@ -6,11 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from allocsearch.allocation import ROUTER_SCOPES, AllocationConfig, AllocationError
-from allocsearch.methods import METHOD_NAMES, PRESETS, get_method
-from allocsearch.search.space_dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
+from allocsearch.allocation.config import ROUTER_SCOPES, AllocationConfig, AllocationError
+from allocsearch.allocation.methods import METHOD_NAMES, PRESETS, get_method
+from allocsearch.search.space.dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
                                           is_int, parse_value, to_node)
-from allocsearch.shapes import SHAPES, group_sizes, shape_experts
+from allocsearch.allocation.shapes import SHAPES, group_sizes, shape_experts
 
 SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "router_scope", "options",
                 "train")

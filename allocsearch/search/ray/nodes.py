@@ -32,7 +32,7 @@ def check_cluster(settings: dict, budget, cpus: float, gpus: float, *, too_big: 
     """Refuse in one line (a ``StudyError``) a cluster that cannot run a trial of the study's ``settings``:
     fewer CPUs / GPUs than a trial asks for, too few on any one node (``too_big``: why, ``largest_fit``),
     or nodes that cannot see the trials' files (``lacking``: node -> what, ``required_paths``)."""
-    from allocsearch.search.study import StudyError
+    from allocsearch.study.folder import StudyError
 
     budget.check_resources(settings["gpus_per_trial"], gpus)
     if settings["cpus_per_trial"] > cpus:

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from allocsearch.analysis import optuna_trials
-from allocsearch.search.study import Study, StudyError, directions
+from allocsearch.reports.status import optuna_trials
+from allocsearch.study.folder import Study, StudyError, directions
 
 MIN_IMPORTANCE_TRIALS = 3
 

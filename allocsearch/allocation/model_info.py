@@ -1,6 +1,6 @@
 """What allocsearch knows of a model before anything loads: where its config.json is, and what it says.
 
-A model is named as ``allocsearch.models.load_model`` takes it, by the same rule, in the same order:
+A model is named as ``allocsearch.training.models.load_model`` takes it, by the same rule, in the same order:
 
 * a registry name (``smollm2-135m``, ``minilm-l6``, ``tiny-llama``): its config is ``REGISTRY_CONFIGS`` (its
   files may not be installed yet);

@@ -19,18 +19,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from allocsearch.allocation import BERT_TARGETS, AllocationConfig, AllocationError
+from allocsearch.allocation.config import BERT_TARGETS, AllocationConfig, AllocationError
 from allocsearch.data import DataSpec, load_splits
 from allocsearch.errors import AllocsearchError
-from allocsearch.methods import get_method, preset
-from allocsearch.train import TrainConfig
+from allocsearch.allocation.config import preset
+from allocsearch.allocation.methods import get_method
+from allocsearch.training.loop import TrainConfig
 
 SPEC_KEYS = ("name", "model", "allocation", "data", "train")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# a file written by `allocsearch export` is a trial config plus these (allocsearch.reports.export writes them)
+EXPORT_VERSION = 1
+EXPORT_KEY = "allocsearch_export"
 
 
 class TrialSpecError(AllocsearchError, ValueError):
     pass
+
+
+def strip_export(data: dict, where: str) -> dict:
+    """An export file read as a trial config: check its version, drop what is not a trial setting."""
+    version = data.get(EXPORT_KEY)
+    if version != EXPORT_VERSION:
+        newer = isinstance(version, int) and version > EXPORT_VERSION
+        raise TrialSpecError(f"{where} is an allocsearch export of format {version!r}; this allocsearch reads "
+                             f"format {EXPORT_VERSION}: " + ("upgrade allocsearch" if newer else "export it again"))
+    return {k: v for k, v in data.items() if k not in (EXPORT_KEY, "provenance", "peft_config")}
 
 
 @dataclass
@@ -78,8 +92,6 @@ class TrialSpec:
     def from_dict(cls, data: Any, where: str = "trial config") -> "TrialSpec":
         if not isinstance(data, dict):
             raise TrialSpecError(f"a trial config must be a mapping with keys {', '.join(SPEC_KEYS)}")
-        from allocsearch.export import EXPORT_KEY, strip_export
-
         if EXPORT_KEY in data:  # a file written by `allocsearch export`
             data = strip_export(data, where)
         unknown = sorted(set(data) - set(SPEC_KEYS))
@@ -205,10 +217,12 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
     as the adapter is built (trainable and total parameters known)."""
     import torch
 
-    from allocsearch import memory, models
-    from allocsearch.encode import Encoder
-    from allocsearch.evaluate import evaluate
-    from allocsearch.train import TrialFailed, train
+    from allocsearch.training import memory
+
+    from allocsearch.training import models
+    from allocsearch.training.encode import Encoder
+    from allocsearch.training.evaluate import evaluate
+    from allocsearch.training.loop import TrialFailed, train
 
     stage = on_stage or (lambda s: None)
     cfg = spec.train
@@ -272,8 +286,7 @@ def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os
 
 def _finish(result: TrialResult, adapter, device, start: float, out_dir) -> TrialResult:
     """Costs, then the adapter and results.json (atomic) under ``out_dir``."""
-    from allocsearch import memory
-
+    from allocsearch.training import memory
     result.peak_memory_mb, result.memory_kind = memory.peak_mb(device)
     result.wall_seconds = time.perf_counter() - start
     result.devices = 1

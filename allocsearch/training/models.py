@@ -45,7 +45,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from allocsearch.allocation import MODEL_FAMILIES as FAMILIES
+from allocsearch.allocation.config import MODEL_FAMILIES as FAMILIES
 from allocsearch.errors import AllocsearchError
 
 log = logging.getLogger(__name__)

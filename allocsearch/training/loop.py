@@ -75,7 +75,7 @@ class TrainConfig:
         written as strings (``"1e-3"`` from JSON) are accepted where a float is expected."""
         import numbers
 
-        from allocsearch.config_values import typed
+        from allocsearch.allocation.values import typed
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -141,7 +141,7 @@ def train(adapter, encoder, train_examples, val_examples, cfg: TrainConfig, *, d
     ``on_checkpoint(step, metrics)`` and ``on_step(step, loss)`` returning a true value stop training early
     (a string is kept as the stop reason). ``test_examples`` (with ``cfg.test_at_checkpoints``): each
     checkpoint also records the test split's metrics (``eval_examples`` of them), never seen by the search."""
-    from allocsearch.evaluate import autocast_context, evaluate, supports_logits_to_keep
+    from allocsearch.training.evaluate import autocast_context, evaluate, supports_logits_to_keep
 
     model = adapter.model
     keep_logits = encoder.causal and supports_logits_to_keep(model)

@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from allocsearch.analysis import summarize
-from allocsearch.search.study import trial_dir
+from allocsearch.reports.status import summarize
+from allocsearch.study.folder import trial_dir
 
 COST_KEYS = ("device_seconds", "wall_seconds", "train_seconds", "eval_seconds", "peak_memory_mb", "memory_kind",
              "trainable_params", "total_params", "steps", "tokens", "tokens_per_second", "seconds_per_step",
@@ -120,7 +120,7 @@ def _at(values, j):
 
 
 def _resolve(alloc: dict, num_layers: int) -> dict | None:
-    from allocsearch.allocation import AllocationConfig
+    from allocsearch.allocation.config import AllocationConfig
 
     d = {k: v for k, v in alloc.items() if k != "num_layers"}
     try:

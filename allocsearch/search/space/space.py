@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from allocsearch.allocation import ffn_block_misfit, model_family
-from allocsearch.search.space_dims import Bad, Dim, SpaceError, extremes, first, fmt, middle_rate, parse_value
-from allocsearch.search.space_methods import MethodSection, paper_priors
-from allocsearch.search.space_models import MODEL_DEPTHS, model_depth
-from allocsearch.shapes import group_sizes
+from allocsearch.allocation.config import ffn_block_misfit, model_family
+from allocsearch.search.space.dims import Bad, Dim, SpaceError, extremes, first, fmt, middle_rate, parse_value
+from allocsearch.search.space.methods import MethodSection, paper_priors
+from allocsearch.search.space.models import MODEL_DEPTHS, model_depth
+from allocsearch.allocation.shapes import group_sizes
 
 VERSION = 1
 TOP_KEYS = ("version", "extends", "model", "data", "objective", "priors", "train", "methods")
@@ -37,7 +37,7 @@ def spaces_dir() -> Path:
     share/ after ``pip install --user``)."""
     if os.environ.get("ALLOCSEARCH_SPACES"):
         return Path(os.environ["ALLOCSEARCH_SPACES"]).expanduser()
-    beside = Path(__file__).resolve().parents[2] / "search_spaces"
+    beside = Path(__file__).resolve().parents[3] / "search_spaces"
     if beside.is_dir():
         return beside
     import site
@@ -150,7 +150,7 @@ def _check_train(key: str, values: dict, base: dict | None = None) -> None:
     """Every train setting known and every value (each end of a range) accepted by TrainConfig."""
     from dataclasses import fields
 
-    from allocsearch.train import TrainConfig, TrainConfigError  # (imports torch; TrainConfig itself does not need it)
+    from allocsearch.training.loop import TrainConfig, TrainConfigError  # (imports torch; TrainConfig itself does not need it)
 
     known = [f.name for f in fields(TrainConfig)]
     for k, v in values.items():
@@ -297,7 +297,7 @@ class SearchSpace:
 
     def trial_spec(self, params: dict, num_layers: int) -> dict:
         """``{model, allocation, data, train}`` for TrialSpec.from_dict (the caller adds ``name``)."""
-        from allocsearch.allocation import AllocationConfig
+        from allocsearch.allocation.config import AllocationConfig
 
         self._check_depth(num_layers)
         method = self._method_of(params)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from allocsearch.search.budget import Budget
-from allocsearch.search.ledger import Ledger
-from allocsearch.search.study import Study, StudyError, metric_names
-from allocsearch.trial_state import STATES, best_of, state_of
+from allocsearch.study.ledger import Ledger
+from allocsearch.study.folder import Study, StudyError, metric_names
+from allocsearch.study.records import STATES, best_of, state_of
 
 STATE_ORDER = STATES
 
@@ -112,8 +112,8 @@ def summarize(root: str | Path) -> dict[str, Any]:
 
 
 def _evidence(trials: list[dict], noise: float | None) -> dict | None:
-    """The winner's evidence (``allocsearch.confidence.evidence``), with each finalist's summary line."""
-    from allocsearch.confidence import evidence
+    """The winner's evidence (``allocsearch.study.confidence.evidence``), with each finalist's summary line."""
+    from allocsearch.study.confidence import evidence
 
     ev = evidence(trials, noise)
     if ev is None:
@@ -130,7 +130,7 @@ def finalists_table(summary: dict) -> list[dict]:
     ev = summary.get("evidence")
     if not ev:
         return []
-    from allocsearch.confidence import finalist_mark
+    from allocsearch.study.confidence import finalist_mark
 
     out = []
     for f in ev["finalists"]:
@@ -142,7 +142,7 @@ def finalists_table(summary: dict) -> list[dict]:
 
 def pareto_front(trials: list[dict], objectives: list[str]) -> list[dict]:
     """The completed trials no other completed trial beats on every objective."""
-    from allocsearch.search.study import directions
+    from allocsearch.study.folder import directions
 
     signs = [1.0 if d == "maximize" else -1.0 for d in directions(objectives)]
     pts = [(t, [sg * v for sg, v in zip(signs, t["values"])]) for t in trials if t["values"]]

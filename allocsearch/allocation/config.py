@@ -23,7 +23,7 @@ Fields
                   plain LoRA; the papers' placement for GraphLoRA and MixLoRA). Not for BERT-style encoders
     alpha         LoRA alpha; every expert's scaling is s = alpha / rank[j], applied on the r-sized side
     dropout       LoRA dropout on the expert input
-    options       the method's options (see ``allocsearch.methods``): aux-loss coefficients, GraphLoRA's
+    options       the method's options (see ``allocsearch.allocation.methods``): aux-loss coefficients, GraphLoRA's
                   edge density, OMoE's placement, ...
     preset        the preset it came from, if any (provenance only)
 """
@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from allocsearch.errors import AllocsearchError
-from allocsearch.model_info import MODEL_FAMILIES, REGISTRY_CONFIGS, ModelInfoError, model_config
+from allocsearch.allocation.methods import METHOD_NAMES, PRESETS, get_method
+from allocsearch.errors import AllocationError, AllocsearchError
+from allocsearch.allocation.model_info import MODEL_FAMILIES, REGISTRY_CONFIGS, ModelInfoError, model_config
 
 SCHEMA_VERSION = 1
 
@@ -50,7 +51,7 @@ FFN_BLOCK_TARGETS = {"gate": "gate", "up": "up", "down": "down",
                      "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
 # MODEL_FAMILIES (model_info's): config.model_type -> family whose short target names apply ("llama":
 # q/k/v/o_proj + gate/up/down_proj decoders; "bert": BERT-style encoders)
-# allocsearch.models' registry: (family, transformer blocks) by name, known before anything loads
+# allocsearch.training.models' registry: (family, transformer blocks) by name, known before anything loads
 REGISTRY_MODELS = {name: (MODEL_FAMILIES[c["model_type"]], c["num_hidden_layers"])
                    for name, c in REGISTRY_CONFIGS.items()}
 
@@ -74,10 +75,6 @@ def ffn_block_misfit(model: str) -> str | None:
     return f"ffn_block needs a gated Llama-style MLP but {model} is a {family.upper()}-style encoder"
 
 
-class AllocationError(AllocsearchError, ValueError):
-    """An allocation config that cannot be built; the message names the field and the fix."""
-
-
 @dataclass
 class AllocationConfig:
     method: str
@@ -95,8 +92,6 @@ class AllocationConfig:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
-        from allocsearch.methods import get_method  # light module; avoids an import cycle
-
         spec = get_method(self.method)  # raises on an unknown method
         self.experts = _int_list("experts", self.experts)
         self.top_k = _int_list("top_k", self.top_k)
@@ -161,8 +156,6 @@ class AllocationConfig:
             raise AllocationError(f"router_scope must be one of {', '.join(ROUTER_SCOPES)}, got {self.router_scope!r}")
         if self.router_scope == "linear":
             return
-        from allocsearch.methods import METHOD_NAMES, get_method
-
         spec = get_method(self.method)
         if spec.block_layer is None:
             able = [m for m in METHOD_NAMES if get_method(m).block_layer]
@@ -260,8 +253,8 @@ class AllocationConfig:
     def from_shape(cls, method: str, num_layers: int, shape="inverted_triangle", *,
                    total_experts: int | None = None, top_k: int = 2, rank: int = 8,
                    **kwargs) -> "AllocationConfig":
-        """A MoLA shape (see ``allocsearch.shapes``); top_k is capped at each layer's experts."""
-        from allocsearch.shapes import shape_experts
+        """A MoLA shape (see ``allocsearch.allocation.shapes``); top_k is capped at each layer's experts."""
+        from allocsearch.allocation.shapes import shape_experts
 
         experts = shape_experts(shape, num_layers, total_experts)
         return cls(method=method, num_layers=num_layers, experts=experts,
@@ -272,7 +265,7 @@ def _typed_options(options_cls, values: dict) -> dict:
     """Check each option's type against the method's options class (one line naming the option, the
     expected type and the value); numbers written as strings are read where a float is expected. Unknown
     options pass through: ``make_options`` names them."""
-    from allocsearch.config_values import typed
+    from allocsearch.allocation.values import typed
 
     kinds = {f.name: str(f.type) for f in dataclasses.fields(options_cls)}
     return {name: typed(f"options.{name}", kinds[name], value, AllocationError) if name in kinds else value
@@ -296,3 +289,14 @@ def _version_message(version) -> str:
                 f"({SCHEMA_VERSION}): upgrade allocsearch")
     return (f"allocation schema version {version!r} is not supported (this allocsearch reads version "
             f"{SCHEMA_VERSION}): re-export it with a matching allocsearch")
+
+
+def preset(name: str, num_layers: int, **overrides) -> AllocationConfig:
+    """A named baseline or paper default as a complete allocation for a model of ``num_layers``."""
+    if name not in PRESETS:
+        raise AllocsearchError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    fields = PRESETS[name][1](num_layers)
+    fields.update(overrides)
+    experts, top_k, rank = fields.pop("experts"), fields.pop("top_k"), fields.pop("rank")
+    return AllocationConfig.uniform(fields.pop("method"), num_layers, experts=experts, top_k=top_k,
+                                    rank=rank, preset=name, **fields)

@@ -35,12 +35,12 @@ def best_of(rows, noise: float | None = None):
     """THE best trial of a study (``status``, the dashboard, MLflow, ``export --best``): of rows with
     ``number``, ``state``, ``objective``, the completed one with the highest objective, the earlier on a tie;
     None before any completed. Where rows carry ``params`` (``seed``, ``confirm``) and the winning
-    configuration ran on several seeds: its first trial (``allocsearch.confidence.winner_of``: the best
+    configuration ran on several seeds: its first trial (``allocsearch.study.confidence.winner_of``: the best
     mean among those the confirmation race re-ran, not a lucky single seed; ``noise``: the study's declared
     seed noise, as every reader passes it)."""
     done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None]
     if any(r.get("params") for r in done):  # configurations re-run on several seeds: the best mean wins
-        from allocsearch.confidence import winner_of
+        from allocsearch.study.confidence import winner_of
 
         best = winner_of(done, noise)
         if best is not None and best.n > 1:

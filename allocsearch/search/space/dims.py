@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from allocsearch.errors import AllocsearchError
-from allocsearch.shapes import SHAPES, group_sizes, shape_experts
+from allocsearch.allocation.shapes import SHAPES, group_sizes, shape_experts
 
 DIM_KINDS = ("choice", "int", "float")
 _PRIMITIVES = (str, int, float, bool, type(None))

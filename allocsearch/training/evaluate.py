@@ -17,8 +17,8 @@ from collections import defaultdict
 import torch
 
 from allocsearch.data import Example
-from allocsearch.encode import Encoder
-from allocsearch.scoring import accuracy, balanced_accuracy, generation_correct
+from allocsearch.training.encode import Encoder
+from allocsearch.training.scoring import accuracy, balanced_accuracy, generation_correct
 
 _PROGRESS: contextvars.ContextVar = contextvars.ContextVar("allocsearch_eval_progress", default=None)
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.fileio import write_text_atomic
-from allocsearch.search.ledger import Ledger
+from allocsearch.study.ledger import Ledger
 
 STUDY_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -36,7 +36,8 @@ OBJECTIVES = {"accuracy": ("objective", "maximize"), "params": ("trainable_param
               "device_seconds": ("device_seconds", "minimize")}
 CRASHED = "the controller stopped (killed or crashed) while this trial was running"
 NOT_STARTED = "sampled but not started before the controller stopped"
-MEMORY = ":memory:"  # the storage of a replayed search's study: Optuna's in-memory storage
+MEMORY = ":memory:"
+DEFAULT_WORKDIR = "allocsearch-runs"  # where studies live unless --workdir says otherwise  # the storage of a replayed search's study: Optuna's in-memory storage
 
 
 

@@ -14,9 +14,8 @@ from typing import Any
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.fileio import read_json_object
+from allocsearch.training.trial import EXPORT_KEY, EXPORT_VERSION
 
-EXPORT_VERSION = 1
-EXPORT_KEY = "allocsearch_export"
 
 
 class ExportError(AllocsearchError):
@@ -54,9 +53,9 @@ def export_trial(study_root: str | Path, number: int) -> str:
     """The export file of one trial, as YAML text."""
     import yaml
 
-    from allocsearch.analysis import summarize
+    from allocsearch.reports.status import summarize
     from allocsearch.fileio import read_yaml
-    from allocsearch.search.study import trial_dir
+    from allocsearch.study.folder import trial_dir
 
     root = Path(study_root)
     summary = summarize(root)
@@ -96,22 +95,12 @@ def export_trial(study_root: str | Path, number: int) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110)
 
 
-def strip_export(data: dict, where: str) -> dict:
-    """An export file read as a trial config: check its version, drop what is not a trial setting."""
-    version = data.get(EXPORT_KEY)
-    if version != EXPORT_VERSION:
-        newer = isinstance(version, int) and version > EXPORT_VERSION
-        raise ExportError(f"{where} is an allocsearch export of format {version!r}; this allocsearch reads format "
-                          f"{EXPORT_VERSION}: " + ("upgrade allocsearch" if newer else "export it again"))
-    return {k: v for k, v in data.items() if k not in (EXPORT_KEY, "provenance", "peft_config")}
-
-
 def _evidence_of(ev: dict | None, params: dict) -> dict | None:
     """How sure the study is of this configuration: its mean +- 95% CI over seeds (n), whether it is the
     winner, and the configurations statistically tied with the winner (each with its mean, CI and n)."""
     if not ev:
         return None
-    from allocsearch.confidence import config_key
+    from allocsearch.study.confidence import config_key
 
     key = config_key(params)
     mine = next((f for f in [ev["winner"], *ev["finalists"], *ev["tied"]] if config_key(f["params"]) == key), None)

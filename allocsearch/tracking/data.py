@@ -84,7 +84,7 @@ def resolve(alloc, num_layers: int) -> dict | None:
     if not isinstance(alloc, dict):
         return None
     try:
-        from allocsearch.trial import resolve_allocation
+        from allocsearch.training.trial import resolve_allocation
 
         return resolve_allocation(alloc, num_layers or int(alloc.get("num_layers", 0))).to_dict()
     except Exception:  # noqa: BLE001 - a summary only: the raw allocation is still logged
@@ -96,7 +96,7 @@ def allocation_params(alloc: dict, num_layers: int) -> dict:
     full = resolve(alloc, num_layers)
     if full is None:
         return {f"allocation.{k}": v for k, v in alloc.items()}
-    from allocsearch.shapes import group_sizes
+    from allocsearch.allocation.shapes import group_sizes
 
     n = len(full["experts"])
     out = {"method": full.get("method"), "num_layers": n, "experts_total": sum(full["experts"]),
@@ -131,7 +131,7 @@ def result_metrics(r: dict, ts: int) -> list:
 
 def outcome(t) -> tuple[str, str | None]:
     """(our state, reason) of an Optuna trial that is not running any more (``trial_state.state_of``)."""
-    from allocsearch.trial_state import state_of
+    from allocsearch.study.records import state_of
 
     if t is None:
         return "crashed", "no record of the trial in the Optuna storage"
@@ -141,7 +141,7 @@ def outcome(t) -> tuple[str, str | None]:
     if state == "queued":
         return "not_run", reason or "never started"
     if state == "crashed" and reason is None:
-        from allocsearch.search.study import CRASHED
+        from allocsearch.study.folder import CRASHED
 
         reason = CRASHED
     return state, reason
@@ -213,7 +213,7 @@ class OptunaReader:
 
     def _open(self):
         if self._storage is None:
-            from allocsearch.search.study import Study
+            from allocsearch.study.folder import Study
 
             url = Study(self.root, self.settings).storage_url
             if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
@@ -242,7 +242,7 @@ class OptunaReader:
         if self._open() is None:
             return None
         storage, study_id = self._storage
-        from allocsearch.trial_state import best_of, state_of
+        from allocsearch.study.records import best_of, state_of
 
         best = best_of([{"number": t.number, "state": state_of(t)[0], "objective": t.values[0] if t.values else None,
                          "params": t.params, "seed": t.user_attrs.get("seed", 0),

@@ -2,8 +2,8 @@
 ``allocation.model_family``), both read from ``model_info.model_config``."""
 from __future__ import annotations
 
-from allocsearch.model_info import REGISTRY_CONFIGS, ModelInfoError, config_path, depth, model_config
-from allocsearch.search.space_dims import SpaceError
+from allocsearch.allocation.model_info import REGISTRY_CONFIGS, ModelInfoError, config_path, depth, model_config
+from allocsearch.search.space.dims import SpaceError
 
 MODEL_DEPTHS = {name: config["num_hidden_layers"] for name, config in REGISTRY_CONFIGS.items()}
 

@@ -11,15 +11,13 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from allocsearch.errors import AllocsearchError
+from allocsearch.errors import AllocationError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from allocsearch.allocation import AllocationConfig
+if TYPE_CHECKING:  # pragma: no cover - annotations only (the config imports this registry)
+    from allocsearch.allocation.config import AllocationConfig
 
 
 def _fail(message: str):
-    from allocsearch.allocation import AllocationError
-
     raise AllocationError(message)
 
 
@@ -119,7 +117,7 @@ class OMoEOptions:
     """OMoE: Gram-Schmidt-orthogonal experts in the placed layers, vanilla MoE elsewhere.
 
     placement: "low" | "middle" | "high" (the paper's levels, layers 1-10 / 11-20 / 21-32 of 32, scaled to
-    the depth: ``allocsearch.shapes.levels``; Tables 4-5), "all", or a list of layer indices.
+    the depth: ``allocsearch.allocation.shapes.levels``; Tables 4-5), "all", or a list of layer indices.
     orthogonalization: "magnitude" (default) outputs ||e_j|| q_j, so zero-init B leaves the model unchanged
     and step-0 gradients are finite; "unit" is the paper's orthonormal form sum g_j q_j,
     which needs a small non-zero B init (``b_init_std``) and changes the output from the start.
@@ -161,7 +159,7 @@ class OMoEOptions:
 
     def layers(self, num_layers: int) -> set[int]:
         """The layer indices that get orthogonal experts."""
-        from allocsearch.shapes import levels
+        from allocsearch.allocation.shapes import levels
 
         if self.placement == "all":
             return set(range(num_layers))
@@ -262,16 +260,3 @@ PRESETS: dict[str, tuple[str, Callable[..., dict]]] = {
     "omoe": ("OMoE paper: 2 experts, soft routing, r16, alpha32, orthogonal in the low level (layers 1-10 of 32)",
              lambda n, **kw: dict(method="omoe", experts=2, top_k=2, rank=16, alpha=32.0, **kw)),
 }
-
-
-def preset(name: str, num_layers: int, **overrides) -> "AllocationConfig":
-    """A named baseline or paper default as a complete allocation for a model of ``num_layers``."""
-    from allocsearch.allocation import AllocationConfig
-
-    if name not in PRESETS:
-        raise AllocsearchError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-    fields = PRESETS[name][1](num_layers)
-    fields.update(overrides)
-    experts, top_k, rank = fields.pop("experts"), fields.pop("top_k"), fields.pop("rank")
-    return AllocationConfig.uniform(fields.pop("method"), num_layers, experts=experts, top_k=top_k,
-                                    rank=rank, preset=name, **fields)

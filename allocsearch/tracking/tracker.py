@@ -2,7 +2,7 @@
 
 The controller's events (``on_event(kind, **data)``) become MLflow calls in the controller process; the
 trial workers never talk to MLflow. Every call is an operation in an in-memory queue
-(:mod:`allocsearch.tracking_queue`), run in order: a
+(:mod:`allocsearch.tracking.queue`), run in order: a
 tracking server that goes away costs one warning line per outage and a retry on later events (backing off
 up to a minute), never a trial or the search. What the study directory holds (trial.yaml, results.json,
 the Optuna storage, the ledger) is read when an operation runs, so on the next start after a controller
@@ -11,7 +11,7 @@ run's id lives in ``<study>/mlflow.json``: a resumed study logs into the same pa
 
     tracker = Tracker(study.root)            # default: sqlite:///<study>/mlflow.db, artifacts <study>/mlartifacts
     on_event = tracker.event                 # "study", "admitted", "checkpoint", "finished", "tick", ...
-    tracker.close(end_reason, summary)       # best trial on the parent run, end statuses
+    tracker.close(end_reason)                # the study's best on the parent run, end statuses
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from allocsearch.tracking_data import (END_STATUS, OptunaReader, mask_uri, outcome, read_json, read_yaml,
+from allocsearch.tracking.data import (END_STATUS, OptunaReader, mask_uri, outcome, read_json, read_yaml,
                                        result_metrics, settings_params, summary_metrics, trial_artifacts,
                                        trial_params)
-from allocsearch.search.study import trial_dir
-from allocsearch.tracking_queue import OpQueue
-from allocsearch.tracking_queue import short as _short
-from allocsearch.tracking_queue import warn as _warn
+from allocsearch.study.folder import trial_dir
+from allocsearch.tracking.queue import OpQueue
+from allocsearch.tracking.queue import short as _short
+from allocsearch.tracking.queue import warn as _warn
 
 EXPERIMENT = "allocsearch"
 STATE_FILE = "mlflow.json"
@@ -47,7 +47,7 @@ class Tracker:
 
     def __init__(self, study_root: Path, tracking_uri: str | None = None, *,
                  clock: Callable[[], float] = time.monotonic):
-        from allocsearch.search.ledger import Ledger
+        from allocsearch.study.ledger import Ledger
 
         for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
@@ -141,9 +141,10 @@ class Tracker:
         self._user_stop = True
         self._push(self._op_parent_batch, [], {"stop_requested": "true"})
 
-    def close(self, end_reason: str | None = None, summary: dict | None = None, *, failed: bool = False) -> None:
-        """The best trial on the parent run, every run of this session ended; the parent ends FINISHED, KILLED
-        when the user stopped the search (``allocsearch stop``) or FAILED with ``failed=True``. Never raises."""
+    def close(self, end_reason: str | None = None, *, failed: bool = False) -> None:
+        """The best trial on the parent run (the study's summary, as ``status`` reads it from the folder), every
+        run of this session ended; the parent ends FINISHED, KILLED when the user stopped the search
+        (``allocsearch stop``) or FAILED with ``failed=True``. Never raises."""
         if self._closed:
             return
         self._closed = True
@@ -151,7 +152,7 @@ class Tracker:
             user = self._user_stop or "stopped by" in (end_reason or "")
             status = "FAILED" if failed else "KILLED" if user else "FINISHED"
             self._push(self._op_sweep, True)
-            self._push(self._op_final, end_reason, summary or {}, status, _now_ms())
+            self._push(self._op_final, end_reason, status, _now_ms())
             if not self.flush(force=True):
                 _warn(f"mlflow: {self.pending()} operations could not be logged to {mask_uri(self.uri)}; "
                       f"the study directory keeps everything they would have logged")
@@ -339,8 +340,11 @@ class Tracker:
             spend = attrs.get("device_seconds", self._ledger.trial_spend().get(number))
             self._queue_end(number, state, attrs.get("objective"), spend, reason, _now_ms())
 
-    def _op_final(self, end_reason, summary, status, ts):
+    def _op_final(self, end_reason, status, ts):
+        from allocsearch.reports.status import summarize
+
         pid, c = self._ensure_parent(), self.client
+        summary = summarize(self.root)
         metrics, tags = summary_metrics(summary, ts)
         tags["end_reason"] = end_reason
         best = summary.get("best") or {}
