@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 
-from allocsearch.data import files as user_files
+import allocsearch.data.files as user_files
 from allocsearch.data.formats import DataError, Example
 from allocsearch.data.tasks import TASKS, default_data_dir, get_task, read_task
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from allocsearch.data import formats as F
+import allocsearch.data.formats as F
 from allocsearch.data.formats import DataError, Example
 
 KINDS = ("mc", "yesno", "classification", "math")
