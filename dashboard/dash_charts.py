@@ -5,6 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from allocsearch.study.records import State
+
 STATE_COLORS = {"completed": "#2e7d32", "pruned": "#f9a825", "oom": "#ef6c00", "failed": "#c62828", "crashed": "#6a1b9a",
                 "not_run": "#9e9e9e", "running": "#1565c0", "queued": "#90caf9"}
 EXPERT_COLOR = "#3f51b5"
@@ -192,7 +194,7 @@ def slices(columns: list[dict], points_by_param: dict[str, list[dict]]) -> go.Fi
                         vertical_spacing=0.12)
     for i, c in enumerate(columns):
         pts = points_by_param[c["name"]]
-        for state in ("completed", "pruned"):
+        for state in State.WITH_RESULT:
             sel = [p for p in pts if p["state"] == state]
             fig.add_trace(go.Scatter(x=[p["value"] if c["kind"] == "number" else str(p["value"]) for p in sel],
                                      y=[p["objective"] for p in sel], mode="markers", name=state,

@@ -203,7 +203,7 @@ def pick_trial(summary: dict, label: str = "Trial") -> int | None:
         return None
     if st.session_state.get("trial") not in numbers:
         best = summary.get("best")
-        st.session_state["trial"] = best["number"] if best else numbers[-1]
+        st.session_state["trial"] = best["trial"] if best else numbers[-1]
     by = {t["number"]: t for t in summary["trials"]}
     st.session_state["_trial_pick"] = st.session_state["trial"]  # widget state is dropped on other pages
     number = st.selectbox(label, numbers, key="_trial_pick", format_func=lambda n: trial_label(by[n]),
@@ -219,7 +219,8 @@ def _copy(src: str, dst: str) -> None:
 
 def trial_label(t: dict) -> str:
     score = f" {t['objective']:.4f}" if t["objective"] is not None else ""
-    return f"#{t['number']} {t['state']}{score} · {t['summary'] or 'no configuration'}"
+    run = f" · confirms #{t['confirm_of']}, seed {t['seed']}" if t.get("confirm_of") is not None else ""
+    return f"#{t['number']} {t['state']}{score}{run} · {t['summary'] or 'no configuration'}"
 
 
 def fmt_seconds(summary: dict, seconds: float | None) -> str:

@@ -228,7 +228,7 @@ def tell_kill_case(case: Case, args, rng) -> None:
     resumed = snapshot(case.root)
     case.lost += lost(at_kill, resumed)
     r = by_number(resumed).get(n, {})
-    from allocsearch.training.trial import result_objective
+    from allocsearch.training.scoring import result_objective
 
     want = result_objective(result) if result else None
     case.details["told"] = {"trial": n, "state": r.get("state"), "objective": r.get("objective"), "want": want,

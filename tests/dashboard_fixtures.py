@@ -81,7 +81,7 @@ def results(spec: dict, score: float, steps: int, status: str = "completed", see
 
 
 def _finish(ctl: Controller, clock: Clock, config: dict, seconds: float, end: dict, result: dict | None) -> int:
-    n = config["number"]
+    n = config.number
     ctl.on_start(n)
     clock.t += seconds / 2
     ctl.tick()
@@ -99,29 +99,29 @@ def build_main(workdir: Path, name: str = "demo") -> dict:
     numbers: dict[str, list[int]] = {"completed": [], "pruned": [], "failed": [], "running": []}
     for i, score in enumerate((0.71, 0.78, 0.64, 0.82, 0.69, 0.66)):
         if i == 5:  # a plain LoRA trial among the MoLA priors
-            ctl.ostudy.enqueue_trial({"method": "lora", "lora.rank": 4, "lr": 0.002})
+            ctl.store.enqueue({"method": "lora", "lora.rank": 4, "lr": 0.002})
         c = ctl.propose()
         steps = 8
         end = {**final(objective=score, steps=steps), "trainable_params": 4096 + 512 * i}
         numbers["completed"].append(_finish(ctl, clock, c, 20.0 + i, end,
-                                            results(c["spec"], score, steps, seed=i, trainable=4096 + 512 * i)))
+                                            results(c.spec, score, steps, seed=i, trainable=4096 + 512 * i)))
     c = ctl.propose()  # stopped by the scheduler at step 4
-    ctl.on_start(c["number"])
-    ctl.on_result(c["number"], {"step": 2, "objective": 0.52, "train_seconds": 1.0})
-    (ctl.study.trial_dir(c["number"]) / "results.json").write_text(
-        json.dumps(results(c["spec"], 0.55, 4, status="stopped", seed=9)))
+    ctl.on_start(c.number)
+    ctl.on_result(c.number, {"step": 2, "objective": 0.52, "train_seconds": 1.0})
+    (ctl.study.trial_dir(c.number) / "results.json").write_text(
+        json.dumps(results(c.spec, 0.55, 4, status="stopped", seed=9)))
     clock.t += 8.0
-    ctl.on_complete(c["number"], {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
-    numbers["pruned"].append(c["number"])
+    ctl.on_complete(c.number, {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
+    numbers["pruned"].append(c.number)
     c = ctl.propose()  # NaN: failed, no results.json
     numbers["failed"].append(_finish(ctl, clock, c, 3.0, final(status="failed", objective=None,
                                                               failure="loss became nan at step 3"), None))
     c = ctl.propose()  # running when the fixture is read
-    ctl.on_start(c["number"])
+    ctl.on_start(c.number)
     clock.t += 5.0
     ctl.tick()
-    ctl.on_result(c["number"], {"step": 2, "objective": 0.6, "train_seconds": 1.0})
-    numbers["running"].append(c["number"])
+    ctl.on_result(c.number, {"step": 2, "objective": 0.6, "train_seconds": 1.0})
+    numbers["running"].append(c.number)
     return numbers
 
 
@@ -132,7 +132,7 @@ def build_multi(workdir: Path, name: str = "multi") -> None:
     for i, (score, params) in enumerate(((0.8, 5000), (0.7, 1000), (0.6, 6000))):
         c = ctl.propose()
         _finish(ctl, clock, c, 10.0, {**final(objective=score), "trainable_params": params},
-                results(c["spec"], score, 8, seed=i, trainable=params))
+                results(c.spec, score, 8, seed=i, trainable=params))
 
 
 def build_broken(workdir: Path, source: str = "demo") -> None:

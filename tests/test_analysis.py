@@ -38,15 +38,16 @@ def test_status_keys_stay_as_they_were(wd):
             "best", "baseline", "controller_pid", "evidence"} <= set(s)
     assert set(s["trials"][0]) == {"number", "state", "objective", "values", "params", "summary", "prior",
                                    "retry_of", "spend", "predicted", "steps", "trainable_params", "reason",
-                                   "experts", "intermediate", "start", "end", "seed", "confirm"}
-    assert s["counts"]["completed"] == 6 and s["best"]["objective"] == pytest.approx(0.82)
+                                   "experts", "intermediate", "start", "end", "seed", "confirm_of"}
+    assert set(s["best"]) == {"trial", "value", "n", "trials", "params", "summary", "experts"}
+    assert s["counts"]["completed"] == 6 and s["best"]["value"] == pytest.approx(0.82) and s["best"]["n"] == 1
     assert "pareto" in analysis.summarize(wd / "multi")
 
 
 def test_every_folder_that_holds_a_study_is_listed_and_inspected(wd):
     names = analysis.study_dirs(wd)
     assert names == sorted(["badjson", "demo", "empty", "garbagedb", "half", "jsononly", "multi", "nodb"])
-    assert analysis.list_studies(wd) == [n for n in names if n != "half"]  # status lists complete ones only
+    assert Study.list(wd) == [n for n in names if n != "half"]  # status lists complete ones only
     expected = {"demo": "ok", "multi": "ok", "empty": "empty", "half": "half_written", "jsononly": "half_written",
                 "badjson": "corrupt", "nodb": "corrupt", "garbagedb": "corrupt"}
     for name, status in expected.items():
@@ -66,7 +67,7 @@ def test_an_empty_optuna_file_is_refused_not_written(tmp_path, wd):
     shutil.copytree(wd / "jsononly", tmp_path / "jsononly")
     (tmp_path / "jsononly" / "optuna.db").write_bytes(b"")
     with pytest.raises(StudyError, match="is empty"):
-        analysis.load_trials(Study.open(tmp_path, "jsononly"))
+        analysis.load_records(Study.open(tmp_path, "jsononly"))
     assert (tmp_path / "jsononly" / "optuna.db").stat().st_size == 0
 
 
@@ -104,7 +105,7 @@ def test_spend_timeline_follows_the_ledger_and_falls_back_to_trial_times(wd, tmp
 
 def test_anytime_curve_running_now_and_table(wd, numbers):
     s = analysis.summarize(wd / "demo")
-    curve = analysis.anytime_curve(s["trials"])
+    curve = analysis.anytime_curve(analysis.records_in(s))
     assert [p["number"] for p in curve] == sorted(numbers["completed"] + numbers["pruned"] + numbers["failed"])
     best = [p["best"] for p in curve]
     assert best == sorted(best) and best[-1] == pytest.approx(0.82)
@@ -115,6 +116,7 @@ def test_anytime_curve_running_now_and_table(wd, numbers):
     assert now[0]["last_step"] == 2 and now[0]["last_objective"] == pytest.approx(0.6) and now[0]["spend"] > 0
     rows = analysis.trials_table(s["trials"], s["objectives"])
     assert len(rows) == len(s["trials"]) and {"mola.shape", "mola.per_layer", "lora.rank"} <= set().union(*rows)
+    assert all(r["seed"] == 0 and r["confirms"] is None for r in rows)  # each run's seed; none is a confirmation
     assert {r["method"] for r in rows} == {"mola", "lora"}
     multi = analysis.summarize(wd / "multi")
     assert "trainable_params" in analysis.trials_table(multi["trials"], multi["objectives"])[0]

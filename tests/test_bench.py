@@ -180,7 +180,7 @@ def test_bench_trial_method_entry_sets_the_router_scope():
     from allocsearch.moe.ffn_block import GraphLoRAFFNBlock
     from allocsearch.moe.graphlora import GraphLoRALinear
     from allocsearch.moe.inject import inject
-    from allocsearch.training.trial import resolve_allocation
+    from allocsearch.allocation.config import resolve_allocation
     from conftest import tiny_llama
 
     linear = method_entry("graphlora:linear")
@@ -209,7 +209,7 @@ def test_bench_trial_compares_both_forms_each_with_its_own_matched_lora(capsys, 
     against the LoRA rank matched to its own parameter count; the table names the scope."""
     import allocsearch.bench.trial as trial_bench
     from allocsearch.training import models
-    from allocsearch.training.trial import resolve_allocation
+    from allocsearch.allocation.config import resolve_allocation
 
     seen = []
 

@@ -197,7 +197,7 @@ def test_compare_scores_strategies_against_the_tables_truth(table):
 
 def test_the_replays_default_is_what_allocsearch_start_runs_by_default(table, tmp_path, monkeypatch):
     from allocsearch.study import folder as study_module
-    from allocsearch.search.session import EXECUTION_DEFAULTS
+    from allocsearch.study.settings import EXECUTION_DEFAULTS
 
     seen = []
     create = study_module.Study.create
@@ -259,7 +259,7 @@ def test_confirmation_runs_are_never_stopped_early(tmp_path):
     real = controller_module.Controller.on_complete
 
     def spy(self, number, result, error):
-        trial = self.running[number]["trial"] if number in self.running else None
+        trial = self.running[number].trial if number in self.running else None
         if trial is not None and "confirm" in trial.user_attrs:
             seen.append((result or {}).get("final"))
         return real(self, number, result, error)

@@ -9,7 +9,8 @@ import pytest
 
 from allocsearch.study.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, finalist_mark, noise_of, pooled_noise, raced,
                                     separated, spread_bound, t95, winner, winner_of)
-from allocsearch.study.records import best_of
+from allocsearch.study.confidence import best_of
+from allocsearch.study.records import TrialRecord
 from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.rungs import Rungs
 
@@ -99,6 +100,11 @@ def test_tunes_face_of_the_rungs_learns_the_final_scores():
 
 
 # ------------------------------------------------------------------------------------------ statistics
+def recs(rows) -> list[TrialRecord]:
+    """The study's records of rows written as dicts (``confirm``: the trial a confirmation run confirms)."""
+    return [TrialRecord(**{"confirm_of" if k == "confirm" else k: v for k, v in r.items()}) for r in rows]
+
+
 def rows_of(table: dict[str, dict[int, float]]):
     """{config name: {seed: value}} -> study rows, trial numbers in order."""
     out, n = [], 0
@@ -113,7 +119,7 @@ def test_estimates_group_by_configuration_and_a_repeated_seed_counts_once():
     rows = rows_of({"a": {0: 0.80, 1: 0.84}, "b": {0: 0.86}})
     rows.append({"number": 9, "state": "completed", "objective": 0.99, "params": {"c": "a"}, "seed": 1})
     rows.append({"number": 10, "state": "pruned", "objective": 0.99, "params": {"c": "b"}, "seed": 1})
-    ests = {e.params["c"]: e for e in estimates(rows)}
+    ests = {e.params["c"]: e for e in estimates(recs(rows))}
     assert ests["a"].n == 2 and ests["a"].mean == pytest.approx(0.82) and ests["a"].trials == {0: 0, 1: 1}
     assert ests["b"].n == 1 and ests["b"].std is None
     assert ests["a"].half_width() == pytest.approx(t95(1) * statistics.stdev([0.8, 0.84]) / 2 ** 0.5)
@@ -127,14 +133,14 @@ def test_the_winner_is_the_best_mean_of_the_race():
         r["confirm"] = 0 if r["seed"] else None  # a and c were raced (their seeds 1, 2 are confirmation runs)
     # b's single run (0.87, drawn after the race, e.g. on a resume) is within the noise (0.015, pooled from a
     # and c) of a, confirmed on three seeds: it does not beat a
-    assert winner_of(rows).params == {"c": "a"} and raced(rows) == {config_key({"c": "a"}), config_key({"c": "c"})}
+    assert winner_of(recs(rows)).params == {"c": "a"} and raced(recs(rows)) == {config_key({"c": "a"}), config_key({"c": "c"})}
     # a single run beyond the noise of every raced configuration (0.90: 3.3 noise above a) is better, run once
     rows[3]["objective"] = 0.90
-    assert winner_of(rows).params == {"c": "b"}
+    assert winner_of(recs(rows)).params == {"c": "b"}
     # before any race, repeats from a sampler's re-draws do not crown the most-drawn: the best mean wins
     drawn = rows_of({"a": {0: 0.80, 1: 0.79, 2: 0.81}, "b": {0: 0.84}})
-    assert winner_of(drawn).params == {"c": "b"}
-    assert winner(estimates(rows_of({"a": {0: 0.85}, "b": {0: 0.90}}))).params == {"c": "b"}  # no repeats: argmax
+    assert winner_of(recs(drawn)).params == {"c": "b"}
+    assert winner(estimates(recs(rows_of({"a": {0: 0.85}, "b": {0: 0.90}})))).params == {"c": "b"}  # no repeats: argmax
     assert winner([]) is None
 
 
@@ -142,17 +148,17 @@ def test_a_finalist_whose_new_seed_diverged_is_not_crowned_by_its_race():
     # the race could pay for one run: its first finalist's new seed diverged (0.833 then 0.50, mean 0.667)
     rows = rows_of({"r4": {2: 0.833, 1: 0.50}, "r8": {0: 0.838}, "mola": {0: 0.82}})
     rows[1]["confirm"] = 0
-    assert raced(rows) == {config_key({"c": "r4"})}
-    assert winner_of(rows, noise=0.0123).params == {"c": "r8"}  # worse than the best beyond noise: not the winner
-    assert best_of(rows, noise=0.0123)["number"] == 2
+    assert raced(recs(rows)) == {config_key({"c": "r4"})}
+    assert winner_of(recs(rows), noise=0.0123).params == {"c": "r8"}  # worse than the best beyond noise: not the winner
+    assert best_of(recs(rows), noise=0.0123).trial == 2
     # a finalist the race confirmed within noise of a single lucky run keeps the crown
     rows = rows_of({"r4": {2: 0.833, 1: 0.826}, "r8": {0: 0.845}})
     rows[1]["confirm"] = 0
-    assert winner_of(rows, noise=0.0123).params == {"c": "r4"}
+    assert winner_of(recs(rows), noise=0.0123).params == {"c": "r4"}
     # and evidence names the same winner as best_of (one truth for status, export and MLflow)
     rows = rows_of({"r4": {2: 0.833, 1: 0.50}, "r8": {0: 0.838, 1: 0.83}, "mola": {0: 0.82}})
     rows[1]["confirm"] = 0
-    assert evidence(rows, 0.0123)["winner"]["trials"] == [2, 3] == sorted(winner_of(rows, 0.0123).trials.values())
+    assert evidence(recs(rows), 0.0123)["winner"]["trials"] == [2, 3] == sorted(winner_of(recs(rows), 0.0123).trials.values())
 
 
 def test_a_declared_noise_holds_until_three_configurations_were_repeated():
@@ -168,15 +174,15 @@ def test_without_a_declared_noise_the_spread_of_all_scores_caps_the_noise_of_few
              "m4": {0: 0.80}}
     rows = rows_of(table)
     rows[1]["confirm"] = 0
-    ests = estimates(rows)
+    ests = estimates(recs(rows))
     assert pooled_noise(ests) > 0.2  # the diverged finalist's own spread
     assert spread_bound(ests) == pytest.approx(1.4826 * 0.0125)  # the median absolute deviation of the means
     assert noise_of(ests) == pytest.approx(spread_bound(ests)) and noise_of(ests, 0.05) == 0.05
-    assert winner_of(rows).params == {"c": "r8"}
+    assert winner_of(recs(rows)).params == {"c": "r8"}
     # fewer configurations than MIN_SPREAD: no bound, and nothing tells the diverged seed from noise
     few = rows_of({k: table[k] for k in list(table)[:MIN_SPREAD - 1]})
     few[1]["confirm"] = 0
-    assert spread_bound(estimates(few)) is None and winner_of(few).params == {"c": "r4"}
+    assert spread_bound(estimates(recs(few))) is None and winner_of(recs(few)).params == {"c": "r4"}
     # once MIN_POOLED configurations were repeated the pooled noise stands on its own
     steady = [Estimate(str(i), {}, {0: 0.82, 1: 0.83 + 0.01 * i}) for i in range(MIN_POOLED)]
     assert noise_of(ests + steady) == pytest.approx(pooled_noise(ests + steady))
@@ -213,9 +219,9 @@ def test_one_diverged_configuration_does_not_set_everyone_s_noise():
 def test_evidence_names_the_finalists_and_the_ties():
     rows = rows_of({"a": {0: 0.85, 1: 0.86, 2: 0.84}, "b": {0: 0.845, 1: 0.855, 2: 0.845},
                     "c": {0: 0.70, 1: 0.71, 2: 0.69}, "d": {0: 0.84}})
-    ev = evidence(rows)
+    ev = evidence(recs(rows))
     assert ev["winner"]["params"] == {"c": "a"} and ev["winner"]["n"] == 3
-    assert ev["noise"] == pytest.approx(pooled_noise(estimates(rows)))
+    assert ev["noise"] == pytest.approx(pooled_noise(estimates(recs(rows))))
     tied = {tuple(t["params"].values()) for t in ev["tied"]}
     assert ("b",) in tied and ("c",) not in tied and ("d",) in tied
     assert ev["finalists"][0]["tied"] is False and ev["configurations"] == 4
@@ -227,9 +233,9 @@ def race(truth: dict[str, float], noise: float, first: dict[str, float], max_see
     rng = random.Random(seed)
     rows = rows_of({k: {0: v} for k, v in first.items()})
     conf = Confirmation(finalists=finalists, max_seeds=max_seeds, noise=noise)
-    conf.start(rows)
+    conf.start(recs(rows))
     for _ in range(100):
-        plan = conf.next(rows, set())
+        plan = conf.next(recs(rows), set())
         if plan is None:
             return conf, rows
         assert plan != WAIT
@@ -244,7 +250,7 @@ def test_the_race_separates_a_clearly_better_configuration_early():
     truth = {"a": 0.90, "b": 0.80, "c": 0.79, "d": 0.60}
     conf, rows = race(truth, 0.005, first={"a": 0.90, "b": 0.80, "c": 0.79, "d": 0.60})
     assert conf.ended == "the best is separated from every other finalist"
-    assert winner_of(rows).params == {"c": "a"}
+    assert winner_of(recs(rows)).params == {"c": "a"}
     assert not any(r["params"] == {"c": "d"} and r.get("confirm") is not None for r in rows)  # not a finalist
     assert len(rows) - 4 <= 6  # a few runs, not max_seeds for everyone
 
@@ -253,21 +259,21 @@ def test_the_race_finds_the_true_best_behind_a_lucky_seed():
     # c's first run was lucky (0.88) but its truth is 0.80; a is truly the best
     truth = {"a": 0.86, "b": 0.84, "c": 0.80}
     conf, rows = race(truth, 0.01, first={"a": 0.85, "b": 0.84, "c": 0.88}, max_seeds=6)
-    assert winner_of(rows).params == {"c": "a"}
+    assert winner_of(recs(rows)).params == {"c": "a"}
     assert conf.ended is not None
 
 
 def test_the_race_waits_for_its_round_and_skips_a_failing_seed():
     rows = rows_of({"a": {0: 0.85}, "b": {0: 0.84}})
     conf = Confirmation(finalists=2, max_seeds=4, noise=0.01)
-    params, seed, first = conf.next(rows, set())
+    params, seed, first = conf.next(recs(rows), set())
     assert params == {"c": "a"} and seed == 1 and first == 0
     running = {(config_key(params), seed)}
-    params2, seed2, _ = conf.next(rows, running)
+    params2, seed2, _ = conf.next(recs(rows), running)
     assert params2 == {"c": "b"} and seed2 == 1
-    assert conf.next(rows, running | {(config_key(params2), seed2)}) == WAIT  # the round is running
+    assert conf.next(recs(rows), running | {(config_key(params2), seed2)}) == WAIT  # the round is running
     rows.append({"number": 5, "state": "failed", "objective": None, "params": {"c": "a"}, "seed": 1, "confirm": 0})
-    params3, seed3, _ = conf.next(rows, {(config_key(params2), seed2)})
+    params3, seed3, _ = conf.next(recs(rows), {(config_key(params2), seed2)})
     assert params3 == {"c": "a"} and seed3 == 2  # seed 1 failed for a: not tried again
     with pytest.raises(ValueError):
         Confirmation(finalists=1)
@@ -275,7 +281,7 @@ def test_the_race_waits_for_its_round_and_skips_a_failing_seed():
 
 def test_one_completed_configuration_has_nothing_to_race():
     conf = Confirmation(noise=0.01)
-    assert conf.next(rows_of({"a": {0: 0.8}}), set()) is None and conf.ended == "only one configuration completed"
+    assert conf.next(recs(rows_of({"a": {0: 0.8}})), set()) is None and conf.ended == "only one configuration completed"
 
 
 def test_repeats_the_search_pruned_do_not_count_as_failed_confirmation_runs():
@@ -283,16 +289,16 @@ def test_repeats_the_search_pruned_do_not_count_as_failed_confirmation_runs():
     rows = rows_of({"a": {0: 0.85}, "b": {0: 0.84}})
     rows += [{"number": 10 + s, "state": "pruned", "objective": 0.7, "params": {"c": "b"}, "seed": s} for s in (1, 2)]
     conf = Confirmation(finalists=2, max_seeds=5, noise=0.01)
-    first = conf.next(rows, set())
+    first = conf.next(recs(rows), set())
     assert first[0] == {"c": "a"} and first[1] == 1
-    second = conf.next(rows, {(config_key(first[0]), first[1])})
+    second = conf.next(recs(rows), {(config_key(first[0]), first[1])})
     # b stays in the race and re-runs in full on seed 1, paired with a's seed 1 (its pruned run there was partial)
     assert second not in (None, WAIT) and second[0] == {"c": "b"} and second[1] == 1
     # two failed confirmation runs do drop a finalist
     rows += [{"number": 20 + s, "state": "failed", "objective": None, "params": {"c": "b"}, "seed": s, "confirm": 1}
              for s in (3, 4)]
     conf = Confirmation(finalists=2, max_seeds=5, noise=0.01)
-    assert conf.next(rows, {(config_key({"c": "a"}), 1)}) is None  # b's turn: it leaves, a is left alone
+    assert conf.next(recs(rows), {(config_key({"c": "a"}), 1)}) is None  # b's turn: it leaves, a is left alone
     assert config_key({"c": "b"}) not in conf.alive and conf.ended
 
 
@@ -300,14 +306,14 @@ def test_a_search_trial_that_ends_after_the_race_began_joins_it():
     # the phase began while c was still running; c then ends as the best: it is raced, not passed over
     rows = rows_of({"a": {0: 0.85}, "b": {0: 0.84}})
     conf = Confirmation(finalists=2, max_seeds=4, noise=0.01)
-    assert [e.params["c"] for e in conf.start(rows)] == ["a", "b"]
+    assert [e.params["c"] for e in conf.start(recs(rows))] == ["a", "b"]
     rows.append({"number": 7, "state": "completed", "objective": 0.87, "params": {"c": "c"}, "seed": 0})
-    params, seed, first = conf.next(rows, set())
+    params, seed, first = conf.next(recs(rows), set())
     assert params == {"c": "c"} and seed == 1 and first == 7 and config_key({"c": "c"}) in conf.alive
     # a finalist the incumbent was separated from does not come back when it would rank again
     conf.dropped.add(config_key({"c": "b"}))
     conf.alive.remove(config_key({"c": "b"}))
-    conf.next(rows, {(config_key(params), seed)})
+    conf.next(recs(rows), {(config_key(params), seed)})
     assert config_key({"c": "b"}) not in conf.alive
 
 
@@ -316,14 +322,14 @@ def test_a_configuration_stopped_on_a_seed_it_never_completed_is_passed_over():
     # its mean is the survivors' mean; a, complete on every seed it ran, is exported
     rows = rows_of({"a": {0: 0.82, 1: 0.82}, "b": {0: 0.83, 2: 0.83}})
     rows.append({"number": 9, "state": "pruned", "objective": 0.5, "params": {"c": "b"}, "seed": 1})
-    ests = {e.params["c"]: e for e in estimates(rows)}
+    ests = {e.params["c"]: e for e in estimates(recs(rows))}
     assert ests["b"].stopped == {1} and ests["a"].stopped == set()
-    assert winner_of(rows).params == {"c": "a"}
+    assert winner_of(recs(rows)).params == {"c": "a"}
     # once the stopped seed completes, the configuration is judged by its mean again
     rows.append({"number": 10, "state": "completed", "objective": 0.83, "params": {"c": "b"}, "seed": 1})
-    assert winner_of(rows).params == {"c": "b"}
+    assert winner_of(recs(rows)).params == {"c": "b"}
     # with no alternative free of stopped seeds, the best mean still wins
-    assert winner_of([r for r in rows if r["number"] != 10 and r["params"] == {"c": "b"}]).params == {"c": "b"}
+    assert winner_of(recs([r for r in rows if r["number"] != 10 and r["params"] == {"c": "b"}])).params == {"c": "b"}
 
 
 def test_status_reports_how_well_each_rung_predicts_the_end():
@@ -338,7 +344,7 @@ def test_status_reports_how_well_each_rung_predicts_the_end():
     rows.append({"number": 7, "state": "completed", "objective": 0.5, "steps": 100, "confirm": 0,
                  "intermediate": {25: 0.9, 100: 0.5}})  # a confirmation run is never judged at a rung
     rows.append({"number": 8, "state": "pruned", "objective": 0.6, "steps": 25, "intermediate": {25: 0.6}})
-    got = agreement(rows)
+    got = agreement(recs(rows))
     assert [r["step"] for r in got] == [25, 50] and [r["n"] for r in got] == [5, 5]  # rungs 25, 50 of 100
     assert got[0]["rho"] == pytest.approx(spearman([(r["intermediate"][25], r["objective"]) for r in rows[:5]]))
     assert got[0]["rho"] < 0 < got[1]["rho"]
@@ -358,7 +364,7 @@ def test_a_single_run_above_the_raced_winner_is_labelled_as_one_seed():
     for r in rows:
         if r["seed"] > 0:
             r["confirm"] = 0
-    ev = evidence(rows)
+    ev = evidence(recs(rows))
     marks = {f["params"]["c"]: finalist_mark(f, ev) for f in ev["finalists"]}
     assert marks["a"] == "winner" and marks["b"] == "tied" and marks["e"] == "tied, 1 seed"
     assert marks["c"] == "" and marks["d"] == "tied"  # separated; below the winner on one seed: a plain tie
@@ -374,7 +380,7 @@ def test_status_says_why_single_seed_scores_were_not_confirmed():
     confirmation phase "re-runs the finalists" after a search that ended without one)."""
     from allocsearch.cli.search_view import render_evidence
 
-    ev = evidence(rows_of({"a": {0: 0.85}, "b": {0: 0.845}, "c": {0: 0.70}}))
+    ev = evidence(recs(rows_of({"a": {0: 0.85}, "b": {0: 0.845}, "c": {0: 0.70}})))
     assert ev["noise"] is None and ev["tied"]
 
     def line(**kw):

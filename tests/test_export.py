@@ -19,14 +19,14 @@ def real_study(tmp_path, one_thread):
     clock = Clock()
     ctl = make(tmp_path, clock=clock, name="exp")
     config = ctl.propose()
-    ctl.on_start(config["number"])
-    spec = TrialSpec.from_dict(config["spec"])
+    ctl.on_start(config.number)
+    spec = TrialSpec.from_dict(config.spec)
     spec.train.threads = 1
-    result = run_trial(spec, out_dir=config["trial_dir"])
+    result = run_trial(spec, out_dir=config.trial_dir)
     clock.t += 10.0
-    ctl.on_complete(config["number"], {**final(objective=result.objective, steps=result.steps),
+    ctl.on_complete(config.number, {**final(objective=result.objective, steps=result.steps),
                                        "result_json": json.dumps(result.to_dict())}, error=False)
-    return tmp_path, config["number"], result
+    return tmp_path, config.number, result
 
 
 def test_exported_file_reproduces_the_trial(capsys, tmp_path, real_study):

@@ -112,7 +112,7 @@ def test_status_of_a_study_made_without_ray(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "status", "--workdir", str(tmp_path), "--json")
     assert code == 0
     summary = json.loads(out)
-    assert summary["counts"]["completed"] == 2 and summary["best"]["objective"] == 0.8
+    assert summary["counts"]["completed"] == 2 and summary["best"]["value"] == 0.8 and summary["best"]["n"] == 1
     assert summary["budget"]["spent"] == pytest.approx(20.0) and summary["budget"]["total"] == 600.0
     code, out, _ = run_cli(capsys, "status", "--workdir", str(tmp_path))
     assert "2 completed" in out and "0.8000" in out and "3.3%" in out

@@ -30,19 +30,19 @@ class Clock:
         return self.t
 
 
-def make(tmp_path, budget="10cpu-min", clock=None, name="s", **settings):
+def make(tmp_path, budget="10cpu-min", clock=None, name="s", sampler=None, on_event=None, **settings):
     space = SearchSpace.from_dict(SPACE)
     base = {"name": name, "model": space.model, "data": space.data, "data_dir": None, "space": "test",
             "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
             "budget": Budget.parse(budget).to_dict(), "seed": 0, "storage": None, "priors": True,
             "num_layers": 4, "scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0,
-            "max_failures": 3, "sampler": "random"}
+            "max_failures": 3, "sampler": "random", "confirm": 0.0}
     base.update(settings)
     study = Study.open(tmp_path, name) if Study.exists(tmp_path, name) else Study.create(tmp_path, base, "{}")
     import optuna
 
-    return Controller(study, space, num_layers=4, sampler=optuna.samplers.RandomSampler(seed=0),
-                      clock=clock or Clock())
+    return Controller(study, space, num_layers=4, sampler=sampler or optuna.samplers.RandomSampler(seed=0),
+                      clock=clock or Clock(), on_event=on_event)
 
 
 def final(status="completed", objective=0.75, steps=8, failure=None, train_seconds=3.0):
@@ -58,7 +58,7 @@ def final(status="completed", objective=0.75, steps=8, failure=None, train_secon
 
 def run_one(ctl, clock, seconds, end):
     config = ctl.propose()
-    n = config["number"]
+    n = config.number
     ctl.on_start(n)
     clock.t += seconds
     ctl.on_complete(n, end, error=False)
@@ -66,7 +66,7 @@ def run_one(ctl, clock, seconds, end):
 
 
 def trials(ctl):
-    return {t.number: t for t in ctl.ostudy.get_trials(deepcopy=False)}
+    return {t.number: t for t in ctl.store.trials()}
 
 
 def test_priors_come_first_and_a_completed_trial_is_told_with_its_value(tmp_path):
@@ -76,7 +76,7 @@ def test_priors_come_first_and_a_completed_trial_is_told_with_its_value(tmp_path
     n, config = run_one(ctl, clock, 30.0, final(objective=0.8))
     t = trials(ctl)[n]
     assert t.user_attrs["prior"] == labels[0] and t.state.name == "COMPLETE" and t.values == [0.8]
-    assert config["spec"]["name"] == f"trial-{n:04d}" and config["devices"] == 1.0
+    assert config.spec["name"] == f"trial-{n:04d}" and config.devices == 1.0
     assert (ctl.study.trial_dir(n) / "trial.yaml").exists()
     # the controller writes results.json from what came back through Ray when the worker could not
     assert json.loads((ctl.study.trial_dir(n) / "results.json").read_text())["steps"] == 8
@@ -91,12 +91,12 @@ def test_a_pruned_trial_teaches_the_step_time_but_not_the_overhead(tmp_path):
     ctl = make(tmp_path, clock=clock)
     overhead, step = ctl.cost.overhead_seconds, ctl.cost.step_seconds
     c = ctl.propose()
-    ctl.on_start(c["number"])
+    ctl.on_start(c.number)
     clock.t += 9.0
     # stopped by the scheduler at step 4 after 2 s of training (0.5 s a step): no final evaluation ran
-    ctl.on_complete(c["number"], {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
+    ctl.on_complete(c.number, {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
     assert ctl.cost.n_observed == 1 and ctl.cost.overhead_seconds == overhead  # 9 - 2 s is not a whole overhead
-    method = c["spec"]["allocation"]["method"]
+    method = c.spec["allocation"]["method"]
     features = {"method": method, "steps": 1, "tokens_per_step": ctl.cost.ref_tokens, "eval_examples": 8}
     assert ctl.cost.step_cost(features) == pytest.approx(0.5) and ctl.cost.step_seconds != step
     # resumed: the stored trial teaches the same
@@ -110,10 +110,10 @@ def test_every_way_a_trial_ends(tmp_path):
     ctl = make(tmp_path, clock=clock, max_failures=10)
     # stopped by the scheduler: Tune hands the result that stopped it to on_complete (not final)
     c = ctl.propose()
-    ctl.on_start(c["number"])
-    ctl.on_result(c["number"], {"step": 2, "objective": 0.6, "train_seconds": 1.0})
-    ctl.on_complete(c["number"], {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
-    pruned = trials(ctl)[c["number"]]
+    ctl.on_start(c.number)
+    ctl.on_result(c.number, {"step": 2, "objective": 0.6, "train_seconds": 1.0})
+    ctl.on_complete(c.number, {"step": 4, "objective": 0.55, "train_seconds": 2.0}, error=False)
+    pruned = trials(ctl)[c.number]
     assert pruned.state.name == "PRUNED" and pruned.user_attrs["stop_reason"] == "scheduler"
     # the checkpoint ASHA acted on reaches Optuna: it is the pruned trial's last intermediate value and value
     assert pruned.user_attrs["objective"] == 0.55 and pruned.intermediate_values == {2: 0.6, 4: 0.55}
@@ -123,10 +123,10 @@ def test_every_way_a_trial_ends(tmp_path):
     assert trials(ctl)[n].state.name == "FAIL" and "nan" in trials(ctl)[n].user_attrs["failure"]
     # a worker that died, in Tune's order: the searcher hears of it first, the callbacks' error text after
     c = ctl.propose()
-    ctl.on_start(c["number"])
-    ctl.on_complete(c["number"], None, error=True)
-    ctl.note_error(c["number"], "ActorDiedError: the actor died unexpectedly | worker stderr: Segmentation fault")
-    dead = trials(ctl)[c["number"]]
+    ctl.on_start(c.number)
+    ctl.on_complete(c.number, None, error=True)
+    ctl.note_error(c.number, "ActorDiedError: the actor died unexpectedly | worker stderr: Segmentation fault")
+    dead = trials(ctl)[c.number]
     assert dead.state.name == "FAIL" and "Segmentation fault" in dead.user_attrs["failure"]
     # stopped by its budget cap: a final report with status stopped
     n, _ = run_one(ctl, clock, 5.0, {**final(status="stopped", steps=3), "result_json": json.dumps(
@@ -153,9 +153,9 @@ def test_admission_never_overspends_and_ends_when_nothing_fits(tmp_path):
         if c == "finished":
             break
         assert c is not None  # nothing runs concurrently here: a None would wait forever
-        ctl.on_start(c["number"])
-        clock.t += min(c["cap_wall_seconds"], 15.0)  # 15 s trials, unless their cap cuts them
-        ctl.on_complete(c["number"], final(), error=False)
+        ctl.on_start(c.number)
+        clock.t += min(c.cap_wall_seconds, 15.0)  # 15 s trials, unless their cap cuts them
+        ctl.on_complete(c.number, final(), error=False)
         done += 1
     assert done >= 2 and "nothing more fits" in ctl.end_reason
     assert ctl.study.ledger.spent("cpu") <= 60.0
@@ -169,11 +169,11 @@ def test_resume_after_a_crash_fails_and_retries_once_keeps_spend(tmp_path):
     ctl = make(tmp_path, clock=clock)
     done, _ = run_one(ctl, clock, 20.0, final(objective=0.7))
     c = ctl.propose()  # running when the controller dies
-    ctl.on_start(c["number"])
+    ctl.on_start(c.number)
     clock.t += 7.0
     ctl.tick()  # heartbeat: the ledger knows 7 s of it
     waiting = ctl.propose()  # sampled, never started
-    crashed, never = c["number"], waiting["number"]
+    crashed, never = c.number, waiting.number
     del ctl  # kill -9: nothing else runs
 
     clock.t += 3600.0  # downtime costs nothing
@@ -186,16 +186,16 @@ def test_resume_after_a_crash_fails_and_retries_once_keeps_spend(tmp_path):
     # the queue: both configurations again (the crashed one marked as its retry), before new samples
     first, second = ctl2.propose(), ctl2.propose()
     by_number = trials(ctl2)
-    assert {first["number"], second["number"]}.isdisjoint({done, crashed, never})
-    assert by_number[first["number"]].params == t[crashed].params or by_number[second["number"]].params == t[crashed].params
-    retry = [n for n in (first["number"], second["number"]) if by_number[n].user_attrs.get("retry_of") == crashed]
+    assert {first.number, second.number}.isdisjoint({done, crashed, never})
+    assert by_number[first.number].params == t[crashed].params or by_number[second.number].params == t[crashed].params
+    retry = [n for n in (first.number, second.number) if by_number[n].user_attrs.get("retry_of") == crashed]
     assert len(retry) == 1
     # a retry that crashes again is not retried a second time
     ctl2.on_start(retry[0])
     del ctl2
     ctl3 = make(tmp_path, clock=clock)
     assert retry[0] in ctl3.recovered["crashed"] and retry[0] not in ctl3.recovered["retried"]
-    numbers = [tr.number for tr in ctl3.ostudy.get_trials(deepcopy=False)]
+    numbers = [tr.number for tr in ctl3.store.trials()]
     assert len(numbers) == len(set(numbers))
 
 
@@ -203,13 +203,13 @@ def test_stop_request_ends_proposals_and_stops_running_trials(tmp_path):
     clock = Clock()
     ctl = make(tmp_path, clock=clock)
     c = ctl.propose()
-    ctl.on_start(c["number"])
+    ctl.on_start(c.number)
     ctl.study.request_stop()
     clock.t += 5.0
     ctl.tick()
     assert ctl.stopping() and ctl.propose() == "finished"
-    ctl.on_complete(c["number"], {"step": 2, "objective": 0.5}, error=False)
-    assert trials(ctl)[c["number"]].user_attrs["stop_reason"] == "user"
+    ctl.on_complete(c.number, {"step": 2, "objective": 0.5}, error=False)
+    assert trials(ctl)[c.number].user_attrs["stop_reason"] == "user"
     ctl.close()
     assert not ctl.study.stop_requested() and ctl.end_reason == "stopped by 'allocsearch stop'"
 
@@ -252,6 +252,6 @@ def test_multi_objective_tells_every_value_and_status_shows_the_pareto_front(tmp
     ctl = make(tmp_path, clock=clock, objectives=["accuracy", "params"])
     for objective, params in ((0.8, 500), (0.7, 100), (0.6, 600)):
         run_one(ctl, clock, 5.0, {**final(objective=objective), "trainable_params": params})
-    assert [t.values for t in ctl.ostudy.get_trials(deepcopy=False)] == [[0.8, 500], [0.7, 100], [0.6, 600]]
+    assert [t.values for t in ctl.store.trials()] == [[0.8, 500], [0.7, 100], [0.6, 600]]
     summary = summarize(ctl.study.root)
     assert [t["values"] for t in summary["pareto"]] == [[0.8, 500], [0.7, 100]]  # 0.6 @ 600 is dominated

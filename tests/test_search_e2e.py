@@ -69,7 +69,7 @@ def check_one_truth(root: Path, rows: list[dict], best: dict | None) -> None:
     from mlflow import MlflowClient
 
     from allocsearch.reports.status import summarize
-    from allocsearch.training.trial import result_objective
+    from allocsearch.training.scoring import result_objective
 
     ostudy = optuna.load_study(study_name=root.name, storage=f"sqlite:///{root / 'optuna.db'}")
     by_number = {r["number"]: r for r in rows}
@@ -79,7 +79,8 @@ def check_one_truth(root: Path, rows: list[dict], best: dict | None) -> None:
     runs = {int(r.data.tags["trial_number"]): r for r in client.search_runs(
         [state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")}
     parent = client.get_run(state["parent_run_id"])
-    assert best is not None and parent.data.tags["best.trial"] == str(best["number"])
+    assert best is not None and parent.data.tags["best.trial"] == str(best["trial"])
+    assert parent.data.metrics["best.objective"] == pytest.approx(best["value"])
     checked = 0
     for t in ostudy.get_trials(deepcopy=False):
         path = root / "trials" / f"{t.number:04d}" / "results.json"

@@ -17,16 +17,16 @@ def test_a_dead_worker_without_a_reason_is_recorded_at_the_next_tick(tmp_path):
     clock = Clock()
     ctl = make(tmp_path, clock=clock, max_failures=10)
     c = ctl.propose()
-    ctl.on_start(c["number"])
+    ctl.on_start(c.number)
     clock.t += 4.0
-    ctl.on_complete(c["number"], None, error=True)
-    assert trials(ctl)[c["number"]].state.name == "RUNNING"  # waiting for Tune's callbacks to say why
-    assert ctl.study.ledger.trial_spend()[c["number"]] == pytest.approx(0.0)  # not yet final
+    ctl.on_complete(c.number, None, error=True)
+    assert trials(ctl)[c.number].state.name == "RUNNING"  # waiting for Tune's callbacks to say why
+    assert ctl.study.ledger.trial_spend()[c.number] == pytest.approx(0.0)  # not yet final
     clock.t += 5.0
     ctl.tick()
-    t = trials(ctl)[c["number"]]
+    t = trials(ctl)[c.number]
     assert t.state.name == "FAIL" and t.user_attrs["failure"] == "the trial's worker ended without a result"
-    assert ctl.study.ledger.trial_spend()[c["number"]] == pytest.approx(4.0)  # charged to its end, not later
+    assert ctl.study.ledger.trial_spend()[c.number] == pytest.approx(4.0)  # charged to its end, not later
 
 
 @pytest.mark.parametrize("reason, oom", [
@@ -64,13 +64,13 @@ def test_out_of_memory_is_infeasible_not_a_crash(tmp_path):
     assert row["state"] == "oom" and "out of memory" in row["reason"]
     # its configuration runs once more with half the batch and twice the accumulation (SPACE: batch 4)
     retry = ctl.propose()
-    assert trials(ctl)[retry["number"]].params == t.params and trials(ctl)[retry["number"]].user_attrs["retry_of"] == n
-    assert (retry["spec"]["train"]["batch_size"], retry["spec"]["train"]["grad_accum"]) == (2, 2)
-    assert (ctl.study.trial_dir(retry["number"]) / "trial.yaml").read_text().count("batch_size: 2") == 1
-    ctl.on_start(retry["number"])
-    ctl.on_complete(retry["number"], final(status="failed", objective=None, failure="CUDA out of memory"), error=False)
+    assert trials(ctl)[retry.number].params == t.params and trials(ctl)[retry.number].user_attrs["retry_of"] == n
+    assert (retry.spec["train"]["batch_size"], retry.spec["train"]["grad_accum"]) == (2, 2)
+    assert (ctl.study.trial_dir(retry.number) / "trial.yaml").read_text().count("batch_size: 2") == 1
+    ctl.on_start(retry.number)
+    ctl.on_complete(retry.number, final(status="failed", objective=None, failure="CUDA out of memory"), error=False)
     nxt = ctl.propose()  # the retry that ran out of memory again is not retried
-    assert trials(ctl)[nxt["number"]].user_attrs.get("retry_of") is None
+    assert trials(ctl)[nxt.number].user_attrs.get("retry_of") is None
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
@@ -79,38 +79,38 @@ def test_an_interrupt_records_running_trials_as_stopped_by_the_user(tmp_path, si
     ctl = make(tmp_path, clock=clock)
     admitted, a, b = ctl.propose(), ctl.propose(), ctl.propose()  # the first (a paper prior): never started
     for c in (a, b):
-        ctl.on_start(c["number"])
-    ctl.on_result(a["number"], {"step": 2, "objective": 0.61, "wall_seconds": 1.0})
+        ctl.on_start(c.number)
+    ctl.on_result(a.number, {"step": 2, "objective": 0.61, "wall_seconds": 1.0})
     clock.t += 6.0
     ctl.interrupt(signal_name)
     assert ctl.propose() == "finished"
     ctl.close(interrupted=signal_name)  # Tune ended both workers without telling the searcher
     t = trials(ctl)
-    assert t[a["number"]].state.name == "PRUNED" and t[a["number"]].user_attrs["stop_reason"] == "user"
-    assert t[a["number"]].value == 0.61 and t[a["number"]].intermediate_values == {2: 0.61}
-    assert t[b["number"]].state.name == "FAIL" and signal_name in t[b["number"]].user_attrs["failure"]
+    assert t[a.number].state.name == "PRUNED" and t[a.number].user_attrs["stop_reason"] == "user"
+    assert t[a.number].value == 0.61 and t[a.number].intermediate_values == {2: 0.61}
+    assert t[b.number].state.name == "FAIL" and signal_name in t[b.number].user_attrs["failure"]
     assert not [x for x in t.values() if x.state.name == "RUNNING"]
     # the one stopped before any checkpoint runs again first on the next start; the other does not
     queued = {x.system_attrs["fixed_params"]["lr"]: x for x in t.values() if x.state.name == "WAITING"}
-    retry = queued[t[b["number"]].params["lr"]]
-    assert retry.user_attrs == {"retry_of": b["number"]}
+    retry = queued[t[b.number].params["lr"]]
+    assert retry.user_attrs == {"retry_of": b.number}
     # the admitted, never started one (a paper prior here) is recorded not run and queued again, label kept
-    never = t[admitted["number"]]
+    never = t[admitted.number]
     assert never.user_attrs["state"] == "not_run" and len(queued) == 2 and never.user_attrs["prior"] == "MoLA 5555"
     assert queued[never.params["lr"]].user_attrs == {"prior": "MoLA 5555"}
-    assert ctl.study.ledger.trial_spend() == {a["number"]: pytest.approx(6.0), b["number"]: pytest.approx(6.0)}
-    assert ctl.study.ledger.finished_trials() == {a["number"], b["number"]}
+    assert ctl.study.ledger.trial_spend() == {a.number: pytest.approx(6.0), b.number: pytest.approx(6.0)}
+    assert ctl.study.ledger.finished_trials() == {a.number, b.number}
     assert signal_name in ctl.end_reason
     # interrupted again before its first checkpoint, the retry is queued again (a user's stop is no crash)
     again = make(tmp_path, clock=clock)
     first = [again.propose() for _ in range(2)]
-    rerun = next(c for c in first if c["number"] in {x.number for x in trials(again).values()
-                                                       if x.user_attrs.get("retry_of") == b["number"]})
-    again.on_start(rerun["number"])
+    rerun = next(c for c in first if c.number in {x.number for x in trials(again).values()
+                                                       if x.user_attrs.get("retry_of") == b.number})
+    again.on_start(rerun.number)
     again.interrupt(signal_name)
     again.close(interrupted=signal_name)
     waiting = [x for x in trials(again).values() if x.state.name == "WAITING"]
-    assert [x.user_attrs.get("retry_of") for x in waiting].count(rerun["number"]) == 1
+    assert [x.user_attrs.get("retry_of") for x in waiting].count(rerun.number) == 1
 
 
 @pytest.mark.parametrize("status", ["completed", "stopped"])
@@ -119,7 +119,7 @@ def test_a_kill_between_the_result_and_optunas_tell_loses_nothing(tmp_path, stat
     clock = Clock()
     ctl = make(tmp_path, clock=clock)
     c = ctl.propose()
-    n = c["number"]
+    n = c.number
     ctl.on_start(n)
     ctl.on_result(n, {"step": 2, "objective": 0.6, "wall_seconds": 1.0})
     clock.t += 9.0
@@ -156,14 +156,14 @@ def test_a_used_up_grid_ends_the_search_cleanly(tmp_path):
                 "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
                 "budget": Budget.parse("1cpu-h").to_dict(), "seed": 0, "storage": None, "priors": False,
                 "num_layers": 4, "scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0,
-                "max_failures": 3, "sampler": "grid"}
+                "max_failures": 3, "sampler": "grid", "confirm": 0.0}
     study = Study.create(tmp_path, settings, "{}")
     clock = Clock()
     ctl = Controller(study, space, num_layers=4, sampler=make_sampler("grid", 0), clock=clock)
     ranks = []
     for _ in range(2):
         n, config = run_one(ctl, clock, 5.0, final())
-        ranks.append(config["spec"]["allocation"]["rank"][0])
+        ranks.append(config.spec["allocation"]["rank"][0])
     assert sorted(ranks) == [2, 4]  # no error from the sampler's Study.stop() on the last tell
     assert ctl.propose() == "finished" and ctl.end_reason == "every point of the grid has run"
     ctl.close()
@@ -202,14 +202,14 @@ def test_the_budget_travels_as_a_duration_less_the_measured_worker_start_up(tmp_
     clock = Clock()
     ctl = make(tmp_path, clock=clock)
     c = ctl.propose()
-    assert "deadline" not in c and c["budget_seconds"] < c["cap_wall_seconds"]
-    first = c["cap_wall_seconds"] - c["budget_seconds"]
-    ctl.on_start(c["number"])
+    assert not hasattr(c, "deadline") and c.budget_seconds < c.cap_wall_seconds
+    first = c.cap_wall_seconds - c.budget_seconds
+    ctl.on_start(c.number)
     clock.t += 12.0
-    ctl.on_result(c["number"], {"step": 2, "objective": 0.5, "wall_seconds": 2.0})  # 10 s before its clock began
+    ctl.on_result(c.number, {"step": 2, "objective": 0.5, "wall_seconds": 2.0})  # 10 s before its clock began
     assert ctl.startup_seconds() == pytest.approx(10.0)
     d = ctl.propose()
-    assert d["cap_wall_seconds"] - d["budget_seconds"] == pytest.approx(first - 3.0 + 10.0 + 0.01 * (d["cap_wall_seconds"] - c["cap_wall_seconds"]), abs=1.0)
+    assert d.cap_wall_seconds - d.budget_seconds == pytest.approx(first - 3.0 + 10.0 + 0.01 * (d.cap_wall_seconds - c.cap_wall_seconds), abs=1.0)
 
 
 def _space_file(tmp_path):
@@ -291,52 +291,52 @@ def test_a_start_refused_by_the_lock_leaves_the_stored_settings(tmp_path, monkey
 
 
 @pytest.mark.parametrize("name", ["tpe", "nsga2"])
-def test_the_sampler_is_told_an_out_of_memory_trial_is_infeasible(name):
-    """What the bookkeeper stores when a trial ends is the constraint the sampler reads (Optuna 5: the trial's
-    stored constraints; Optuna 4: the constraints function), with no warning on the way."""
+def test_the_sampler_is_told_an_out_of_memory_trial_is_infeasible(tmp_path, name):
+    """What the bookkeeper stores when a trial runs out of memory is the constraint the sampler reads (Optuna 5:
+    the trial's stored constraints; Optuna 4: the constraints function), with no warning on the way: a real
+    controller ends one trial out of memory and one completed, with the sampler a study of that kind uses."""
     import warnings
 
-    import optuna
+    from allocsearch.search.samplers import infeasibility, make_sampler, reads_trial_constraints
 
-    from allocsearch.search.samplers import make_sampler, record_feasibility
-
-    directions = ["maximize"] if name == "tpe" else ["maximize", "minimize"]
+    objectives = ["accuracy"] if name == "tpe" else ["accuracy", "params"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecation or experimental-feature warning at each start
         sampler = make_sampler(name, 0)
-    study = optuna.create_study(directions=directions, sampler=sampler)
-    fits, oom = study.ask(), study.ask()
-    for t in (fits, oom):
-        t.suggest_int("rank", 1, 64)
-    oom.set_user_attr("infeasible", 1.0)
-    for t, infeasible in ((fits, 0.0), (oom, 1.0)):
-        record_feasibility(study._storage, t._trial_id, infeasible)
-    study.tell(fits, [0.7] if name == "tpe" else [0.7, 10.0])
-    study.tell(oom, None, state=optuna.trial.TrialState.PRUNED)
+        clock = Clock()
+        ctl = make(tmp_path, clock=clock, sampler=sampler, objectives=objectives)
+        oom, _ = run_one(ctl, clock, 3.0, final(status="failed", objective=None,
+                                                failure="CUDA out of memory. Tried to allocate 2.00 GiB"))
+        fits, _ = run_one(ctl, clock, 3.0, final(objective=0.7))
 
     def violation(t):
+        if not reads_trial_constraints():  # Optuna 4 asks the constraints function
+            return sum(infeasibility(t))
         c = t.constraints
         return sum(max(0.0, v) for v in (c.values() if isinstance(c, dict) else c))
 
-    frozen = {t.number: t for t in study.get_trials()}
-    assert violation(frozen[oom.number]) == 1.0 and violation(frozen[fits.number]) == 0.0
+    frozen = trials(ctl)
+    assert frozen[oom].state.name == "PRUNED" and frozen[fits].state.name == "COMPLETE"
+    assert violation(frozen[oom]) == 1.0 and violation(frozen[fits]) == 0.0
 
 
 def test_one_best_for_status_and_mlflow(tmp_path):
-    """The same trial is "best" for status (analysis) and the tracker (its Optuna reader), ties to the earlier."""
+    """The best the controller names at each trial's end (what the live view and MLflow log) is status's best,
+    with its mean over seeds; a tie goes to the earlier trial."""
     from allocsearch.reports.status import summarize
-    from allocsearch.tracking.data import OptunaReader
-    from allocsearch.study.records import best_of
+    from allocsearch.study.confidence import best_of
+    from allocsearch.study.records import TrialRecord
 
-    rows = [{"number": 0, "state": "pruned", "objective": 0.9}, {"number": 1, "state": "completed", "objective": 0.8},
-            {"number": 2, "state": "completed", "objective": 0.8}, {"number": 3, "state": "oom", "objective": None}]
-    assert best_of(rows)["number"] == 1 and best_of(rows[:1]) is None
-    clock = Clock()
-    ctl = make(tmp_path, clock=clock)
+    rows = [TrialRecord(0, "pruned", 0.9, {"x": 0}), TrialRecord(1, "completed", 0.8, {"x": 1}),
+            TrialRecord(2, "completed", 0.8, {"x": 2}), TrialRecord(3, "oom", None, {"x": 3})]
+    assert best_of(rows).trial == 1 and best_of(rows[:1]) is None
+    events, clock = [], Clock()
+    ctl = make(tmp_path, clock=clock, on_event=lambda kind, **data: events.append((kind, data)))
     for objective in (0.7, 0.75, 0.75):
         run_one(ctl, clock, 5.0, final(objective=objective))
-    assert summarize(ctl.study.root)["best"]["number"] == 1
-    assert OptunaReader(ctl.study.root, ctl.study.settings).best() == (0.75, 1)
+    named = [data["best"] for kind, data in events if kind == "finished"]
+    assert [b["trial"] for b in named] == [0, 1, 1] and named[-1]["value"] == 0.75 and named[-1]["n"] == 1
+    assert summarize(ctl.study.root)["best"] == named[-1]
 
 
 def test_with_json_only_the_document_reaches_stdout():

@@ -16,8 +16,9 @@ from allocsearch.cli import cli, main
 from allocsearch.fileio import load_yaml_text
 from allocsearch.search.space.space import (SearchSpace, SpaceError, load_space, model_depth, resolve_space_path,
                                       shipped_spaces, spaces_dir)
-from allocsearch.training.trial import TrialSpec, resolve_allocation
-from allocsearch.training.loop import TrainConfig
+from allocsearch.training.trial import TrialSpec
+from allocsearch.allocation.config import resolve_allocation
+from allocsearch.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["baselines", "decoder", "demo", "graphlora", "joint", "loracoe", "mola", "omoe"]

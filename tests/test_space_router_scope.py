@@ -10,7 +10,7 @@ import pytest
 
 from allocsearch.allocation.config import model_family
 from allocsearch.search.space.space import SearchSpace, SpaceError, load_space
-from allocsearch.training.trial import resolve_allocation
+from allocsearch.allocation.config import resolve_allocation
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -68,9 +68,9 @@ def attach(ctl, tracker):
 def worker_result(ctl, config, objective, status="completed", failure=None):
     """What a trial's worker writes: results.json (losses, validation/test per task, expert load) and the
     adapter's allocation.yaml."""
-    alloc, folder = config["spec"]["allocation"], Path(config["trial_dir"])
+    alloc, folder = config.spec["allocation"], Path(config.trial_dir)
     payload = {
-        "name": config["spec"]["name"], "status": status, "failure": failure, "stop_reason": None,
+        "name": config.spec["name"], "status": status, "failure": failure, "stop_reason": None,
         "validation": {"n": 8, "tasks": {"sst2": {"n": 8, "accuracy": 0.75, "balanced_accuracy": objective}},
                        "macro_accuracy": 0.75, "macro_balanced_accuracy": objective},
         "test": {"n": 8, "tasks": {"sst2": {"n": 8, "accuracy": 0.625, "balanced_accuracy": 0.6}},
@@ -80,7 +80,7 @@ def worker_result(ctl, config, objective, status="completed", failure=None):
         "device_seconds": 25.0, "tokens_per_second": 682.7, "seconds_per_step": 0.375, "peak_memory_mb": 512.5,
         "expert_load": {str(j): {"q": [1.0 / n] * n, "v": [1.0 / n] * n} for j, n in enumerate(alloc["experts"])},
         "redundancy": {str(j): 0.1 * j for j in range(len(alloc["experts"]))}, "allocation": alloc,
-        "spec": config["spec"], "adapter_dir": str(folder / "adapter")}
+        "spec": config.spec, "adapter_dir": str(folder / "adapter")}
     (folder / "adapter").mkdir(parents=True, exist_ok=True)
     (folder / "adapter" / "allocation.yaml").write_text(yaml.safe_dump(alloc))
     (folder / "results.json").write_text(json.dumps(payload))
@@ -90,7 +90,7 @@ def run_every_end(ctl, clock):
     """One trial for every way a trial can end; returns {label: trial number}."""
     out = {}
     c = ctl.propose()  # completed, with two checkpoints and a full results.json
-    out["completed"] = n = c["number"]
+    out["completed"] = n = c.number
     ctl.on_start(n)
     for step, objective in ((2, 0.6), (4, 0.7)):
         clock.t += 5.0
@@ -99,18 +99,18 @@ def run_every_end(ctl, clock):
     worker_result(ctl, c, 0.8)
     ctl.on_complete(n, final(objective=0.8), error=False)
     c = ctl.propose()  # stopped by the scheduler at its first rung
-    out["pruned"] = c["number"]
-    ctl.on_start(c["number"])
-    ctl.on_result(c["number"], {"step": 2, "objective": 0.5, "train_seconds": 1.0})
+    out["pruned"] = c.number
+    ctl.on_start(c.number)
+    ctl.on_result(c.number, {"step": 2, "objective": 0.5, "train_seconds": 1.0})
     clock.t += 4.0
-    ctl.on_complete(c["number"], {"step": 4, "objective": 0.45, "train_seconds": 2.0}, error=False)
+    ctl.on_complete(c.number, {"step": 4, "objective": 0.45, "train_seconds": 2.0}, error=False)
     out["failed"], _ = run_one(ctl, clock, 5.0, final(status="failed", objective=None,
                                                       failure="loss became nan at step 3"))
     c = ctl.propose()  # its worker died
-    out["died"] = c["number"]
-    ctl.on_start(c["number"])
-    ctl.on_complete(c["number"], None, error=True)  # Tune's order: the searcher first, then why
-    ctl.note_error(c["number"], "ActorDiedError: the worker died unexpectedly (SIGKILL)")
+    out["died"] = c.number
+    ctl.on_start(c.number)
+    ctl.on_complete(c.number, None, error=True)  # Tune's order: the searcher first, then why
+    ctl.note_error(c.number, "ActorDiedError: the worker died unexpectedly (SIGKILL)")
     out["budget"], _ = run_one(ctl, clock, 5.0, {**final(status="stopped", steps=3), "result_json": json.dumps(
         {"stop_reason": "budget", "train_seconds": 1.0, "steps": 3})})
     return out
@@ -147,7 +147,9 @@ def check_study(c, root: Path, numbers: dict, tmp: Path, completed: int = 1):
     tags = parent.data.tags
     assert tags["best.trial"] == str(numbers["completed"]) and "mola" in tags["best.summary"]
     assert parent.data.metrics["best.objective"] == pytest.approx(0.8) and parent.data.metrics["trials.completed"] == completed
-    assert history(c, parent.info.run_id, "best_objective")[-1][1] == pytest.approx(0.8)
+    live = history(c, parent.info.run_id, "best.objective")  # one name for the best, at every trial's end and final
+    assert live[-1][1] == pytest.approx(0.8) and len(live) >= 2 and "best_objective" not in parent.data.metrics
+    assert parent.data.metrics["best.seeds"] == 1 and parent.data.metrics["best.trial"] == numbers["completed"]
 
     runs = runs_by_trial(c, parent.info.run_id)
     assert set(runs) == set(numbers.values())
@@ -223,18 +225,18 @@ def test_a_user_stop_kills_the_parent_and_prunes_the_running_trial(tmp_path, emp
     tracker = Tracker(ctl.study.root, uri, clock=clock)
     attach(ctl, tracker)
     c = ctl.propose()
-    ctl.on_start(c["number"])
+    ctl.on_start(c.number)
     ctl.study.request_stop()
     clock.t += 5.0
     ctl.tick()
-    ctl.on_complete(c["number"], {"step": 2, "objective": 0.5}, error=False)
+    ctl.on_complete(c.number, {"step": 2, "objective": 0.5}, error=False)
     ctl.close()
     tracker.close(ctl.end_reason)
     cl = client(uri)
     parent = cl.get_run(tracker.parent_id)
     assert parent.info.status == "KILLED" and parent.data.tags["stop_requested"] == "true"
     assert parent.data.tags["end_reason"] == "stopped by 'allocsearch stop'"
-    run = runs_by_trial(cl, tracker.parent_id)[c["number"]]
+    run = runs_by_trial(cl, tracker.parent_id)[c.number]
     assert run.info.status == "FINISHED" and run.data.tags["pruned"] == "true" and run.data.tags["stop_reason"] == "user"
 
 
@@ -252,7 +254,7 @@ def test_resume_reuses_the_parent_run_and_ends_the_runs_a_crash_left_running(tmp
     attach(ctl, tracker)
     done, _ = run_one(ctl, clock, 20.0, final(objective=0.7))
     c = ctl.propose()  # told to Optuna, but the controller dies before the tracker logs its end
-    unlogged = c["number"]
+    unlogged = c.number
     ctl.on_start(unlogged)
     clock.t += 9.0
     worker_result(ctl, c, 0.9)
@@ -260,10 +262,10 @@ def test_resume_reuses_the_parent_run_and_ends_the_runs_a_crash_left_running(tmp
     ctl.on_complete(unlogged, final(objective=0.9), error=False)
     ctl.emit = tracker.event
     c = ctl.propose()  # running when the controller dies
-    crashed = c["number"]
+    crashed = c.number
     ctl.on_start(crashed)
     ctl.on_result(crashed, {"step": 2, "objective": 0.6, "train_seconds": 1.0})
-    never = ctl.propose()["number"]  # admitted, never started
+    never = ctl.propose().number  # admitted, never started
     parent_id = tracker.parent_id
     assert (root / "mlflow.db").is_file() and json.loads((root / "mlflow.json").read_text())["parent_run_id"] == parent_id
     del ctl, tracker  # kill -9: no close

@@ -11,7 +11,8 @@ from allocsearch import preset
 from allocsearch.data import DataSpec, TaskSpec, load_splits
 from allocsearch.training.encode import Encoder
 from allocsearch.moe.inject import inject
-from allocsearch.training.loop import TrainConfig, TrainConfigError, lr_lambda, train
+from allocsearch.training.loop import lr_lambda, train
+from allocsearch.training.config import TrainConfig, TrainConfigError
 from conftest import one_line
 
 CPU = torch.device("cpu")

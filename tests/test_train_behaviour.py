@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from allocsearch.training.evaluate import evaluate
-from allocsearch.training.loop import TrainConfig, train
+from allocsearch.training.loop import train
+from allocsearch.training.config import TrainConfig
 from trial_helpers import (CPU, build, grads_by_name, named_trainable, np_topk_counts,
                            record_optimizer_steps, snapshot, sst2_splits)
 

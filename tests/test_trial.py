@@ -22,8 +22,9 @@ from allocsearch.errors import AllocsearchError
 from allocsearch.training.evaluate import evaluate
 from allocsearch.moe import load_adapter
 from allocsearch.allocation.shapes import shape_experts
-from allocsearch.training.loop import TrainConfig, TrainConfigError
-from allocsearch.training.trial import TrialResult, TrialSpec, TrialSpecError, resolve_allocation, run_trial
+from allocsearch.training.config import TrainConfig, TrainConfigError
+from allocsearch.training.trial import TrialResult, TrialSpec, TrialSpecError, run_trial
+from allocsearch.allocation.config import resolve_allocation
 from conftest import SHARED_DATASETS, one_line
 
 CPU = torch.device("cpu")

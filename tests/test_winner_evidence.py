@@ -8,6 +8,7 @@ import random
 
 import pytest
 import yaml
+from test_confidence import recs
 from test_search_controller import Clock, final, make
 
 from allocsearch.reports import status as analysis
@@ -32,11 +33,11 @@ def search(tmp_path, budget="12cpu-min", **settings):
         if config == "finished":
             break
         assert config is not None  # one trial at a time: nothing is running to wait for
-        n = config["number"]
+        n = config.number
         ctl.on_start(n)
         clock.t += 30.0
-        params = ctl.running[n]["params"]
-        ctl.on_complete(n, final(objective=score(params, config["spec"]["train"]["seed"])), error=False)
+        params = ctl.running[n].params
+        ctl.on_complete(n, final(objective=score(params, config.spec["train"]["seed"])), error=False)
         ran.append((n, config))
     ctl.close()
     return ctl, ran
@@ -44,14 +45,14 @@ def search(tmp_path, budget="12cpu-min", **settings):
 
 def test_the_confirmation_phase_reruns_finalists_on_fresh_seeds_inside_its_reserve(tmp_path):
     ctl, ran = search(tmp_path, confirm=0.3)
-    trials = {t.number: t for t in ctl.ostudy.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in ctl.store.trials()}
     confirm = [n for n, _ in ran if trials[n].user_attrs.get("confirm") is not None]
     assert len(confirm) >= 3, ctl.end_reason
     for n in confirm:
         t, first = trials[n], trials[trials[n].user_attrs["confirm"]]
         assert t.params == first.params  # linked to its configuration's first trial
         assert t.user_attrs["seed"] != first.user_attrs["seed"]  # on a fresh seed
-        assert dict(ran)[n]["spec"]["train"]["seed"] == t.user_attrs["seed"]  # the seed the trial trained with
+        assert dict(ran)[n].spec["train"]["seed"] == t.user_attrs["seed"]  # the seed the trial trained with
     seeds = {}
     for n in confirm:
         seeds.setdefault(config_key(trials[n].params), []).append(trials[n].user_attrs["seed"])
@@ -67,13 +68,14 @@ def test_status_export_and_optuna_name_the_same_winner_with_its_evidence(tmp_pat
     ev = summary["evidence"]
     assert ev["winner"]["n"] >= 2 and ev["noise"] is not None
     best = summary["best"]
-    assert config_key(best["params"]) == config_key(ev["winner"]["params"]) and best["number"] == ev["winner"]["trials"][0]
+    assert config_key(best["params"]) == config_key(ev["winner"]["params"]) and best["trial"] == ev["winner"]["trials"][0]
+    assert best["value"] == pytest.approx(ev["winner"]["mean"]) and best["n"] == ev["winner"]["n"]
     text = render_summary(summary, final=True)
     assert "finalists (mean +- 95% CI over seeds" in text and "winner" in text
     assert f"{ev['winner']['mean']:.4f}" in text
     # the best line shows the winner's mean (not its first seed's score), as the finalists do
-    assert f"best    trial {best['number']}: {ev['winner']['mean']:.4f} (mean of {ev['winner']['n']} seeds)" in text
-    doc = yaml.safe_load(export_trial(ctl.study.root, best["number"]))
+    assert f"best    trial {best['trial']}: {ev['winner']['mean']:.4f} (mean of {ev['winner']['n']} seeds)" in text
+    doc = yaml.safe_load(export_trial(ctl.study.root, best["trial"]))
     evidence = doc["provenance"]["evidence"]
     assert evidence["is_winner"] and evidence["this"]["n"] == ev["winner"]["n"]
     assert evidence["this"]["mean"] == pytest.approx(ev["winner"]["mean"])
@@ -84,13 +86,14 @@ def test_status_export_and_optuna_name_the_same_winner_with_its_evidence(tmp_pat
 
     metrics, tags = summary_metrics(summary, 0)
     logged = {k: v for k, v, _, _ in metrics}
-    assert logged["winner.mean"] == pytest.approx(ev["winner"]["mean"]) and logged["winner.n"] == ev["winner"]["n"]
-    assert logged["best.trial"] == best["number"] and tags["winner.trials"].split(",")[0] == str(best["number"])
+    assert logged["best.objective"] == pytest.approx(ev["winner"]["mean"]) and logged["best.seeds"] == ev["winner"]["n"]
+    assert logged["best.trial"] == best["trial"] and tags["best.trials"].split(",")[0] == str(best["trial"])
+    assert "best_objective" not in logged and "winner.mean" not in logged  # one name for the best, live and final
 
 
 def test_with_confirmation_off_the_budget_all_goes_to_the_search(tmp_path):
     ctl, ran = search(tmp_path, confirm=0.0)
-    trials = {t.number: t for t in ctl.ostudy.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in ctl.store.trials()}
     assert not any(t.user_attrs.get("confirm") is not None for t in trials.values())
     assert ctl.keeper.held == 0.0 and len(ran) >= 22  # 12 CPU-min of 30 s trials, nothing held back
 
@@ -107,9 +110,9 @@ def test_a_reserve_too_small_for_one_whole_run_goes_to_the_search(tmp_path):
         config = ctl.propose()
         if config == "finished":
             break
-        ctl.on_start(config["number"])
+        ctl.on_start(config.number)
         clock.t += 30.0
-        ctl.on_complete(config["number"], final(objective=score(ctl.running[config["number"]]["params"], 0)),
+        ctl.on_complete(config.number, final(objective=score(ctl.running[config.number].params, 0)),
                         error=False)
         ran += 1
     ctl.close()
@@ -131,12 +134,12 @@ def test_with_one_completed_configuration_the_reserve_goes_back_to_the_search():
     best, other = {"lr": 2e-3, "method": "lora"}, {"lr": 1e-3, "method": "lora"}
     rows = [{"number": 0, "state": "completed", "params": best, "seed": 0, "objective": 0.82, "confirm": None},
             {"number": 1, "state": "pruned", "params": other, "seed": 0, "objective": 0.70, "confirm": None}]
-    assert reserve.begin(rows) is True  # budget to go on with
+    assert reserve.begin(recs(rows)) is True  # budget to go on with
     assert keeper.held == 0.0 and keeper.free() == pytest.approx(600.0)
     assert reserve.phase == "search, reserve released"
     (kind, data), = events
     assert data["ended"] == "only one configuration completed" and data["reserve"] == pytest.approx(600.0)
-    assert reserve.begin(rows) is False  # once only
+    assert reserve.begin(recs(rows)) is False  # once only
 
 
 def test_a_search_that_could_not_pay_for_confirmation_confirms_when_resumed_with_a_larger_budget(tmp_path):
@@ -145,7 +148,7 @@ def test_a_search_that_could_not_pay_for_confirmation_confirms_when_resumed_with
     from allocsearch.study.folder import Study
 
     def confirmation_runs(ctl):
-        return [t for t in ctl.ostudy.get_trials() if t.user_attrs.get("confirm") is not None]
+        return [t for t in ctl.store.trials() if t.user_attrs.get("confirm") is not None]
 
     ctl, _ = search(tmp_path, budget="2cpu-min", confirm=0.2)
     assert ctl.reserve.phase == "search, reserve released" and not confirmation_runs(ctl)
@@ -176,8 +179,8 @@ def test_a_reserve_the_prior_says_is_too_small_goes_before_the_first_trials_caps
     view.event(kind, **data)
     out = view.stream.getvalue()
     assert "single-seed pick" in out and "about 4.00 CPU-min pays for a confirmation run" in out, out
-    assert ctl.running[first["number"]]["predicted"] * ctl.keeper.room > 120.0  # room to use it all
-    assert first["cap_wall_seconds"] == pytest.approx(120.0)
+    assert ctl.running[first.number].predicted * ctl.keeper.room > 120.0  # room to use it all
+    assert first.cap_wall_seconds == pytest.approx(120.0)
     # a reserve that can pay for one whole run is held
     ctl = make(tmp_path, budget="6cpu-min", scheduler="none", confirm=0.2, name="big")
     ctl.cost.predict = lambda features: 40.0
@@ -190,14 +193,14 @@ def test_a_configuration_drawn_again_runs_on_the_next_seed(tmp_path):
     ctl = make(tmp_path, clock=clock, scheduler="none", priors=False)
     params = {"method": "lora", "lora.rank": 2, "lr": 1e-3}
     for _ in range(3):
-        ctl.ostudy.enqueue_trial(params)
+        ctl.store.enqueue(params)
     seeds = []
     for _ in range(3):
         config = ctl.propose()
-        ctl.on_start(config["number"])
+        ctl.on_start(config.number)
         clock.t += 10
-        ctl.on_complete(config["number"], final(objective=0.8), error=False)
-        seeds.append(config["spec"]["train"]["seed"])
+        ctl.on_complete(config.number, final(objective=0.8), error=False)
+        seeds.append(config.spec["train"]["seed"])
     assert seeds == [0, 1, 2]
 
 
@@ -229,7 +232,7 @@ def test_a_resumed_search_s_rungs_go_on_from_its_records(tmp_path):
     for i, (curve, end) in enumerate([((0.60, 0.70, 0.75), 0.80), ((0.55, 0.65, 0.70), 0.74),
                                       ((0.50, 0.60, 0.66), 0.70), ((0.65, 0.72, 0.78), 0.82), ((0.40,), None)]):
         config = ctl.propose()
-        n = config["number"]
+        n = config.number
         ctl.on_start(n)
         for step, value in zip((2, 4, 6), curve):
             clock.t += 1.0

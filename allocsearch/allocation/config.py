@@ -300,3 +300,27 @@ def preset(name: str, num_layers: int, **overrides) -> AllocationConfig:
     experts, top_k, rank = fields.pop("experts"), fields.pop("top_k"), fields.pop("rank")
     return AllocationConfig.uniform(fields.pop("method"), num_layers, experts=experts, top_k=top_k,
                                     rank=rank, preset=name, **fields)
+
+
+def resolve_allocation(spec: dict | AllocationConfig, num_layers: int,
+                       default_targets: list[str] | None = None) -> AllocationConfig:
+    """A complete allocation for a model of ``num_layers`` from a full config, ``{preset: NAME, ...}``,
+    ``{method, shape, total_experts, top_k, rank, ...}`` or ``{method, experts: N, top_k: K, rank: R}``."""
+    if isinstance(spec, AllocationConfig):
+        spec = spec.to_dict()
+    d = dict(spec)
+    if d.get("num_layers", num_layers) != num_layers:
+        raise AllocationError(f"the allocation is for {d['num_layers']} layers but the model has {num_layers}")
+    d.pop("num_layers", None)
+    if default_targets and "targets" not in d:
+        d["targets"] = list(default_targets)
+    if isinstance(d.get("experts"), list):
+        return AllocationConfig.from_dict({**d, "num_layers": num_layers})
+    if "preset" in d and "method" not in d:
+        return preset(d.pop("preset"), num_layers, **d)
+    if "method" not in d:
+        raise AllocationError("the allocation needs a method (or a preset): e.g. {method: mola, experts: 4}")
+    if "shape" in d:
+        return AllocationConfig.from_shape(d.pop("method"), num_layers, d.pop("shape"), **d)
+    experts = d.pop("experts", 1)
+    return AllocationConfig.uniform(d.pop("method"), num_layers, experts=experts, **d)

@@ -96,38 +96,42 @@ def _requeue_unfinished(study) -> None:
     the front of the queue: the grid sampler alone would count them as run."""
     from optuna.trial import TrialState
 
-    ostudy = study.load_optuna()
-    trials = ostudy.get_trials(deepcopy=False)
+    from allocsearch.study.records import Attr
+    from allocsearch.study.storage import TrialStore
+
+    store = TrialStore.open(study)
+    trials = store.trials()
     done = [t.params for t in trials if t.state == TrialState.COMPLETE]
     queued = [t.params for t in trials if t.state == TrialState.WAITING]
     for t in trials:
         if t.state in (TrialState.PRUNED, TrialState.FAIL) and t.params and t.params not in done + queued:
-            ostudy.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            store.enqueue(t.params, {Attr.RETRY_OF: t.number})
             queued.append(t.params)
 
 
 def table_rows(study) -> list[dict]:
     """The table's rows from a recording study: every completed trial's checkpoints and end."""
-    from allocsearch.reports.status import optuna_trials
     from allocsearch.study.confidence import config_key
-    from allocsearch.study.records import state_of
+    from allocsearch.study.records import Attr, State, state_of
+    from allocsearch.study.storage import TrialStore
+    from allocsearch.training.scoring import OBJECTIVE_METRIC as M
 
+    store = TrialStore.read(study)
     rows = []
-    for t in optuna_trials(study):
+    for t in store.trials() if store is not None else []:
         result = study.read_result(t.number)
-        if state_of(t)[0] != "completed" or not result:
+        if state_of(t)[0] != State.COMPLETED or not result:
             continue
         params = {k: v for k, v in t.params.items() if k != "seed"}
-        base = {"config": config_key(params), "seed": int(t.params.get("seed", t.user_attrs.get("seed", 0))),
-                "trainable_params": t.user_attrs.get("trainable_params")}
-        seconds = t.user_attrs.get("checkpoint_seconds") or {}
+        base = {"config": config_key(params), "seed": int(t.params.get("seed", t.user_attrs.get(Attr.SEED, 0))),
+                "trainable_params": t.user_attrs.get(Attr.TRAINABLE)}
+        seconds = t.user_attrs.get(Attr.CHECKPOINT_SECONDS) or {}
         for c in result.get("checkpoints") or []:
-            rows.append({**base, "step": c["step"], "final": 0, "validation": c["metrics"]["macro_balanced_accuracy"],
-                         "test": (c.get("test") or {}).get("macro_balanced_accuracy"),
-                         "device_seconds": seconds.get(str(c["step"]))})
+            rows.append({**base, "step": c["step"], "final": 0, "validation": c["metrics"][M],
+                         "test": (c.get("test") or {}).get(M), "device_seconds": seconds.get(str(c["step"]))})
         rows.append({**base, "step": result.get("steps"), "final": 1, "validation": t.values[0],
-                     "test": (result.get("test") or {}).get("macro_balanced_accuracy"),
-                     "device_seconds": t.user_attrs.get("device_seconds"),
+                     "test": (result.get("test") or {}).get(M),
+                     "device_seconds": t.user_attrs.get(Attr.DEVICE_SECONDS),
                      "train_seconds": result.get("train_seconds"), "peak_memory_mb": result.get("peak_memory_mb"),
                      "expert_load": result.get("expert_load") or None})
     return rows

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allocsearch.bench.table import Table
-from allocsearch.study.confidence import config_key, winner_of
+from allocsearch.search.launch import FINISHED, Launch
+from allocsearch.study.confidence import best_of, config_key
+from allocsearch.study.records import Attr
 
-# name -> settings of the study (see ``allocsearch.search.session.EXECUTION_DEFAULTS``)
+# name -> settings of the study (see ``allocsearch.study.settings.Execution``)
 STRATEGIES = {
     "default": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": True},
     "default-no-confirm": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.0, "noise_aware": True},
@@ -87,7 +89,7 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
     from allocsearch.search.controller import Controller
     from allocsearch.search.ray.executor import make_scheduler
     from allocsearch.search.samplers import make_sampler
-    from allocsearch.search.session import EXECUTION_DEFAULTS
+    from allocsearch.study.settings import EXECUTION_DEFAULTS
     from allocsearch.search.space.space import SearchSpace, model_depth
     from allocsearch.study.folder import MEMORY, Study
 
@@ -158,29 +160,26 @@ class _Loop:
 
     def _fill(self) -> None:
         while not self.done and len(self.running) < self.slots:
-            config = self.ctl.propose()
-            if config == "finished":
+            launch = self.ctl.propose()
+            if launch == FINISHED:
                 self.done = True
-            if not isinstance(config, dict):
+            if not isinstance(launch, Launch):
                 return
-            number = config["number"]
-            trial = self.ctl.running[number]["trial"]
-            if self.only_priors and "prior" not in trial.user_attrs:
+            if self.only_priors and Attr.PRIOR not in self.ctl.running[launch.number].trial.user_attrs:
                 self.ctl.end_reason, self.done = "every prior has run", True
                 return  # close() records the admitted, never started trial
-            self._start(number, config)
+            self._start(launch)
 
-    def _start(self, number: int, config: dict) -> None:
-        info = self.ctl.running[number]
-        key = config_key(info["params"])
-        perm = self.perm.setdefault(key, self.rng.sample(range(len(self.table.seeds)), len(self.table.seeds)))
-        run = self.table.run(info["params"], perm[info["seed"] % len(perm)])
+    def _start(self, launch: Launch) -> None:
+        number, info = launch.number, self.ctl.running[launch.number]
+        perm = self.perm.setdefault(info.key, self.rng.sample(range(len(self.table.seeds)), len(self.table.seeds)))
+        run = self.table.run(info.params, perm[info.seed % len(perm)])
         self.ctl.on_start(number)
-        start, devices = self.clock.t, config["devices"]
-        cap_at = start + config["cap_wall_seconds"]
-        self.running[number] = {"run": run, "start": start, "devices": devices, "cap_at": cap_at, "last": None,
-                                "confirm": config["confirm"], "tune": _TuneTrial(str(number), config)}
-        self.trace.runs.append((key, run.seed, config["confirm"]))
+        start = self.clock.t
+        self.running[number] = {"run": run, "start": start, "devices": launch.devices, "last": None,
+                                "cap_at": start + launch.cap_wall_seconds, "confirm": launch.confirm,
+                                "tune": _TuneTrial(str(number), launch.to_config())}
+        self.trace.runs.append((info.key, run.seed, launch.confirm))
         self._next(number, 0)
 
     def _next(self, number: int, i: int) -> None:
@@ -236,13 +235,13 @@ class _Loop:
         if r["confirm"]:
             self.trace.confirm_trials += 1
             self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
-        rows = self.ctl.books.rows()
-        best = winner_of(rows, self.ctl.study.settings.get("noise"))
+        rows = self.ctl.books.records()
+        best = best_of(rows, self.ctl.execution.noise)  # what status and export --best would name now
         # Optuna's best trial: the single highest score of the search phase (no confirmation run counted)
-        done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None and r["confirm"] is None]
-        argmax = max(done, key=lambda r: (r["objective"], -r["number"]), default=None)
-        self.trace.points.append((self.ctl.spent(), best.key if best else None,
-                                  config_key(argmax["params"]) if argmax else None))
+        done = [r for r in rows if r.completed and r.confirm_of is None]
+        argmax = max(done, key=lambda r: (r.objective, -r.number), default=None)
+        self.trace.points.append((self.ctl.spent(), config_key(best.params) if best else None,
+                                  config_key(argmax.params) if argmax else None))
 
 
 __all__ = ["STRATEGIES", "Trace", "replay"]

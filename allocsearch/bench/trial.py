@@ -58,7 +58,8 @@ def worker(config: dict) -> dict:
     from allocsearch.data import DataSpec, TaskSpec, load_splits
     from allocsearch.training.encode import Encoder
     from allocsearch.allocation.methods import get_method
-    from allocsearch.training.loop import TrainConfig, train
+    from allocsearch.training.loop import train
+    from allocsearch.training.config import TrainConfig
     from allocsearch.training.trial import build_adapter
 
     torch.set_num_threads(config["threads"])
@@ -100,7 +101,7 @@ def matched_lora_rank(loaded, allocation: dict) -> tuple[int, int, int]:
 
     from allocsearch.moe.adapter import resolve_targets
     from allocsearch.moe.inject import inject
-    from allocsearch.training.trial import resolve_allocation
+    from allocsearch.allocation.config import resolve_allocation
 
     alloc = resolve_allocation(allocation, loaded.num_layers)
     per_rank = 0  # LoRA parameters per unit of rank: sum over wrapped Linears of (d_in + d_out)

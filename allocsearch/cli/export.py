@@ -26,20 +26,19 @@ def export(study, workdir, trial, best, pareto, out):
       allocsearch train --config best.yaml --steps 2000 --data-dir /data/glue     # production scale
       allocsearch export --study pareto-run --pareto 3 --out front.yaml           # front-trial-NNNN.yaml
     """
-    from allocsearch.reports.status import list_studies, summarize
-    from allocsearch.cli.search import _pick
+    from allocsearch.reports.status import summarize
     from allocsearch.reports.export import ExportError, export_trial, pick_trials
     from allocsearch.fileio import write_text_atomic
-    from allocsearch.study.folder import Study
+    from allocsearch.study.folder import Study, pick_study, trial_name
 
     if sum(x is not None and x is not False for x in (trial, best or None, pareto)) > 1:
         raise ExportError("--trial, --best and --pareto exclude each other; fix: give one of them")
-    name = _pick(study, workdir, list_studies(workdir))
+    name = pick_study(workdir, study)
     root = Study.path(workdir, name)
     numbers = pick_trials(summarize(root), trial=trial, best=best, pareto=pareto)
     out_path = Path(out)
     texts = [(n, export_trial(root, n)) for n in numbers]  # everything built before anything is written
     for n, text in texts:
-        path = out_path if pareto is None else out_path.with_name(f"{out_path.stem}-trial-{n:04d}{out_path.suffix}")
+        path = out_path if pareto is None else out_path.with_name(f"{out_path.stem}-{trial_name(n)}{out_path.suffix}")
         write_text_atomic(path, text)
         click.echo(f"wrote {path} (trial {n} of study {name})")

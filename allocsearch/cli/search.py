@@ -141,10 +141,10 @@ def status(study, workdir, as_json):
       allocsearch status                       # the only study in ./allocsearch-runs
       allocsearch status --study demo --json
     """
-    from allocsearch.reports.status import list_studies, summarize
-    from allocsearch.study.folder import Study
+    from allocsearch.reports.status import summarize
+    from allocsearch.study.folder import Study, pick_study
 
-    name = _pick(study, workdir, list_studies(workdir))
+    name = pick_study(workdir, study)
     summary = summarize(Study.path(workdir, name))
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -163,10 +163,9 @@ def stop(study, workdir):
     Example:
       allocsearch stop --study demo
     """
-    from allocsearch.reports.status import list_studies
-    from allocsearch.study.folder import Study
+    from allocsearch.study.folder import Study, pick_study
 
-    name = _pick(study, workdir, list_studies(workdir))
+    name = pick_study(workdir, study)
     s = Study.open(workdir, name)
     pid = s.running_pid()
     if pid is None:
@@ -175,17 +174,3 @@ def stop(study, workdir):
     s.request_stop()
     click.echo(f"asked study {name!r} (controller pid {pid}) to stop; running trials stop at their next "
                f"checkpoint and are recorded")
-
-
-def _pick(study: str | None, workdir: str, names: list[str]) -> str:
-    from allocsearch.study.folder import StudyError, check_name
-
-    if study is not None:
-        return check_name(study)
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise StudyError(f"no study in {workdir}; fix: start one with 'allocsearch start --budget 0.25cpu-h' "
-                         f"or pass --workdir")
-    raise StudyError(f"{workdir} holds several studies ({', '.join(names)}); fix: pass --study NAME")
-

@@ -10,6 +10,8 @@ import sys
 import time
 
 from allocsearch.study.confidence import finalist_mark
+from allocsearch.study.folder import trial_dir
+from allocsearch.study.records import State
 from allocsearch.search.budget import Budget
 from allocsearch.search.rungs import EVIDENCE_PAIRS, EVIDENCE_RHO
 
@@ -37,7 +39,7 @@ class LiveView:
         self.tty = enabled and self.stream.isatty()
         self.budget: Budget | None = None
         self.spent = 0.0
-        self.counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0}
+        self.counts = {state: 0 for state in (State.RUNNING, State.COMPLETED, State.PRUNED, State.FAILED)}
         self.trials: dict[int, dict] = {}
         self.best: dict | None = None
         self.lines: list[str] = []
@@ -78,9 +80,7 @@ class LiveView:
             obj = f" {d['objective']:.3f}" if d.get("objective") is not None else ""
             why = f" ({d['reason']})" if d.get("reason") else ""
             line = f"trial {d['number']}: {d['state']}{obj}{why}, {self._fmt(d['spend'])}"
-            if d["state"] == "completed" and d.get("objective") is not None and \
-                    (self.best is None or d["objective"] > self.best["objective"]):
-                self.best = {"number": d["number"], "objective": d["objective"], **self.trials.get(d["number"], {})}
+            self.best = d.get("best") or self.best  # the study's best, as the controller named it
         elif kind == "tick":
             self.spent = d["spent"]
         elif kind == "stopping" and d.get("signal"):
@@ -126,7 +126,8 @@ class LiveView:
                 f"trials  {c['running']} running · {c['completed']} complete · {c['pruned']} pruned · "
                 f"{c['failed']} failed" + (f" · {c['oom']} out of memory" if c.get("oom") else "")]
         if self.best:
-            text.append(f"best    #{self.best['number']} {self.best['objective']:.3f}  {self.best.get('summary', '')}")
+            seeds = f" (mean of {self.best['n']} seeds)" if self.best["n"] > 1 else ""
+            text.append(f"best    #{self.best['trial']} {self.best['value']:.4f}{seeds}  {self.best.get('summary', '')}")
             if self.best.get("experts"):
                 text.append(f"        experts per layer {sparkline(self.best['experts'])}")
         return "\n".join(text + [""] + self.lines)
@@ -149,13 +150,6 @@ class LiveView:
 
 
 # ------------------------------------------------------------------------------------- summaries
-def _means(ev: dict | None) -> dict[int, tuple[float, int]]:
-    """A configuration's first trial -> (its mean, n) for the configurations the evidence has on >1 seed."""
-    if not ev:
-        return {}
-    return {f["trials"][0]: (f["mean"], f["n"]) for f in [ev["winner"], *ev["finalists"], *ev["tied"]] if f["n"] > 1}
-
-
 def render_evidence(ev: dict | None, *, confirm: float | None = None, running: bool = False) -> list[str]:
     """The finalists' mean +- 95% CI over seeds and the configurations tied with the winner; ``confirm``:
     the study's confirmation share (None: not known), ``running``: whether its search is still going."""
@@ -197,18 +191,16 @@ def render_summary(s: dict, final: bool) -> str:
                  if any(c.values()) else "trials  none yet")
     best = s.get("best")
     if best:
-        means = _means(s.get("evidence"))  # first trial -> (mean, n) of configurations run on several seeds
-        score, n = means.get(best["number"], (best["objective"], 1))
-        over = f" (mean of {n} seeds)" if n > 1 else ""
-        lines.append(f"best    trial {best['number']}: {score:.4f}{over}  {best['summary']}")
+        over = f" (mean of {best['n']} seeds)" if best["n"] > 1 else ""
+        lines.append(f"best    trial {best['trial']}: {best['value']:.4f}{over}  {best['summary']}")
         if best.get("experts"):
             lines.append(f"        experts per layer {sparkline(best['experts'])}  {best['experts']}")
         base = s.get("baseline")
-        if base and base["number"] != best["number"]:
-            base_score, base_n = means.get(base["number"], (base["objective"], 1))
-            lines.append(f"        vs the LoRA prior (trial {base['number']}): {base_score:.4f}"
-                         f"{f' (mean of {base_n} seeds)' if base_n > 1 else ''} ({score - base_score:+.4f})")
-        lines.append(f"        files: {s['root']}/trials/{best['number']:04d}")
+        if base and base["trial"] != best["trial"]:
+            seeds = f" (mean of {base['n']} seeds)" if base["n"] > 1 else ""
+            lines.append(f"        vs the LoRA prior (trial {base['trial']}): {base['value']:.4f}{seeds} "
+                         f"({best['value'] - base['value']:+.4f})")
+        lines.append(f"        files: {trial_dir(s['root'], best['trial'])}")
     elif final:
         lines.append("best    no trial completed")
     lines += render_evidence(s.get("evidence"), confirm=s.get("confirm"), running=bool(s.get("controller_pid")))

@@ -66,7 +66,7 @@ def train(config_path, data_dir, out, model, preset, steps, epochs, zero_shot, d
     if zero_shot:
         overrides["zero_shot"] = True
     if overrides:
-        from allocsearch.training.loop import TrainConfig
+        from allocsearch.training.config import TrainConfig
 
         spec.train = TrainConfig.from_dict({**spec.train.to_dict(), **overrides})
     _check_allocation(spec.allocation, spec.model)

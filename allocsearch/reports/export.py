@@ -14,6 +14,8 @@ from typing import Any
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.fileio import read_json_object
+from allocsearch.study.folder import Files, trial_dir, trial_name
+from allocsearch.study.records import State
 from allocsearch.training.trial import EXPORT_KEY, EXPORT_VERSION
 
 
@@ -31,7 +33,7 @@ def pick_trials(summary: dict, trial: int | None = None, best: bool = False, par
         if row is None:
             raise ExportError(f"study {summary['study']!r} has no trial {trial}; fix: pick one of "
                               f"{_some(sorted(by_number))} (allocsearch status lists them)")
-        if row["state"] not in ("completed", "pruned"):
+        if row["state"] not in State.WITH_RESULT:
             raise ExportError(f"trial {trial} is {row['state']} and has no result to export; fix: pick a "
                               f"completed trial (allocsearch status lists them)")
         return [trial]
@@ -46,16 +48,15 @@ def pick_trials(summary: dict, trial: int | None = None, best: bool = False, par
     if summary.get("best") is None:
         raise ExportError(f"study {summary['study']!r} has no completed trial yet; fix: let the search run "
                           f"longer, or export a stopped trial with --trial N")
-    return [summary["best"]["number"]]
+    return [summary["best"]["trial"]]
 
 
 def export_trial(study_root: str | Path, number: int) -> str:
     """The export file of one trial, as YAML text."""
     import yaml
 
-    from allocsearch.reports.status import summarize
     from allocsearch.fileio import read_yaml
-    from allocsearch.study.folder import trial_dir
+    from allocsearch.reports.status import summarize
 
     root = Path(study_root)
     summary = summarize(root)
@@ -63,22 +64,23 @@ def export_trial(study_root: str | Path, number: int) -> str:
     if row is None:
         raise ExportError(f"study {summary['study']!r} has no trial {number}")
     folder = trial_dir(root, number)
-    spec = read_yaml(folder / "trial.yaml", "trial config", ExportError)
-    result = read_json_object(folder / "results.json") or {}
+    spec = read_yaml(folder / Files.TRIAL_CONFIG, "trial config", ExportError)
+    result = read_json_object(folder / Files.RESULTS) or {}
     allocation = result.get("allocation") or spec["allocation"]
-    settings = json.loads((root / "study.json").read_text(encoding="utf-8"))
+    settings = json.loads((root / Files.SETTINGS).read_text(encoding="utf-8"))
     data = dict(spec["data"])
     if settings.get("data_dir") and not data.get("data_dir"):
         data["data_dir"] = settings["data_dir"]
     doc: dict[str, Any] = {
         EXPORT_KEY: EXPORT_VERSION,
-        "name": f"{summary['study']}-trial-{number:04d}",
+        "name": f"{summary['study']}-{trial_name(number)}",
         "model": spec["model"],
         "allocation": allocation,
         "data": data,
         "train": spec["train"],
         "provenance": {
             "study": summary["study"], "trial": number, "state": row["state"], "objective": row["objective"],
+            "seed": row["seed"], "best": summary.get("best"),
             "objectives": summary["objectives"], "values": row["values"], "params": row["params"],
             "summary": row["summary"], "validation": _macro(result.get("validation")),
             "test": _macro(result.get("test")), "trainable_params": result.get("trainable_params"),
@@ -127,7 +129,7 @@ def _macro(metrics: dict | None) -> dict | None:
 
 def _mlflow_run(root: Path, number: int) -> str | None:
     """The trial's MLflow run id, when the study was tracked (looked up by the tags the tracker sets)."""
-    info = read_json_object(root / "mlflow.json") or {}
+    info = read_json_object(root / Files.MLFLOW) or {}
     if not info.get("parent_run_id") or not info.get("tracking_uri"):
         return None
     try:

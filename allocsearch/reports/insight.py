@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from allocsearch.reports.status import optuna_trials
+from allocsearch.study.records import Attr, State
+from allocsearch.study.storage import TrialStore
 from allocsearch.study.folder import Study, StudyError, directions
 
 MIN_IMPORTANCE_TRIALS = 3
@@ -25,7 +26,7 @@ def methods_of(trials: list[dict]) -> list[str]:
 def scored(trials: list[dict], method: str | None = None, pruned: bool = False) -> list[dict]:
     """Completed trials with an objective (and pruned ones, scored at their last checkpoint, if
     ``pruned``), of one method or all."""
-    states = ("completed", "pruned") if pruned else ("completed",)
+    states = State.WITH_RESULT if pruned else (State.COMPLETED,)
     return [t for t in trials if t["state"] in states and t["objective"] is not None
             and (method is None or t["params"].get("method") == method)]
 
@@ -41,7 +42,8 @@ def param_importance(root: str | Path, method: str | None = None, pruned: bool =
     root = Path(root)
     try:
         study = Study.open(root.parent, root.name)
-        frozen = optuna_trials(study)
+        store = TrialStore.read(study)
+        frozen = store.trials() if store is not None else []
     except StudyError as exc:
         return {"importances": {}, "n": 0, "evaluator": None, "message": str(exc)}
     done = []
@@ -50,8 +52,8 @@ def param_importance(root: str | Path, method: str | None = None, pruned: bool =
             continue
         if t.state == TrialState.COMPLETE and t.values:
             done.append(t)
-        elif pruned and t.state == TrialState.PRUNED and t.user_attrs.get("objective") is not None:
-            values = [float(t.user_attrs["objective"])] + [0.0] * (len(study.objectives) - 1)
+        elif pruned and t.state == TrialState.PRUNED and t.user_attrs.get(Attr.OBJECTIVE) is not None:
+            values = [float(t.user_attrs[Attr.OBJECTIVE])] + [0.0] * (len(study.objectives) - 1)
             done.append(create_trial(params=t.params, distributions=t.distributions, values=values))
     what = ("completed or pruned " if pruned else "completed ") + (f"{method} trials" if method else "trials")
     if len(done) < MIN_IMPORTANCE_TRIALS:
@@ -197,5 +199,5 @@ def pareto_points(summary: dict) -> dict[str, Any] | None:
         return None
     front = {t["number"] for t in summary.get("pareto") or []}
     pts = [{"number": t["number"], "values": t["values"], "front": t["number"] in front, "summary": t["summary"]}
-           for t in summary["trials"] if t["state"] == "completed" and t["values"]]
+           for t in summary["trials"] if t["state"] == State.COMPLETED and t["values"]]
     return {"objectives": summary["objectives"], "points": pts}

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from allocsearch.reports.status import summarize
-from allocsearch.study.folder import trial_dir
+from allocsearch.study.folder import Files, trial_dir
+from allocsearch.study.records import State
 
 COST_KEYS = ("device_seconds", "wall_seconds", "train_seconds", "eval_seconds", "peak_memory_mb", "memory_kind",
              "trainable_params", "total_params", "steps", "tokens", "tokens_per_second", "seconds_per_step",
@@ -30,8 +31,8 @@ def trial_detail(root: str | Path, number: int, summary: dict | None = None) -> 
     row = next((t for t in summary["trials"] if t["number"] == number), None)
     folder = trial_dir(root, number)
     notes: list[str] = []
-    config_text, config = _read_config(folder / "trial.yaml", notes)
-    result = _read_result(folder / "results.json", notes, running=bool(row and row["state"] == "running"))
+    config_text, config = _read_config(folder / Files.TRIAL_CONFIG, notes)
+    result = _read_result(folder / Files.RESULTS, notes, running=bool(row and row["state"] == State.RUNNING))
     allocation = allocation_layers((result or {}).get("allocation") or (config or {}).get("allocation"),
                                    num_layers=summary.get("num_layers") or _num_layers(root),
                                    experts=row["experts"] if row else None)
@@ -84,7 +85,7 @@ def _read_result(path: Path, notes: list[str], running: bool) -> dict | None:
 
 def _num_layers(root: Path) -> int | None:
     try:
-        return int(json.loads((root / "study.json").read_text(encoding="utf-8")).get("num_layers"))
+        return int(json.loads((root / Files.SETTINGS).read_text(encoding="utf-8")).get("num_layers"))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -235,7 +236,7 @@ def compare_trials(root: str | Path, numbers: list[int], summary: dict | None = 
 def trial_signature(root: str | Path, number: int) -> tuple:
     """Changes when the trial's files change (a cache key for live pages)."""
     out = []
-    for name in ("trial.yaml", "results.json"):
+    for name in (Files.TRIAL_CONFIG, Files.RESULTS):
         try:
             st = (trial_dir(root, number) / name).stat()
             out.append((st.st_size, st.st_mtime_ns))

@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Callable
 
 from allocsearch.errors import AllocsearchError
+from allocsearch.training.config import TrainConfig
 from allocsearch.allocation.model_info import REGISTRY_CONFIGS, ModelInfoError, estimate_params, model_config
 
 ACCEPTED = ("use a number and a unit: 64gpu-h, 90gpu-min, 0.5cpu-h, 3cpu-min (device-hours/minutes of "
@@ -346,11 +347,13 @@ def _check(features: dict) -> None:
 
 def tokens_per_step(train: dict) -> int:
     """Tokens one optimizer step trains on: batch x max length x gradient accumulation."""
-    return int(train.get("batch_size", 8)) * int(train.get("max_length", 256)) * int(train.get("grad_accum", 1))
+    d = TrainConfig
+    return (int(train.get("batch_size", d.batch_size)) * int(train.get("max_length", d.max_length))
+            * int(train.get("grad_accum", d.grad_accum)))
 
 
 def trial_features(spec: dict) -> dict:
     """What the cost model predicts a trial from (its spec): method, steps, tokens per step, eval examples."""
     train = spec["train"]
-    return {"method": spec["allocation"].get("method", "lora"), "steps": int(train.get("steps", 60)),
+    return {"method": spec["allocation"].get("method", "lora"), "steps": int(train.get("steps", TrainConfig.steps)),
             "tokens_per_step": tokens_per_step(train), "eval_examples": int(train.get("eval_examples") or 0)}

@@ -14,12 +14,14 @@ for configurations that already ran once, inside the user's budget.
                 (``allocsearch.study.confidence.separated``: a paired t-test, or the noise band)
     the race ends when one finalist is left, every finalist has ``max_seeds`` seeds, or the reserve is spent
 
-Each run is its own trial, its user attrs ``confirm`` (the configuration's first trial) and ``seed``. The
+Each run is its own trial, its user attrs ``confirm`` (the configuration's first trial) and ``seed``
+(``TrialRecord.confirm_of`` and ``seed``). The
 state is re-derived from the study's trials each time, so a resumed search goes on with the same race.
 """
 from __future__ import annotations
 
 from allocsearch.study.confidence import Estimate, config_key, estimates, noise_of, separated
+from allocsearch.study.records import State
 
 WAIT = "wait"
 
@@ -51,7 +53,7 @@ class Confirmation:
 
     def _finalists(self, rows, ests: list[Estimate]) -> list[Estimate]:
         """The top ``k``, any within ``band x noise`` of the best, and any configuration already re-run."""
-        confirmed = {config_key(r["params"]) for r in rows if r.get("confirm") is not None and r.get("params")}
+        confirmed = {config_key(r.params) for r in rows if r.confirm_of is not None and r.params}
         best, noise = ests[0], self.noise(ests)
         top = ests[:self.k]
         near = [e for e in ests[self.k:] if noise and best.mean - e.mean <= self.band * noise][:self.k]
@@ -97,8 +99,8 @@ class Confirmation:
         e = max(todo, key=lambda e: e.mean)
         # a seed whose confirmation run failed is not tried again; a configuration whose confirmation runs
         # failed twice leaves the race
-        tried = {r.get("seed", 0) for r in rows if r.get("confirm") is not None and r.get("params")
-                 and config_key(r["params"]) == e.key and r.get("state") not in ("completed", "running", "queued")}
+        tried = {r.seed for r in rows if r.confirm_of is not None and r.params and config_key(r.params) == e.key
+                 and r.state not in (State.COMPLETED, *State.LIVE)}
         if len(tried) >= 2:
             self.alive.remove(e.key)
             self.dropped.add(e.key)
@@ -153,8 +155,8 @@ def fresh_seed(rows, params: dict, number: int, default: int, max_seeds: int) ->
     """The seed of a trial the sampler drew: ``default``, unless the configuration already ran (TPE draws
     a finite space's points again): then its next seed not run yet, so the repeat measures seed noise
     instead of paying for the same number twice; once ``max_seeds`` ran, a plain repeat (it counts once)."""
-    used = {r["seed"] for r in rows if r["params"] == params and r["number"] != number
-            and r["state"] in ("completed", "pruned", "running")}
+    used = {r.seed for r in rows if r.params == params and r.number != number
+            and r.state in (State.COMPLETED, State.PRUNED, State.RUNNING)}
     fresh = [s for s in range(default, default + max_seeds) if s not in used]
     return fresh[0] if fresh else default
 

@@ -8,14 +8,14 @@
        heartbeat of each running trial's spend, so a kill -9 loses at most a few seconds of accounting
     -> no trial fits in what is left (or the user stops, or trials keep failing) -> summary.
 
-The executor interface (what ``executor.run`` calls, and what a replay executor on a simulated clock would):
-``propose()`` -> a trial's config, None (ask again later) or "finished"; ``on_start(n)``;
+The executor interface (what ``ray.executor.run`` calls, and the replay executor on a simulated clock):
+``propose()`` -> a ``launch.Launch``, None (ask again later) or ``FINISHED``; ``on_start(n)``;
 ``on_result(n, report)`` per checkpoint; ``on_complete(n, report | None, error)`` at the end, then
 ``note_error(n, why)`` for a dead worker; ``tick()`` every loop step; ``stopping()`` / ``interrupted`` to
 stop trials; ``schedule(name)`` the scheduler's settings; ``cluster_ready(...)`` before anything runs.
 
-Ray specifics live in ``executor`` (and ``worker``, in the trial's process); what Optuna is told in
-``bookkeeping``; budget, storage and space in their own modules; nothing here knows the command line or
+Ray specifics live in ``ray/`` (the executor, and the worker in the trial's process); what Optuna is told
+in ``bookkeeping``; budget, storage and space in their own modules; nothing here knows the command line or
 MLflow: ``on_event(kind, **data)`` lets a caller show progress or track the study.
 """
 from __future__ import annotations
@@ -23,24 +23,31 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
-from allocsearch.study.confidence import config_key
+from allocsearch.allocation.config import resolve_allocation
+from allocsearch.search.bookkeeping import Bookkeeper
 from allocsearch.search.budget import (Budget, BudgetKeeper, CostModel, devices_per_trial, tokens_per_step,
                                        trial_features)
-from allocsearch.search.bookkeeping import Bookkeeper
 from allocsearch.search.confirmation import WAIT, Confirmation, Reserve, fresh_seed
+from allocsearch.search.launch import FINISHED, Launch, RunningTrial
 from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_PAIRS
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space.space import SearchSpace
-from allocsearch.study.folder import Study, directions, metric_names
-from allocsearch.study.records import ENDED_BADLY
+from allocsearch.study.confidence import best_of, config_key
+from allocsearch.study.folder import Study, directions, metric_names, trial_name
+from allocsearch.study.ledger import device_seconds
+from allocsearch.study.records import Attr, State
+from allocsearch.study.settings import Execution
+from allocsearch.study.storage import TrialStore
+from allocsearch.training.config import TrainConfig
 
 HEARTBEAT_SECONDS = 2.0
 CAP_SLACK_SECONDS = 2.0
 UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed
 DEFAULT_STARTUP_SECONDS = 3.0  # a Ray worker's start before its trial's clock starts, until one is seen
+_PHASE_OVER = object()  # ``_admit``: nothing more fits, the phase is over
 
 
 class Controller:
@@ -48,27 +55,27 @@ class Controller:
                  on_event: Callable[..., None] | None = None, clock: Callable[[], float] = time.monotonic):
         s = study.settings
         self.study, self.space, self.num_layers = study, space, num_layers
+        self.execution = run = Execution.of(s)
         self.budget = Budget.from_dict(s["budget"])
-        self.devices = devices_per_trial(self.budget.unit, s["cpus_per_trial"], s["gpus_per_trial"])
-        self.max_failures = int(s.get("max_failures", 5))
+        self.devices = devices_per_trial(self.budget.unit, run.cpus_per_trial, run.gpus_per_trial)
         self.emit = on_event or (lambda kind, **data: None)
         self.clock = clock
         self.sampler = sampler
-        self.ostudy = study.load_optuna(sampler)
-        self.books = Bookkeeper(study, self.ostudy)
+        self.store = TrialStore.open(study, sampler)
+        self.books = Bookkeeper(study, self.store)
         self.recovered = self.books.recover()
         if s.get("priors", True) and not s.get("priors_enqueued"):
             for label, params in space.priors(num_layers):
-                self.ostudy.enqueue_trial(params, user_attrs={"prior": label}, skip_if_exists=True)
+                self.store.enqueue(params, {Attr.PRIOR: label}, skip_if_exists=True)
             study.save_settings(priors_enqueued=True)
         self.session = study.ledger.next_session()
         self.session_start = clock()
         study.ledger.record_session(self.session, 0.0)
         self.keeper = BudgetKeeper(self.budget, study.ledger.spent(self.budget.unit), clock=clock)
         self.cost = self._cost_model()
-        self.running: dict[int, dict[str, Any]] = {}
+        self.running: dict[int, RunningTrial] = {}
         self.errors: dict[int, str] = {}
-        self._dead: dict[int, dict] = {}  # ended with an error, waiting for Tune to say why
+        self._dead: dict[int, RunningTrial] = {}  # ended with an error, waiting for Tune to say why
         self._startups: list[float] = []  # Tune's start -> the worker's clock, per trial
         self.failed_this_session = False
         self.started_any = False  # a trial of this session started (a refused start changes nothing)
@@ -80,8 +87,8 @@ class Controller:
         self._user_stop = False
         study.clear_stop()
         # the confirmation phase (single objective): a reserve of the budget, held back while the search runs
-        fraction = float(s.get("confirm") or 0.0) if len(study.objectives) == 1 else 0.0
-        self.confirm = Confirmation(max_seeds=int(s.get("max_seeds", 5)), noise=s.get("noise")) if fraction else None
+        fraction = float(run.confirm or 0.0) if len(study.objectives) == 1 else 0.0
+        self.confirm = Confirmation(max_seeds=run.max_seeds, noise=run.noise) if fraction else None
         self.reserve = Reserve(self.keeper, self.confirm, self.books.reserve_left(fraction * self.budget.seconds),
                                lambda kind, **data: self.emit(kind, **data))  # emit may be rebound (a tracker)
 
@@ -89,17 +96,18 @@ class Controller:
     def _cost_model(self) -> CostModel:
         train = self.space.train
         model = CostModel.for_model(self.space.model, tokens_per_step(train))
-        for t in self.ostudy.get_trials(deepcopy=False):  # a resumed study: learn from what already ran
-            if "train_seconds" in t.user_attrs and t.user_attrs.get("steps", 0) > 0:
-                model.observe(t.user_attrs["features"], t.user_attrs["wall_seconds"], t.user_attrs["steps"],
-                              t.user_attrs["train_seconds"], complete=t.user_attrs.get("state") == "completed")
+        for t in self.store.trials():  # a resumed study: learn from what already ran
+            a = t.user_attrs
+            if Attr.TRAIN_SECONDS in a and a.get(Attr.STEPS, 0) > 0:
+                model.observe(a[Attr.FEATURES], a[Attr.WALL_SECONDS], a[Attr.STEPS], a[Attr.TRAIN_SECONDS],
+                              complete=a.get(Attr.STATE) == State.COMPLETED)
         return model
 
     def noise(self) -> float | None:
         """Seed noise (std): the study's own (its repeated configurations), else the declared one, else None."""
         from allocsearch.study.confidence import estimates, noise_of
 
-        return noise_of(estimates(self.books.rows()), self.study.settings.get("noise"))
+        return noise_of(estimates(self.books.records()), self.execution.noise)
 
     def tune_metrics(self) -> tuple[list[str], list[str]]:
         """The metric names trials report and Tune's modes, one per objective."""
@@ -128,96 +136,125 @@ class Controller:
         multi-objective study is not pruned: stopping on accuracy alone would kill the cheap trials that
         belong on the Pareto front."""
         name = scheduler if len(self.study.objectives) == 1 else "none"
-        careful = self.study.settings.get("noise_aware_stopping", True)
-        return {"scheduler": name, "max_t": int(self.space.train_top("steps", 60)), "grace_period": self._grace_period(),
+        careful = self.execution.noise_aware_stopping
+        return {"scheduler": name, "max_t": self._steps(), "grace_period": self._grace_period(),
                 "margin": (self.noise() or 0.0) if careful else 0.0, "min_pairs": EVIDENCE_PAIRS if careful else 0,
                 "history": self.books.rung_history()}
 
+    def _steps(self) -> int:
+        """The most training steps a trial of the space runs (ASHA's time axis)."""
+        return int(self.space.train_top("steps", TrainConfig.steps))
+
     def _grace_period(self) -> int:
         """Steps to a trial's first checkpoint (ASHA's first rung)."""
-        steps = int(self.space.train_top("steps", 60))
+        steps = self._steps()
         return min(int(self.space.train_top("eval_every", 0) or steps), steps)
 
     # ------------------------------------------------------------------------------ the loop
-    def propose(self):
-        """The next trial's config for Ray, None to ask again later, or "finished"."""
-        if self._user_stop or self.end_reason or self.interrupted:
-            return "finished"
-        if self.pending is None:
-            if self.reserve.phase == "confirm":
-                plan = self.confirm.next(self.books.rows(), {(i["key"], i["seed"]) for i in self.running.values()})
-                if plan == WAIT:
+    def propose(self) -> Launch | str | None:
+        """The next trial to launch, None to ask again later (a running trial may give budget back, the
+        confirmation race waits for its runs), or ``FINISHED``. A phase that ends here (the grid used up,
+        nothing more fits) hands over to the confirmation phase, or ends the search with ``end_reason``."""
+        while not (self._user_stop or self.end_reason or self.interrupted):
+            if self.pending is None:
+                sampled = self._sample()
+                if sampled is WAIT:
                     return None
-                if plan is None:
-                    self.end_reason = f"confirmation ended: {self.confirm.ended}"
-                    return "finished"
-                params, seed, first = plan
-                self.ostudy.enqueue_trial(params, user_attrs={"confirm": first, "seed": seed})
-            trial = self.ostudy.ask()
-            self.pending = (trial, self.space.sample(trial, self.num_layers))
-            if self.study.settings.get("sampler") == "grid" and grid_repeats(self.ostudy, trial):
-                self._not_run(trial, "the grid is used up")
-                self.pending = None
-                if self.reserve.begin(self.books.rows()):
-                    return self.propose()
-                self.end_reason = "every point of the grid has run"
-                return "finished"
+                if sampled is None:
+                    continue  # the search phase ended: the race goes on, or end_reason is set
+                self.pending = sampled
+            admitted = self._admit()
+            if admitted is not _PHASE_OVER:
+                return admitted
+        return FINISHED
+
+    def _sample(self):
+        """(optuna trial, params) of the next trial: the confirmation race's next run, else the sampler's
+        draw; ``WAIT`` while the race waits for its runs; None when a phase ended (``_phase_over``)."""
+        if self.reserve.phase == "confirm":
+            plan = self.confirm.next(self.books.records(), {(r.key, r.seed) for r in self.running.values()})
+            if plan == WAIT:
+                return WAIT
+            if plan is None:
+                self.end_reason = f"confirmation ended: {self.confirm.ended}"
+                return None
+            params, seed, first = plan
+            self.store.enqueue(params, {Attr.CONFIRM: first, Attr.SEED: seed})
+        trial = self.store.ask()
+        params = self.space.sample(trial, self.num_layers)
+        if self.study.settings.get("sampler") == "grid" and grid_repeats(self.store.ostudy, trial):
+            self._phase_over(trial, "the grid is used up", lambda: "every point of the grid has run")
+            return None
+        return trial, params
+
+    def _admit(self) -> Launch | None | object:
+        """The pending trial's ``Launch`` when the budget admits it; None to wait for a running trial's
+        reservation; ``_PHASE_OVER`` when nothing more fits (``_phase_over``)."""
         trial, params = self.pending
         spec = self.space.trial_spec(params, self.num_layers)
-        spec["train"].update(trial.user_attrs.get("oom_retry") or {})  # half the batch, twice the accumulation
+        spec["train"].update(trial.user_attrs.get(Attr.OOM_RETRY) or {})  # half the batch, twice the accumulation
         seed = spec["train"]["seed"] = self._seed(trial, params, int(spec["train"].get("seed", 0)))
         features = trial_features(spec)
         # until the cost model has seen trials its prediction is a guess: admit with room to spare
-        guess = self.cost.predict(features) * self.devices
+        guess = device_seconds(self.cost.predict(features), self.devices)
         predicted = guess * (UNSEEN_FACTOR if self.cost.n_observed < 2 else 1.0)
-        first = self.cost.predict_to_step(features, self._grace_period()) * self.devices
+        first = device_seconds(self.cost.predict_to_step(features, self._grace_period()), self.devices)
         self.reserve.release_if_small(guess)
-        cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running),
-                                whole="confirm" in trial.user_attrs)  # a cut confirmation run counts for nothing
+        whole = Attr.CONFIRM in trial.user_attrs  # a cut confirmation run counts for nothing
+        cap = self.keeper.admit(trial.number, predicted, first, running=len(self.running), whole=whole)
         if cap is None:
             if self.running:
                 return None  # wait for a running trial to give back its reservation
-            self._not_run(trial, "nothing more fits in the budget")
             self.pending = None
-            if self.reserve.begin(self.books.rows()):
-                return self.propose()
-            left = self.budget.format(self.keeper.remaining())
-            self.end_reason = (f"nothing more fits: {left} left, the next trial needs about "
-                               f"{self.budget.format(first)} to its first checkpoint"
-                               + (" (the confirmation reserve is spent)" if self.reserve.phase == "confirm" else ""))
-            return "finished"
+            self._phase_over(trial, "nothing more fits in the budget", lambda: self._nothing_fits(first))
+            return _PHASE_OVER
         self.pending = None
-        number = trial.number
-        spec["name"] = f"trial-{number:04d}"
+        running = RunningTrial(trial=trial, params=params, key=config_key(params), seed=seed, train=spec["train"],
+                               features=features, predicted=predicted, cap=cap)
+        return self._launch(running, spec)
+
+    def _phase_over(self, trial, why: str, end_reason: Callable[[], str]) -> None:
+        """``trial`` will not run (``why``); the search phase is over: the confirmation phase begins with the
+        reserve, or, with nothing to confirm or nothing left to spend, the search ends (``end_reason()``)."""
+        self._not_run(trial, why)
+        if not self.reserve.begin(self.books.records()):
+            self.end_reason = end_reason()
+
+    def _nothing_fits(self, first: float) -> str:
+        left = self.budget.format(self.keeper.remaining())
+        return (f"nothing more fits: {left} left, the next trial needs about {self.budget.format(first)} to its "
+                f"first checkpoint" + (" (the confirmation reserve is spent)" if self.reserve.phase == "confirm" else ""))
+
+    def _launch(self, running: RunningTrial, spec: dict) -> Launch:
+        """Record an admitted trial (its config, its user attrs), keep it as running, tell the listeners."""
+        trial, number, cap = running.trial, running.trial.number, running.cap
+        spec["name"] = trial_name(number)
         self.study.write_trial_config(number, spec)
-        summary = self.space.summarize(params)
+        summary = self.space.summarize(running.params)
         experts = _experts(spec, self.num_layers)
-        for key, value in (("summary", summary), ("predicted_cost", predicted), ("cap", cap), ("seed", seed),
-                           ("features", features), ("session", self.session), ("experts", experts)):
+        for key, value in ((Attr.SUMMARY, summary), (Attr.PREDICTED, running.predicted), (Attr.CAP, cap),
+                           (Attr.SEED, running.seed), (Attr.FEATURES, running.features), (Attr.SESSION, self.session),
+                           (Attr.EXPERTS, experts)):
             trial.set_user_attr(key, value)
+        self.running[number] = running
+        self.emit("admitted", number=number, summary=summary, predicted=running.predicted, cap=cap, experts=experts,
+                  seed=running.seed, confirm=trial.user_attrs.get(Attr.CONFIRM))
         cap_wall = cap if self.budget.unit == "wall" else cap / self.devices
-        self.running[number] = {"trial": trial, "params": params, "features": features, "start": None,
-                                "predicted": predicted, "cap": cap, "last": None,
-                                "reported": set(), "train": spec["train"], "seed": seed, "times": {},
-                                "key": config_key(params)}
-        self.emit("admitted", number=number, summary=summary, predicted=predicted, cap=cap, experts=experts,
-                  seed=seed, confirm=trial.user_attrs.get("confirm"))
-        return {"number": number, "spec": spec, "trial_dir": str(self.study.trial_dir(number).resolve()),
-                "data_dir": self.study.settings.get("data_dir"), "devices": self.devices,
-                "threads": max(1, int(self.study.settings["cpus_per_trial"])),
-                "gpus": float(self.study.settings.get("gpus_per_trial") or 0.0), "cap_wall_seconds": cap_wall,
-                "confirm": "confirm" in trial.user_attrs,  # a confirmation run is never stopped early
-                # a duration on the worker's own clock (nodes' clocks need not agree), less the worker's
-                # start-up, which the controller counts from Tune's start and the worker cannot see
-                "budget_seconds": max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS - self.startup_seconds())}
+        return Launch(number=number, spec=spec, trial_dir=str(self.study.trial_dir(number).resolve()),
+                      data_dir=self.study.settings.get("data_dir"), devices=self.devices,
+                      threads=max(1, int(self.execution.cpus_per_trial)), gpus=float(self.execution.gpus_per_trial),
+                      cap_wall_seconds=cap_wall, confirm=Attr.CONFIRM in trial.user_attrs,
+                      # a duration on the worker's own clock (nodes' clocks need not agree), less the worker's
+                      # start-up, which the controller counts from Tune's start and the worker cannot see
+                      budget_seconds=max(1.0, cap_wall * 0.99 - CAP_SLACK_SECONDS - self.startup_seconds()))
 
     def _seed(self, trial, params: dict, default: int) -> int:
         """A confirmation run's own seed, else ``confirmation.fresh_seed`` (a repeated draw: the next seed)."""
-        if "seed" in trial.user_attrs:
-            return int(trial.user_attrs["seed"])
-        if "retry_of" in trial.user_attrs:
+        if Attr.SEED in trial.user_attrs:
+            return int(trial.user_attrs[Attr.SEED])
+        if Attr.RETRY_OF in trial.user_attrs:
             return default
-        return fresh_seed(self.books.rows(), params, trial.number, default, int(self.study.settings.get("max_seeds", 5)))
+        return fresh_seed(self.books.records(), params, trial.number, default, self.execution.max_seeds)
 
     def startup_seconds(self) -> float:
         """Seconds from Tune starting a trial to its worker's clock starting: the median seen so far."""
@@ -225,7 +262,7 @@ class Controller:
 
     def on_start(self, number: int) -> None:
         if number in self.running:
-            self.running[number]["start"] = self.clock()
+            self.running[number].start = self.clock()
             self.started_any = True
             self.study.ledger.record_trial(number, 0.0, self.devices, session=self.session)
             self.emit("started", number=number)
@@ -234,22 +271,22 @@ class Controller:
         info, report = self.running.get(number), TrialReport.parse(result)
         if info is None or report is None or report.final:
             return
-        if info["last"] is None and info["start"] is not None:
-            self._startups.append(max(0.0, self.clock() - info["start"] - report.wall_seconds))
-        info["last"] = report
+        if info.last is None and info.start is not None:
+            self._startups.append(max(0.0, self.clock() - info.start - report.wall_seconds))
+        info.last = report
         self._beat(number)
         self._report(number, info, report)
 
-    def _report(self, number: int, info: dict, report: TrialReport) -> None:
+    def _report(self, number: int, info: RunningTrial, report: TrialReport) -> None:
         """A validation checkpoint, once per step -> Optuna's intermediate value (single objective) and the
         live view / tracker. Also the checkpoint a scheduler stopped the trial on (Tune passes that one to
         ``on_complete`` only): the value a pruned trial keeps is the one it was judged on."""
-        if report.final or report.step in info["reported"]:
+        if report.final or report.step in info.reported:
             return
-        info["reported"].add(report.step)
-        if info["start"] is not None:  # device-seconds to this checkpoint, as the ledger charges them
-            info["times"][str(report.step)] = round((self.clock() - info["start"]) * self.devices, 3)
-            info["trial"].set_user_attr("checkpoint_seconds", info["times"])
+        info.reported.add(report.step)
+        if info.start is not None:  # device-seconds to this checkpoint, as the ledger charges them
+            info.times[str(report.step)] = round(device_seconds(self.clock() - info.start, self.devices), 3)
+            info.trial.set_user_attr(Attr.CHECKPOINT_SECONDS, info.times)
         if report.objective is not None:
             self.books.report(number, report.step, report.objective)
         self.emit("checkpoint", number=number, step=report.step, objective=report.objective)
@@ -260,44 +297,45 @@ class Controller:
         info = self.running.pop(number, None)
         if info is None:
             return
-        info["wall"] = self.clock() - info["start"] if info["start"] is not None else 0.0
-        self.keeper.finish(number, info["wall"] * self.devices)
+        info.wall = self.clock() - info.start if info.start is not None else 0.0
+        self.keeper.finish(number, device_seconds(info.wall, self.devices))
         if error and number not in self.errors:
             self._dead[number] = info
             return
         self._record(number, info, result, error)
 
-    def _record(self, number: int, info: dict, result: dict | None, error: bool) -> None:
+    def _record(self, number: int, info: RunningTrial, result: dict | None, error: bool) -> None:
         """A trial's end -> the study's records (``Bookkeeper.end``), the cost model, the failure count."""
-        last = TrialReport.parse(result) or info["last"]  # what ended it (Tune passes it here, not to on_result)
+        last = TrialReport.parse(result) or info.last  # what ended it (Tune passes it here, not to on_result)
         if last is not None and not last.final:
             self._report(number, info, last)  # the checkpoint the scheduler (or a stop) acted on reaches Optuna
         state, attrs, payload = self.books.end(
             number, last, error=error, failure=self.errors.pop(number, None) if error else None,
-            user_stop=self._user_stop, wall=info["wall"], devices=self.devices, session=self.session)
-        if attrs.get("train_seconds") and attrs["steps"]:  # a stopped trial teaches its step time only
-            self.cost.observe(info["features"], info["wall"], attrs["steps"], attrs["train_seconds"],
+            user_stop=self._user_stop, wall=info.wall, devices=self.devices, session=self.session)
+        if attrs.get(Attr.TRAIN_SECONDS) and attrs[Attr.STEPS]:  # a stopped trial teaches its step time only
+            self.cost.observe(info.features, info.wall, attrs[Attr.STEPS], attrs[Attr.TRAIN_SECONDS],
                               complete=payload.get("status") == "completed")
-        self.failed_this_session |= state in ENDED_BADLY
-        if state == "oom":
+        self.failed_this_session |= state in State.ENDED_BADLY
+        if state == State.OOM:
             self._retry_smaller(number, info)
-        if state != "oom":  # a configuration too big for the device is no sign of a broken search
-            self.failures_in_row = self.failures_in_row + 1 if state == "failed" else 0
-        if self.failures_in_row >= self.max_failures:
-            self.end_reason = (f"{self.failures_in_row} trials in a row failed (last: {attrs.get('failure')}); "
+        if state != State.OOM:  # a configuration too big for the device is no sign of a broken search
+            self.failures_in_row = self.failures_in_row + 1 if state == State.FAILED else 0
+        if self.failures_in_row >= self.execution.max_failures:
+            self.end_reason = (f"{self.failures_in_row} trials in a row failed (last: {attrs.get(Attr.FAILURE)}); "
                                f"fix the cause and start again (--max-failures sets the limit)")
-        self.emit("finished", number=number, state=state, objective=attrs.get("objective"),
-                  spend=attrs["device_seconds"], reason=attrs.get("failure") or attrs.get("stop_reason"))
+        best = best_of(self.books.records(), self.execution.noise)  # THE best, as status and MLflow show it
+        self.emit("finished", number=number, state=state, objective=attrs.get(Attr.OBJECTIVE),
+                  spend=attrs[Attr.DEVICE_SECONDS], reason=attrs.get(Attr.FAILURE) or attrs.get(Attr.STOP_REASON),
+                  best=best.to_dict() if best else None)
 
-    def _retry_smaller(self, number: int, info: dict) -> None:
+    def _retry_smaller(self, number: int, info: RunningTrial) -> None:
         """An out-of-memory trial runs once more with half the batch and twice the gradient accumulation
         (the same examples per optimizer step, so the same configuration), unless it was that retry."""
-        train = info["train"]
-        batch, accum = int(train.get("batch_size", 8)), int(train.get("grad_accum", 1))
-        if info["trial"].user_attrs.get("oom_retry") or batch < 2:
+        batch, accum = int(info.train.get("batch_size", 8)), int(info.train.get("grad_accum", 1))
+        if info.trial.user_attrs.get(Attr.OOM_RETRY) or batch < 2:
             return
         retry = {"batch_size": batch // 2, "grad_accum": accum * 2}
-        self.ostudy.enqueue_trial(info["params"], user_attrs={"retry_of": number, "oom_retry": retry})
+        self.store.enqueue(info.params, {Attr.RETRY_OF: number, Attr.OOM_RETRY: retry})
         self.emit("oom_retry", number=number, **retry)
 
     def note_error(self, number: int, reason: str) -> None:
@@ -327,10 +365,10 @@ class Controller:
 
     def _beat(self, number: int) -> None:
         info = self.running[number]
-        if info["start"] is not None:
-            wall = self.clock() - info["start"]
+        if info.start is not None:
+            wall = self.clock() - info.start
             self.study.ledger.record_trial(number, wall, self.devices, session=self.session)
-            self.keeper.update(number, wall * self.devices)
+            self.keeper.update(number, device_seconds(wall, self.devices))
 
     def stopping(self) -> bool:
         return self._user_stop
@@ -350,8 +388,8 @@ class Controller:
     def _requeue(self, trial, params: dict, **attrs) -> None:
         """A configuration that never ran (or ran without a measurement) goes back to the front of the
         queue with what marks it (a paper prior, a retry), so the next start runs it first."""
-        keep = {k: v for k, v in trial.user_attrs.items() if k in ("prior", "retry_of", "oom_retry")}
-        self.ostudy.enqueue_trial(params, user_attrs={**keep, **attrs})
+        keep = {k: v for k, v in trial.user_attrs.items() if k in (Attr.PRIOR, Attr.RETRY_OF, Attr.OOM_RETRY)}
+        self.store.enqueue(params, {**keep, **attrs})
 
     # ------------------------------------------------------------------------------ the end
     def close(self, interrupted: str | None = None) -> None:
@@ -361,18 +399,18 @@ class Controller:
         self._flush_dead()
         for number in list(self.running):
             info = self.running[number]
-            if info["start"] is None:
+            if info.start is None:
                 self.running.pop(number)
-                self._not_run(info["trial"], "admitted but not started when the search ended")
-                self._requeue(info["trial"], info["params"])
+                self._not_run(info.trial, "admitted but not started when the search ended")
+                self._requeue(info.trial, info.params)
                 continue
             if interrupted:
                 self._user_stop = True
                 self.errors[number] = f"stopped by the user ({interrupted}) before its first checkpoint"
-            self.on_complete(number, None, error=info["last"] is None)
-            if interrupted and info["last"] is None:
+            self.on_complete(number, None, error=info.last is None)
+            if interrupted and info.last is None:
                 # nothing measured yet, and not the trial's fault: its configuration runs first next time
-                self._requeue(info["trial"], info["params"], retry_of=number)
+                self._requeue(info.trial, info.params, retry_of=number)
         if self.pending is not None:
             self._not_run(self.pending[0], "sampled when the search ended")
             self._requeue(*self.pending)
@@ -389,8 +427,6 @@ class Controller:
 
 def _experts(spec: dict, num_layers: int) -> list[int] | None:
     """Experts per layer of a trial's allocation (what status and the live view draw)."""
-    from allocsearch.training.trial import resolve_allocation
-
     try:
         return resolve_allocation(spec["allocation"], num_layers).experts
     except Exception:  # noqa: BLE001 - drawing only; the trial itself reports a bad allocation

@@ -49,7 +49,7 @@ class TrialReport:
     @classmethod
     def from_result(cls, result: dict) -> "TrialReport":
         """The final report a worker sends for ``result`` (a ``TrialResult.to_dict`` / results.json)."""
-        from allocsearch.training.trial import result_objective
+        from allocsearch.training.scoring import result_objective
 
         return cls(step=int(result.get("steps") or 0), final=True, status=result.get("status"),
                    failure=result.get("failure"), trainable_params=result.get("trainable_params"),

@@ -120,19 +120,18 @@ class Rungs:
         return False
 
 
-def agreement(trials: list[dict]) -> list[dict]:
+def agreement(trials) -> list[dict]:
     """What a study's records say of its rungs: for each rung before the end, the Spearman correlation of
     the completed trials' checkpoint there with their final score (the evidence ``Rungs.trusted`` decides
-    on; confirmation runs are never judged at a rung, so they are left out). ``trials``: rows with state,
-    objective, confirm, steps and intermediate ({step: value}), as ``analysis.load_trials`` gives them."""
-    done = [t for t in trials if t.get("state") == "completed" and t.get("objective") is not None
-            and t.get("confirm") is None and t.get("intermediate")]
+    on; confirmation runs are never judged at a rung, so they are left out). ``trials``: the study's
+    ``TrialRecord`` s."""
+    done = [t for t in trials if t.completed and t.confirm_of is None and t.intermediate]
     if not done:
         return []
-    steps = sorted({int(k) for t in done for k in t["intermediate"]})
-    max_t = max(int(t.get("steps") or steps[-1]) for t in done)
+    steps = sorted({int(k) for t in done for k in t.intermediate})
+    max_t = max(int(t.steps or steps[-1]) for t in done)
     rungs = Rungs(max(max_t, steps[0]), steps[0])
-    judged = [(rungs.judged_at(t["intermediate"]), t["objective"]) for t in done]
+    judged = [(rungs.judged_at(t.intermediate), t.objective) for t in done]
     out = []
     for m in (m for m in rungs.milestones if m < max_t):
         pairs = [(at[m], final) for at, final in judged if m in at]

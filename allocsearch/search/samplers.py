@@ -2,7 +2,7 @@
 
 - ``tpe`` (default): multivariate, grouped, constant liar for parallel trials; ``nsga2`` for several
   objectives; ``random``; ``grid``: Optuna's ``BruteForceSampler`` over a finite space.
-- Trials that ran out of memory are infeasible (``user_attrs["infeasible"] = 1``), and TPE and NSGA-II learn
+- Trials that ran out of memory are infeasible (``user attr ``infeasible`` = 1``), and TPE and NSGA-II learn
   to stay away from configurations that do not fit the device: Optuna >= 5 reads each ended trial's
   constraint (:func:`record_feasibility`, what ``Trial.set_constraint`` writes; ``constraints_func`` is
   deprecated there); Optuna 4 gets the constraints function :func:`infeasibility`.
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import warnings
 
+from allocsearch.study.records import Attr
+
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 
 
 def infeasibility(trial) -> list[float]:
     """Optuna constraints (> 0: violated): out of memory on the device it ran on."""
-    return [float(trial.user_attrs.get("infeasible", 0.0))]
+    return [float(trial.user_attrs.get(Attr.INFEASIBLE, 0.0))]
 
 
 OUT_OF_MEMORY = "out_of_memory"  # the constraint's name
@@ -32,12 +34,12 @@ def reads_trial_constraints() -> bool:
     return int(optuna.__version__.split(".")[0]) >= 5
 
 
-def record_feasibility(storage, trial_id: int, infeasible: float) -> None:
-    """Store an ending trial's constraint (> 0: infeasible) where Optuna >= 5 samplers read it: the system
-    attr ``Trial.set_constraint(OUT_OF_MEMORY, value)`` writes. The controller tells trials by number
-    through the storage (a resumed search has no live ``Trial``), so it writes the same attr there."""
+def record_feasibility(store, number: int, infeasible: float) -> None:
+    """Store an ending trial's constraint (> 0: infeasible) where Optuna >= 5 samplers read it (what
+    ``Trial.set_constraint(OUT_OF_MEMORY, value)`` writes; ``store``: the study's ``TrialStore``). The
+    controller tells trials by number (a resumed search has no live ``Trial``)."""
     if reads_trial_constraints():
-        storage.set_trial_system_attr(trial_id, f"constraints:{OUT_OF_MEMORY}", float(infeasible))
+        store.set_constraint(number, OUT_OF_MEMORY, infeasible)
 
 
 def session_seed(seed: int, session: int) -> int:
@@ -74,7 +76,11 @@ def _grid_sampler(seed: int):
         def after_trial(self, study, trial, state, values) -> None:
             super().after_trial(_NoStop(study, self), trial, state, values)
 
-    return GridSampler(seed=seed)
+    import optuna
+
+    with warnings.catch_warnings():  # BruteForceSampler is experimental in Optuna, and chosen on purpose here
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return GridSampler(seed=seed)
 
 
 class _NoStop:
@@ -94,7 +100,7 @@ def grid_repeats(study, trial) -> bool:
     """Whether ``trial``'s sampled point is one a trial already ran or runs (the grid has no new point)."""
     from optuna.trial import TrialState
 
-    if "retry_of" in trial.user_attrs:
+    if Attr.RETRY_OF in trial.user_attrs:
         return False  # a point run again on purpose (a crash or out-of-memory retry)
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return any(t.number != trial.number and t.params == trial.params

@@ -13,13 +13,10 @@ from typing import Callable
 from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
 from allocsearch.search.samplers import SAMPLERS, make_sampler, session_seed
-from allocsearch.study.folder import DEFAULT_WORKDIR, Study, StudyError, check_name, parse_objectives
+from allocsearch.study.folder import DEFAULT_WORKDIR, Files, Study, StudyError, check_name, parse_objectives
+from allocsearch.study.settings import EXECUTION_DEFAULTS
 
 SCHEDULERS = ("asha", "none")
-# how a study runs, free to change on resume; a resume keeps the stored value of each option not given
-EXECUTION_DEFAULTS = {"scheduler": "asha", "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "max_failures": 5,
-                      "mlflow": True, "ray_address": None, "max_concurrent": None, "tracking_uri": None,
-                      "confirm": 0.2, "noise": None}
 DEFAULT_SPACE = "joint"
 
 
@@ -71,7 +68,7 @@ def prepare(opts: StartOptions):
     check_name(name)
     if Study.exists(workdir, name):
         study = Study.open(workdir, name)
-        space = SearchSpace.from_dict(_read_space(study), source=str(study.root / "space.yaml"))
+        space = SearchSpace.from_dict(_read_space(study), source=str(study.root / Files.SPACE))
         new = {}
         if opts.space is not None:
             candidate = _with(load_space(resolve_space_path(opts.space)), opts.model, data)
@@ -117,7 +114,7 @@ def prepare(opts: StartOptions):
 def _execution(opts: StartOptions, stored: dict | None) -> dict:
     """Execution choices: a new study takes the given values or the defaults; a resumed one changes only
     what this start gives (``start --budget 2gpu-h`` keeps the study's GPUs, scheduler, cluster, ...)."""
-    given = {key: getattr(opts, key) for key in EXECUTION_DEFAULTS if getattr(opts, key) is not None}
+    given = {key: getattr(opts, key) for key in EXECUTION_DEFAULTS if getattr(opts, key, None) is not None}
     if opts.sampler is not None:
         given["sampler"] = opts.sampler
     return given if stored is not None else {**EXECUTION_DEFAULTS, **given}
@@ -171,7 +168,7 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
     warnings.filterwarnings("ignore", module=r"optuna\..*")  # experimental-feature notes on every trial
     study, space, num_layers, created = prepare(opts)
     s = study.settings
-    stored = None if created else (study.root / "study.json").read_text(encoding="utf-8")
+    stored = None if created else (study.root / Files.SETTINGS).read_text(encoding="utf-8")
     locked = False
     listeners: list = []
     controller = None
@@ -203,7 +200,7 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
         elif refused and stored is not None and locked:
             from allocsearch.fileio import write_text_atomic
 
-            write_text_atomic(study.root / "study.json", stored)  # the settings it had before this start
+            write_text_atomic(study.root / Files.SETTINGS, stored)  # the settings it had before this start
         raise
     for listener in listeners:
         listener.close(controller.end_reason)
@@ -250,8 +247,8 @@ def _data_override(path: str | None) -> dict | None:
 def _read_space(study: Study) -> dict:
     from allocsearch.fileio import read_yaml
 
-    data = read_yaml(study.root / "space.yaml", "study space", StudyError)
+    data = read_yaml(study.root / Files.SPACE, "study space", StudyError)
     if not isinstance(data, dict):
-        raise StudyError(f"{study.root / 'space.yaml'} is corrupt; fix: restore it or start a new study")
+        raise StudyError(f"{study.root / Files.SPACE} is corrupt; fix: restore it or start a new study")
     return data
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from allocsearch.study.records import State, TrialRecord
 
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -69,20 +72,19 @@ class Estimate:
 
 
 def estimates(rows) -> list[Estimate]:
-    """Completed trials (rows with number, state, objective, params and seed) grouped by configuration,
-    best mean first. A seed run twice (a retry) counts once: its first completed trial."""
+    """Completed trials (``records.TrialRecord`` rows) grouped by configuration, best mean first. A seed run
+    twice (a retry) counts once: its first completed trial."""
     out: dict[str, Estimate] = {}
     stopped: dict[str, set] = {}
-    for r in sorted(rows, key=lambda r: r["number"]):
-        if r.get("state") == "pruned" and r.get("params"):
-            stopped.setdefault(config_key(r["params"]), set()).add(r.get("seed", 0))
-        if r.get("state") != "completed" or r.get("objective") is None or not r.get("params"):
+    for r in sorted(rows, key=lambda r: r.number):
+        if r.state == State.PRUNED and r.params:
+            stopped.setdefault(config_key(r.params), set()).add(r.seed)
+        if r.state != State.COMPLETED or r.objective is None or not r.params:
             continue
-        key = config_key(r["params"])
-        est = out.setdefault(key, Estimate(key, dict(r["params"])))
-        seed = r.get("seed", 0)
-        if seed not in est.values:
-            est.values[seed], est.trials[seed] = float(r["objective"]), r["number"]
+        key = config_key(r.params)
+        est = out.setdefault(key, Estimate(key, dict(r.params)))
+        if r.seed not in est.values:
+            est.values[r.seed], est.trials[r.seed] = float(r.objective), r.number
     for key, est in out.items():
         est.stopped = stopped.get(key, set()) - set(est.values)
     return sorted(out.values(), key=lambda e: (-e.mean, e.first_trial()))
@@ -159,9 +161,8 @@ def beyond_noise(best: Estimate, other: Estimate, noise: float | None) -> bool:
 
 
 def raced(rows) -> set[str]:
-    """The configurations a confirmation race re-ran to the end (completed rows with a ``confirm`` link)."""
-    return {config_key(r["params"]) for r in rows
-            if r.get("confirm") is not None and r.get("params") and r.get("state") == "completed"}
+    """The configurations a confirmation race re-ran to the end (completed confirmation runs)."""
+    return {config_key(r.params) for r in rows if r.confirm_of is not None and r.params and r.state == State.COMPLETED}
 
 
 def winner(ests: list[Estimate], race: set[str] | None = None, noise: float | None = None) -> Estimate | None:
@@ -220,5 +221,51 @@ def finalist_mark(f: dict, ev: dict) -> str:
     return "tied, 1 seed" if f["n"] == 1 and f["mean"] > ev["winner"]["mean"] else "tied"
 
 
-__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "beyond_noise", "config_key", "estimates", "evidence", "finalist_mark", "noise_of", "pooled_noise",
-           "raced", "separated", "spread_bound", "t95", "winner", "winner_of"]
+@dataclass(frozen=True)
+class Best:
+    """THE best of a study: the configuration to export (:func:`winner`) and its
+    score, the mean over the seeds it ran on (one seed: that run's objective)."""
+
+    trial: int  # the configuration's first completed trial: its folder, its MLflow run, what export writes
+    value: float  # mean objective over its seeds
+    n: int  # seeds it completed on
+    trials: list  # every completed run of it
+    params: dict
+    summary: str = ""
+    experts: list | None = None
+
+    def label(self) -> str:
+        """``0.8308 (mean of 2 seeds)`` or ``0.8354 (1 seed)``."""
+        return f"{self.value:.4f} " + (f"(mean of {self.n} seeds)" if self.n > 1 else "(1 seed)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def best_of(records: Iterable[TrialRecord], noise: float | None = None) -> Best | None:
+    """The study's best (None before any completed trial): the winner of :func:`winner_of` (the best
+    mean among the configurations a confirmation race re-ran, else among all), scored by its mean over
+    seeds. ``noise``: the study's declared seed noise, as every reader passes it."""
+    records = list(records)
+    win = winner_of(records, noise)
+    if win is None:
+        return None
+    first = next(r for r in records if r.number == win.first_trial())
+    return Best(trial=first.number, value=win.mean, n=win.n, trials=sorted(win.trials.values()),
+                params=dict(win.params), summary=first.summary, experts=first.experts)
+
+
+def configuration_score(records: Iterable[TrialRecord], number: int) -> tuple[float, int] | None:
+    """(mean over seeds, seeds) of the configuration trial ``number`` ran, over its completed runs."""
+    records = list(records)
+    row = next((r for r in records if r.number == number), None)
+    if row is None or not row.params:
+        return None
+    key = config_key(row.params)
+    est = next((e for e in estimates(records) if e.key == key), None)
+    return (est.mean, est.n) if est else None
+
+
+__all__ = ["Best", "Estimate", "MIN_POOLED", "MIN_SPREAD", "best_of", "beyond_noise", "config_key",
+           "configuration_score", "estimates", "evidence", "finalist_mark", "noise_of", "pooled_noise", "raced",
+           "separated", "spread_bound", "t95", "winner", "winner_of"]

@@ -30,20 +30,34 @@ from allocsearch.study.ledger import Ledger
 
 STUDY_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_WORKDIR = "allocsearch-runs"  # where studies live unless --workdir says otherwise
+MEMORY = ":memory:"  # the storage of a replayed search's study: Optuna's in-memory storage
 # settings a resumed study must keep: changing them would mix incomparable trials in one study
 FIXED_ON_RESUME = ("model", "data", "objectives", "space_fingerprint", "storage")
-OBJECTIVES = {"accuracy": ("objective", "maximize"), "params": ("trainable_params", "minimize"),
-              "device_seconds": ("device_seconds", "minimize")}
+# --objectives name -> (the metric a trial reports it under, its direction)
+STUDY_OBJECTIVES = {"accuracy": ("objective", "maximize"), "params": ("trainable_params", "minimize"),
+                    "device_seconds": ("device_seconds", "minimize")}
 CRASHED = "the controller stopped (killed or crashed) while this trial was running"
 NOT_STARTED = "sampled but not started before the controller stopped"
-MEMORY = ":memory:"
-DEFAULT_WORKDIR = "allocsearch-runs"  # where studies live unless --workdir says otherwise  # the storage of a replayed search's study: Optuna's in-memory storage
 
+
+class Files:
+    """The names in a study folder, and in each trial's folder (``trials/0007/``)."""
+
+    SETTINGS, SPACE, OPTUNA, LEDGER = "study.json", "space.yaml", "optuna.db", "ledger.jsonl"
+    TRIALS, RAY, LOCK, STOP, MLFLOW = "trials", "ray", "controller.lock", "STOP", "mlflow.json"
+    TRIAL_CONFIG, RESULTS, ADAPTER = "trial.yaml", "results.json", "adapter"  # in a trial's folder
 
 
 def trial_dir(root: str | os.PathLike, number: int) -> Path:
     """A trial's folder in a study directory: ``trials/NNNN`` (trial.yaml, results.json, adapter/)."""
-    return Path(root) / "trials" / f"{int(number):04d}"
+    return Path(root) / Files.TRIALS / f"{int(number):04d}"
+
+
+def trial_name(number: int) -> str:
+    """A trial's name outside its study folder: its Ray trial, its MLflow run, its exported file."""
+    return f"trial-{int(number):04d}"
+
 
 class StudyError(AllocsearchError):
     """A study that cannot be created, opened or resumed as asked."""
@@ -57,10 +71,23 @@ def check_name(name: str, what: str = "study name") -> str:
     return name
 
 
+def pick_study(workdir: str | os.PathLike, name: str | None) -> str:
+    """The study ``--study`` / ``--workdir`` name: ``name`` (checked), else the only study in ``workdir``."""
+    if name is not None:
+        return check_name(name)
+    names = Study.list(workdir)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise StudyError(f"no study in {workdir}; fix: start one with 'allocsearch start --budget 0.25cpu-h' "
+                         f"or pass --workdir")
+    raise StudyError(f"{workdir} holds several studies ({', '.join(names)}); fix: pass --study NAME")
+
+
 def parse_objectives(text: str | list[str]) -> list[str]:
     """``accuracy`` (default), ``accuracy,params`` or ``accuracy,device_seconds``."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    if not names or names[0] != "accuracy" or len(names) > 2 or any(n not in OBJECTIVES for n in names) \
+    if not names or names[0] != "accuracy" or len(names) > 2 or any(n not in STUDY_OBJECTIVES for n in names) \
             or len(set(names)) != len(names):
         raise StudyError(f"objectives {text!r} are not supported; use accuracy, accuracy,params or "
                          f"accuracy,device_seconds")
@@ -68,12 +95,12 @@ def parse_objectives(text: str | list[str]) -> list[str]:
 
 
 def directions(objectives: list[str]) -> list[str]:
-    return [OBJECTIVES[o][1] for o in objectives]
+    return [STUDY_OBJECTIVES[o][1] for o in objectives]
 
 
 def metric_names(objectives: list[str]) -> list[str]:
     """The names the trials report each objective under."""
-    return [OBJECTIVES[o][0] for o in objectives]
+    return [STUDY_OBJECTIVES[o][0] for o in objectives]
 
 
 class Study:
@@ -83,7 +110,7 @@ class Study:
         self.root = Path(root)
         self.settings = settings
         self.name = settings["name"]
-        self.ledger = Ledger(self.root / "ledger.jsonl")
+        self.ledger = Ledger(self.root / Files.LEDGER)
 
     # ---------------------------------------------------------------------------- create / open
     @staticmethod
@@ -92,24 +119,24 @@ class Study:
 
     @classmethod
     def exists(cls, workdir, name: str) -> bool:
-        return (cls.path(workdir, name) / "study.json").is_file()
+        return (cls.path(workdir, name) / Files.SETTINGS).is_file()
 
     @classmethod
     def create(cls, workdir, settings: dict, space_yaml: str) -> "Study":
         root = cls.path(workdir, settings["name"])
-        if (root / "study.json").exists():
+        if (root / Files.SETTINGS).exists():
             raise StudyError(f"study {settings['name']!r} already exists in {workdir}")
         settings = {**settings, "version": STUDY_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         settings.setdefault("storage", None)
-        (root / "trials").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(root / "space.yaml", space_yaml)
-        write_text_atomic(root / "study.json", json.dumps(settings, indent=2))  # last: marks it complete
+        (root / Files.TRIALS).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(root / Files.SPACE, space_yaml)
+        write_text_atomic(root / Files.SETTINGS, json.dumps(settings, indent=2))  # last: marks it complete
         return cls(root, settings)
 
     @classmethod
     def open(cls, workdir, name: str) -> "Study":
         root = cls.path(workdir, name)
-        path = root / "study.json"
+        path = root / Files.SETTINGS
         if not path.is_file():
             raise StudyError(f"no study {name!r} in {workdir}; fix: check --study and --workdir "
                              f"(allocsearch status --workdir {workdir} lists the studies)")
@@ -153,7 +180,7 @@ class Study:
     def save_settings(self, **changes) -> None:
         """Write study.json (with ``changes``): only by the controller holding the lock."""
         self.settings = {**self.settings, **changes}
-        write_text_atomic(self.root / "study.json", json.dumps(self.settings, indent=2))
+        write_text_atomic(self.root / Files.SETTINGS, json.dumps(self.settings, indent=2))
 
     # ---------------------------------------------------------------------------- parts
     @property
@@ -182,7 +209,7 @@ class Study:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Held by the running controller: a second controller on the same study fails with one line."""
-        path = self.root / "controller.lock"
+        path = self.root / Files.LOCK
         fh = open(path, "a+", encoding="utf-8")
         try:
             try:
@@ -203,7 +230,7 @@ class Study:
 
     def running_pid(self) -> int | None:
         """The pid of the controller holding the lock, or None when no search is running."""
-        path = self.root / "controller.lock"
+        path = self.root / Files.LOCK
         if not path.exists():
             return None
         with open(path, "a+", encoding="utf-8") as fh:
@@ -217,21 +244,21 @@ class Study:
         return None
 
     def request_stop(self) -> None:
-        write_text_atomic(self.root / "STOP", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_text_atomic(self.root / Files.STOP, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def stop_requested(self) -> bool:
-        return (self.root / "STOP").exists()
+        return (self.root / Files.STOP).exists()
 
     def clear_stop(self) -> None:
-        (self.root / "STOP").unlink(missing_ok=True)
+        (self.root / Files.STOP).unlink(missing_ok=True)
 
     def write_trial_config(self, number: int, spec: dict) -> Path:
         import yaml
 
-        return write_text_atomic(self.trial_dir(number) / "trial.yaml", yaml.safe_dump(spec, sort_keys=False))
+        return write_text_atomic(self.trial_dir(number) / Files.TRIAL_CONFIG, yaml.safe_dump(spec, sort_keys=False))
 
     def read_result(self, number: int) -> dict | None:
-        path = self.trial_dir(number) / "results.json"
+        path = self.trial_dir(number) / Files.RESULTS
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -39,8 +39,7 @@ class Ledger:
     def _reset(self) -> None:
         self._offset = 0  # bytes parsed so far (always just after a newline)
         self._records: list[dict] = []
-        self._trial_max: dict[tuple[int, int], float] = {}  # (number, session) -> max seconds x devices
-        self._session_max: dict[int, float] = {}
+        self._tally = _Tally()
         self._final: set[int] = set()
         self._max_session = -1
         self.skipped = 0  # lines that were not a valid record (torn writes)
@@ -100,20 +99,12 @@ class Ledger:
             return
         try:
             rec = json.loads(line)
-            kind, session, seconds = rec["kind"], int(rec["session"]), _amount(rec["seconds"], "seconds")
-            if kind == "trial":
-                number, spend = int(rec["number"]), seconds * _amount(rec["devices"], "devices")
-                key = (number, session)
-                self._trial_max[key] = max(self._trial_max.get(key, 0.0), spend)
-                if rec.get("final"):
-                    self._final.add(number)
-            elif kind == "session":
-                self._session_max[session] = max(self._session_max.get(session, 0.0), seconds)
-            else:
-                raise ValueError(kind)
+            session = self._tally.add(rec)
         except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
             self.skipped += 1
             return
+        if rec["kind"] == "trial" and rec.get("final"):
+            self._final.add(int(rec["number"]))
         self._max_session = max(self._max_session, session)
         self._records.append(rec)
 
@@ -125,19 +116,25 @@ class Ledger:
     def trial_spend(self) -> dict[int, float]:
         """Device-seconds per trial number (all sessions)."""
         self._refresh()
-        out: dict[int, float] = {}
-        for (number, _), spend in self._trial_max.items():
-            out[number] = out.get(number, 0.0) + spend
-        return out
+        return self._tally.trial_spend()
 
     def spent(self, unit: str) -> float:
         """Device-seconds of all trials (``gpu``/``cpu``) or active wall seconds of all sessions (``wall``)."""
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}, not {unit!r}")
         self._refresh()
-        if unit == "wall":
-            return sum(self._session_max.values())
-        return sum(self._trial_max.values())
+        return self._tally.spent(unit)
+
+    def timeline(self, unit: str) -> list[tuple[float, float]] | None:
+        """(time, spend so far in ``unit``) after each record, by the rule ``spent`` uses; None when a record
+        carries no time (a ledger written before records were timed)."""
+        tally, out = _Tally(), []
+        for rec in self.records():
+            if not isinstance(rec.get("time"), (int, float)):
+                return None
+            tally.add(rec)
+            out.append((float(rec["time"]), tally.spent(unit)))
+        return out
 
     def finished_trials(self) -> set[int]:
         """Trial numbers with a ``final`` record."""
@@ -148,6 +145,41 @@ class Ledger:
         """One more than the largest session number recorded (0 for an empty ledger)."""
         self._refresh()
         return self._max_session + 1
+
+
+class _Tally:
+    """The spend rule, in one place: a trial's spend is, summed over the sessions it ran in, its largest
+    ``seconds x devices`` in that session; wall spend is the sum of each session's largest ``seconds``."""
+
+    def __init__(self):
+        self.trial_max: dict[tuple[int, int], float] = {}  # (number, session) -> max seconds x devices
+        self.session_max: dict[int, float] = {}
+
+    def add(self, rec: dict) -> int:
+        """Count one record (raises on a malformed one); returns its session."""
+        kind, session, seconds = rec["kind"], int(rec["session"]), _amount(rec["seconds"], "seconds")
+        if kind == "trial":
+            key, spend = (int(rec["number"]), session), device_seconds(seconds, _amount(rec["devices"], "devices"))
+            self.trial_max[key] = max(self.trial_max.get(key, 0.0), spend)
+        elif kind == "session":
+            self.session_max[session] = max(self.session_max.get(session, 0.0), seconds)
+        else:
+            raise ValueError(kind)
+        return session
+
+    def trial_spend(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for (number, _), spend in self.trial_max.items():
+            out[number] = out.get(number, 0.0) + spend
+        return out
+
+    def spent(self, unit: str) -> float:
+        return sum(self.session_max.values()) if unit == "wall" else sum(self.trial_max.values())
+
+
+def device_seconds(wall_seconds: float, devices: float) -> float:
+    """What a trial costs: its wall seconds times the devices it holds (GPUs, CPU cores; 1 for a wall budget)."""
+    return wall_seconds * devices
 
 
 def _index(value: int, name: str) -> int:

@@ -9,11 +9,17 @@ import re
 import shutil
 from pathlib import Path
 
+from allocsearch.allocation.config import resolve_allocation
+from allocsearch.allocation.shapes import group_sizes
 from allocsearch.fileio import read_json_object as read_json
+from allocsearch.study.folder import CRASHED, Files, Study
+from allocsearch.study.records import Attr, State, state_of
+from allocsearch.study.storage import TrialStore
+from allocsearch.training.scoring import OBJECTIVE_METRIC
 
 GROUPS = 4  # the per-layer allocation is summarised as means over this many contiguous layer groups
-END_STATUS = {"completed": "FINISHED", "pruned": "FINISHED", "oom": "FAILED", "failed": "FAILED",
-              "crashed": "FAILED", "not_run": "KILLED"}
+END_STATUS = {State.COMPLETED: "FINISHED", State.PRUNED: "FINISHED", State.OOM: "FAILED", State.FAILED: "FAILED",
+              State.CRASHED: "FAILED", State.NOT_RUN: "KILLED"}  # a trial's state -> its MLflow run's end status
 ENDED_BY_SEARCH = "the search ended while the trial was running"
 
 
@@ -84,8 +90,6 @@ def resolve(alloc, num_layers: int) -> dict | None:
     if not isinstance(alloc, dict):
         return None
     try:
-        from allocsearch.training.trial import resolve_allocation
-
         return resolve_allocation(alloc, num_layers or int(alloc.get("num_layers", 0))).to_dict()
     except Exception:  # noqa: BLE001 - a summary only: the raw allocation is still logged
         return alloc if isinstance(alloc.get("experts"), list) else None
@@ -96,8 +100,6 @@ def allocation_params(alloc: dict, num_layers: int) -> dict:
     full = resolve(alloc, num_layers)
     if full is None:
         return {f"allocation.{k}": v for k, v in alloc.items()}
-    from allocsearch.allocation.shapes import group_sizes
-
     n = len(full["experts"])
     out = {"method": full.get("method"), "num_layers": n, "experts_total": sum(full["experts"]),
            "alpha": full.get("alpha"), "dropout": full.get("dropout"), "targets": full.get("targets"),
@@ -117,7 +119,7 @@ def result_metrics(r: dict, ts: int) -> list:
     out = []
     for split, prefix in (("validation", "val"), ("test", "test")):
         m = r.get(split) or {}
-        for key in ("macro_balanced_accuracy", "macro_accuracy"):
+        for key in (OBJECTIVE_METRIC, "macro_accuracy"):
             out.append((f"{prefix}.{key}", m.get(key), ts, step))
         for task, tm in (m.get("tasks") or {}).items():
             out += [(f"{prefix}.{task}.{k}", tm.get(k), ts, step) for k in ("balanced_accuracy", "accuracy")]
@@ -130,19 +132,15 @@ def result_metrics(r: dict, ts: int) -> list:
 
 
 def outcome(t) -> tuple[str, str | None]:
-    """(our state, reason) of an Optuna trial that is not running any more (``trial_state.state_of``)."""
-    from allocsearch.study.records import state_of
-
+    """(our state, reason) of an Optuna trial that is not running any more (``records.state_of``)."""
     if t is None:
-        return "crashed", "no record of the trial in the Optuna storage"
+        return State.CRASHED, "no record of the trial in the Optuna storage"
     state, reason = state_of(t)
-    if state == "running":
-        return "crashed", ENDED_BY_SEARCH
-    if state == "queued":
-        return "not_run", reason or "never started"
-    if state == "crashed" and reason is None:
-        from allocsearch.study.folder import CRASHED
-
+    if state == State.RUNNING:
+        return State.CRASHED, ENDED_BY_SEARCH
+    if state == State.QUEUED:
+        return State.NOT_RUN, reason or "never started"
+    if state == State.CRASHED and reason is None:
         reason = CRASHED
     return state, reason
 
@@ -163,19 +161,20 @@ def trial_params(spec: dict, num_layers: int, t) -> tuple[dict, dict]:
     attrs = t.user_attrs if t is not None else {}
     if t is not None:
         params.update({f"optuna.{k}": v for k, v in t.params.items()})
-    tags = {"method": params.get("method"), "mlflow.note.content": attrs.get("summary"),
-            "summary": attrs.get("summary"), "prior": attrs.get("prior"), "retry_of": attrs.get("retry_of")}
+    tags = {"method": params.get("method"), "mlflow.note.content": attrs.get(Attr.SUMMARY),
+            "summary": attrs.get(Attr.SUMMARY), "prior": attrs.get(Attr.PRIOR), "retry_of": attrs.get(Attr.RETRY_OF),
+            "seed": attrs.get(Attr.SEED), "confirms": attrs.get(Attr.CONFIRM)}
     return params, tags
 
 
 def trial_artifacts(folder: Path, number: int, num_layers: int, dest: Path) -> bool:
     """trial.yaml, results.json, the adapter's allocation.yaml and the two plots, copied / drawn into
     ``dest``; False when there is nothing."""
-    result = read_json(folder / "results.json") or {}
-    for src in (folder / "trial.yaml", folder / "results.json", folder / "adapter" / "allocation.yaml"):
+    result = read_json(folder / Files.RESULTS) or {}
+    for src in (folder / Files.TRIAL_CONFIG, folder / Files.RESULTS, folder / Files.ADAPTER / "allocation.yaml"):
         if src.is_file():
             shutil.copy(src, dest / src.name)
-    alloc = result.get("allocation") or resolve((read_yaml(folder / "trial.yaml") or {}).get("allocation"), num_layers)
+    alloc = result.get("allocation") or resolve((read_yaml(folder / Files.TRIAL_CONFIG) or {}).get("allocation"), num_layers)
     if alloc:
         plot_allocation(alloc, f"trial {number}: {alloc.get('method', '')}", dest / "allocation.png")
     if result.get("expert_load"):
@@ -183,72 +182,52 @@ def trial_artifacts(folder: Path, number: int, num_layers: int, dest: Path) -> b
     return any(dest.iterdir())
 
 
+def best_metrics(best: dict | None, ts: int, step: int) -> list:
+    """The study's best (``confidence.Best``) as the parent run's metrics, the same names live and at the end:
+    ``best.objective`` (its mean over seeds), ``best.trial`` (the configuration's first trial), ``best.seeds``."""
+    if not best:
+        return []
+    return [("best.objective", best["value"], ts, step), ("best.trial", best["trial"], ts, step),
+            ("best.seeds", best["n"], ts, step)]
+
+
 def summary_metrics(summary: dict, ts: int) -> tuple[list, dict]:
-    """The parent run's final metrics and tags from ``analysis.summarize``: best trial, counts, spend."""
-    best, budget = summary.get("best") or {}, summary.get("budget") or {}
+    """The parent run's final metrics and tags from ``reports.status.summarize``: the best, counts, spend."""
+    best, budget = summary.get("best"), summary.get("budget") or {}
     metrics = [(f"trials.{k}", v, ts, 0) for k, v in (summary.get("counts") or {}).items()]
     metrics += [(k, budget.get(src), ts, 0) for k, src in (("spent_total", "spent"), ("budget_fraction", "fraction"))]
     tags = {}
     if best:
-        metrics += [("best.objective", best.get("objective"), ts, 0), ("best.trial", best.get("number"), ts, 0)]
-        tags.update({"best.trial": best.get("number"), "best.summary": best.get("summary"),
-                     "best.params": json.dumps(best.get("params"), sort_keys=True)})
-    winner = (summary.get("evidence") or {}).get("winner")
-    if winner and winner["n"] > 1:  # the confirmed winner: its mean over seeds, as status and export show it
-        ev = summary["evidence"]
-        metrics += [("winner.mean", winner["mean"], ts, 0), ("winner.ci95", winner.get("ci95"), ts, 0),
-                    ("winner.n", winner["n"], ts, 0), ("winner.tied", len(ev["tied"]), ts, 0),
+        last = max((t["number"] for t in summary.get("trials") or []), default=0)
+        metrics += best_metrics(best, ts, last)
+        tags.update({"best.trial": best["trial"], "best.summary": best["summary"],
+                     "best.trials": ",".join(map(str, best["trials"])),
+                     "best.params": json.dumps(best["params"], sort_keys=True)})
+    ev = summary.get("evidence")
+    if best and ev and ev["winner"]["trials"][0] == best["trial"]:  # how sure: its CI, the ties, the noise
+        metrics += [("best.ci95", ev["winner"].get("ci95"), ts, 0), ("best.tied", len(ev["tied"]), ts, 0),
                     ("seed_noise", ev.get("noise"), ts, 0)]
-        tags["winner.trials"] = ",".join(map(str, winner["trials"]))
     if summary.get("pareto"):
         tags["pareto_trials"] = ",".join(str(t["number"]) for t in summary["pareto"])
     return metrics, tags
 
 
 class OptunaReader:
-    """A study's Optuna trials, read-only (never creates the storage)."""
+    """A study's Optuna trials for the tracker, read-only (never creates the storage): its ``TrialStore``,
+    opened once it exists."""
 
     def __init__(self, root: Path, settings: dict):
-        self.root, self.settings, self._storage = Path(root), settings, None
+        self.root, self.settings, self._store = Path(root), settings, None
 
-    def _open(self):
-        if self._storage is None:
-            from allocsearch.study.folder import Study
-
-            url = Study(self.root, self.settings).storage_url
-            if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-                return None  # not created yet
-            import optuna
-
-            storage = optuna.storages.get_storage(url)
-            try:
-                self._storage = (storage, storage.get_study_id_from_name(self.settings.get("name")))
-            except KeyError:
-                return None
-        return self._storage
+    def _open(self) -> TrialStore | None:
+        if self._store is None:
+            self._store = TrialStore.read(Study(self.root, self.settings))
+        return self._store
 
     def trial(self, number: int):
         """The FrozenTrial, or None when the storage or the trial is not there."""
-        if self._open() is None:
-            return None
-        storage, study_id = self._storage
-        try:
-            return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
-        except KeyError:
-            return None
-
-    def best(self) -> tuple[float, int] | None:
-        """(first objective, number) of the best completed trial."""
-        if self._open() is None:
-            return None
-        storage, study_id = self._storage
-        from allocsearch.study.records import best_of, state_of
-
-        best = best_of([{"number": t.number, "state": state_of(t)[0], "objective": t.values[0] if t.values else None,
-                         "params": t.params, "seed": t.user_attrs.get("seed", 0),
-                         "confirm": t.user_attrs.get("confirm")}
-                        for t in storage.get_all_trials(study_id, deepcopy=False)], self.settings.get("noise"))
-        return (best["objective"], best["number"]) if best else None
+        store = self._open()
+        return store.trial(number) if store is not None else None
 
 
 def read_yaml(path: Path) -> dict | None:

@@ -24,17 +24,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from allocsearch.tracking.data import (END_STATUS, OptunaReader, mask_uri, outcome, read_json, read_yaml,
-                                       result_metrics, settings_params, summary_metrics, trial_artifacts,
-                                       trial_params)
-from allocsearch.study.folder import trial_dir
+from allocsearch.study.folder import Files, trial_dir, trial_name
+from allocsearch.study.ledger import Ledger
+from allocsearch.study.records import Attr, State
+from allocsearch.tracking.data import (END_STATUS, OptunaReader, best_metrics, mask_uri, outcome, read_json,
+                                       read_yaml, result_metrics, settings_params, summary_metrics,
+                                       trial_artifacts, trial_params)
 from allocsearch.tracking.queue import OpQueue
+from allocsearch.training.scoring import OBJECTIVE_METRIC
 from allocsearch.tracking.queue import short as _short
 from allocsearch.tracking.queue import warn as _warn
 
 EXPERIMENT = "allocsearch"
-STATE_FILE = "mlflow.json"
-CHECKPOINT = "checkpoint.val_macro_balanced_accuracy"  # at each checkpoint's step; val.* are the final ones
+STATE_FILE = Files.MLFLOW
+CHECKPOINT = f"checkpoint.val_{OBJECTIVE_METRIC}"  # at each checkpoint's step; val.* are the final ones
 TICK_SECONDS = 30.0  # at most one parent "running_trials" point per this many seconds
 
 
@@ -47,15 +50,13 @@ class Tracker:
 
     def __init__(self, study_root: Path, tracking_uri: str | None = None, *,
                  clock: Callable[[], float] = time.monotonic):
-        from allocsearch.study.ledger import Ledger
-
         for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
             os.environ.setdefault(key, value)  # our queue retries; a dead server must not block the search
         self.root = Path(study_root).resolve()
         self.uri = tracking_uri or default_tracking_uri(self.root)
         self.clock = clock
-        self.settings = read_json(self.root / "study.json") or {}
+        self.settings = read_json(self.root / Files.SETTINGS) or {}
         self.name = self.settings.get("name", self.root.name)
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
@@ -65,8 +66,7 @@ class Tracker:
         self._queue = OpQueue(mask_uri(self.uri), clock)
         self._open: set[int] = set()  # admitted in this session, not finished yet
         self._ending: set[str] = set()  # runs whose end is already queued
-        self._ledger = Ledger(self.root / "ledger.jsonl")
-        self._best: tuple[float, int] | None = None
+        self._ledger = Ledger(self.root / Files.LEDGER)
         self._user_stop = self._closed = False
         self._last_tick = -math.inf
         self._push(self._op_open)
@@ -122,13 +122,10 @@ class Tracker:
         number, state, objective = int(data["number"]), data["state"], data.get("objective")
         self._open.discard(number)
         self._queue_end(number, state, objective, data.get("spend"), data.get("reason"), ts)
-        if state == "completed" and objective is not None and (self._best is None or objective > self._best[0]):
-            self._best = (float(objective), number)
         metrics = [("spent", self._ledger.spent(self._unit()), ts, number)]
         if objective is not None:
             metrics.append(("trial_objective", objective, ts, number))
-        if self._best is not None:
-            metrics.append(("best_objective", self._best[0], ts, number))
+        metrics += best_metrics(data.get("best"), ts, number)  # the study's best as the controller named it
         self._push(self._op_parent_batch, metrics, {})
 
     def _on_tick(self, data, ts):
@@ -202,10 +199,9 @@ class Tracker:
         write_text_atomic(self.root / STATE_FILE, json.dumps(
             {"tracking_uri": mask_uri(self.uri), "experiment_id": self.experiment_id, "parent_run_id": self.parent_id},
             indent=2))
-        if (self.root / "space.yaml").is_file() and not run.data.params:
-            c.log_artifact(self.parent_id, str(self.root / "space.yaml"))
+        if (self.root / Files.SPACE).is_file() and not run.data.params:
+            c.log_artifact(self.parent_id, str(self.root / Files.SPACE))
         self._log_settings({}, _now_ms())
-        self._best = max(filter(None, (self._best, self.optuna.best())), default=None)
         self._op_sweep(False)
 
     def _experiment(self) -> str:
@@ -240,7 +236,7 @@ class Tracker:
 
     def _log_settings(self, tags: dict, ts: int):
         """Settings as params; one changed on resume (budget, scheduler, ...) as tag ``current.<name>``."""
-        s = self.settings = self.optuna.settings = read_json(self.root / "study.json") or self.settings
+        s = self.settings = self.optuna.settings = read_json(self.root / Files.SETTINGS) or self.settings
         old = self.client.get_run(self.parent_id).data.params
         params = settings_params(s)
         new = {k: v for k, v in params.items() if k not in old}
@@ -278,7 +274,7 @@ class Tracker:
         run = found[0] if found else None
         params, tags = self._trial_params(number) if create else ({}, {})
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:04d}", tags={
+            run = self.client.create_run(self.experiment_id, run_name=trial_name(number), tags={
                 "mlflow.parentRunId": parent, "trial_number": str(number), "study": self.name,
                 **{k: _text(v, 5000) for k, v in tags.items() if v is not None}})
         self.runs[number] = run.info.run_id
@@ -287,7 +283,7 @@ class Tracker:
         return run.info.run_id
 
     def _trial_params(self, number: int) -> tuple[dict, dict]:
-        return trial_params(read_yaml(self._trial_dir(number) / "trial.yaml") or {}, self._layers(),
+        return trial_params(read_yaml(self._trial_dir(number) / Files.TRIAL_CONFIG) or {}, self._layers(),
                             self.optuna.trial(number))
 
     def _queue_end(self, number, state, objective, spend, reason, ts):
@@ -297,15 +293,15 @@ class Tracker:
 
     def _op_end_metrics(self, number, state, objective, spend, reason, ts):
         rid = self._trial_run(number)
-        result, t = read_json(self._trial_dir(number) / "results.json") or {}, self.optuna.trial(number)
+        result, t = read_json(self._trial_dir(number) / Files.RESULTS) or {}, self.optuna.trial(number)
         metrics = result_metrics(result, ts)
-        step = int(result.get("steps") or (t.user_attrs.get("steps") if t is not None else 0) or 0)
+        step = int(result.get("steps") or (t.user_attrs.get(Attr.STEPS) if t is not None else 0) or 0)
         if objective is not None:
             metrics.append(("objective", objective, ts, step))
         if spend is not None:
             metrics.append(("device_seconds", spend, ts, step))
         tags = {"state": state}
-        if state == "pruned":
+        if state == State.PRUNED:
             tags.update(pruned="true", stop_reason=reason or "scheduler")
         elif reason:
             tags["failure"] = reason
@@ -337,8 +333,9 @@ class Tracker:
             self._ending.add(rid)
             self._open.discard(number)
             attrs = t.user_attrs if t is not None else {}
-            spend = attrs.get("device_seconds", self._ledger.trial_spend().get(number))
-            self._queue_end(number, state, attrs.get("objective"), spend, reason, _now_ms())
+            spend = attrs.get(Attr.DEVICE_SECONDS, self._ledger.trial_spend().get(number))
+            objective = t.values[0] if t is not None and t.values else attrs.get(Attr.OBJECTIVE)
+            self._queue_end(number, state, objective, spend, reason, _now_ms())
 
     def _op_final(self, end_reason, status, ts):
         from allocsearch.reports.status import summarize
@@ -349,7 +346,7 @@ class Tracker:
         tags["end_reason"] = end_reason
         best = summary.get("best") or {}
         old = c.get_run(pid).data.tags.get("best.run_id")
-        rid = self._trial_run(int(best["number"]), create=False) if best.get("number") is not None else None
+        rid = self._trial_run(int(best["trial"]), create=False) if best.get("trial") is not None else None
         if rid:
             tags["best.run_id"] = rid
             c.set_tag(rid, "best", "true")

@@ -6,6 +6,20 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+# A trial's objective: the macro balanced accuracy over its tasks, on validation (what the search maximises)
+OBJECTIVE_METRIC = "macro_balanced_accuracy"
+
+
+def result_objective(result: dict) -> float | None:
+    """A trial's objective from its result (``TrialResult.to_dict`` or results.json): validation macro
+    balanced accuracy, or for a trial stopped before its final evaluation, its last checkpoint's."""
+    if result.get("validation"):
+        return float(result["validation"][OBJECTIVE_METRIC])
+    if result.get("checkpoints"):
+        return float(result["checkpoints"][-1]["metrics"][OBJECTIVE_METRIC])
+    return None
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _PUNCT = re.compile(r"[^\w\s]")
 

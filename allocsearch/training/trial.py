@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from allocsearch.allocation.config import BERT_TARGETS, AllocationConfig, AllocationError
+from allocsearch.allocation.config import BERT_TARGETS, AllocationConfig, resolve_allocation
+from allocsearch.allocation.methods import get_method
 from allocsearch.data import DataSpec, load_splits
 from allocsearch.errors import AllocsearchError
-from allocsearch.allocation.config import preset
-from allocsearch.allocation.methods import get_method
-from allocsearch.training.loop import TrainConfig
+from allocsearch.training.config import TrainConfig
+from allocsearch.training.scoring import result_objective
 
 SPEC_KEYS = ("name", "model", "allocation", "data", "train")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -120,30 +120,6 @@ class TrialSpec:
                 "train": self.train.to_dict()}
 
 
-def resolve_allocation(spec: dict | AllocationConfig, num_layers: int,
-                       default_targets: list[str] | None = None) -> AllocationConfig:
-    """A complete allocation for a model of ``num_layers`` from a full config, ``{preset: NAME, ...}``,
-    ``{method, shape, total_experts, top_k, rank, ...}`` or ``{method, experts: N, top_k: K, rank: R}``."""
-    if isinstance(spec, AllocationConfig):
-        spec = spec.to_dict()
-    d = dict(spec)
-    if d.get("num_layers", num_layers) != num_layers:
-        raise AllocationError(f"the allocation is for {d['num_layers']} layers but the model has {num_layers}")
-    d.pop("num_layers", None)
-    if default_targets and "targets" not in d:
-        d["targets"] = list(default_targets)
-    if isinstance(d.get("experts"), list):
-        return AllocationConfig.from_dict({**d, "num_layers": num_layers})
-    if "preset" in d and "method" not in d:
-        return preset(d.pop("preset"), num_layers, **d)
-    if "method" not in d:
-        raise AllocationError("the allocation needs a method (or a preset): e.g. {method: mola, experts: 4}")
-    if "shape" in d:
-        return AllocationConfig.from_shape(d.pop("method"), num_layers, d.pop("shape"), **d)
-    experts = d.pop("experts", 1)
-    return AllocationConfig.uniform(d.pop("method"), num_layers, experts=experts, **d)
-
-
 @dataclass
 class TrialResult:
     name: str
@@ -190,16 +166,6 @@ class TrialResult:
         from allocsearch.fileio import write_text_atomic
 
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
-
-
-def result_objective(result: dict) -> float | None:
-    """A trial's objective from its result (``TrialResult.to_dict`` or results.json): validation macro
-    balanced accuracy, or for a trial stopped before its final evaluation, its last checkpoint's."""
-    if result.get("validation"):
-        return float(result["validation"]["macro_balanced_accuracy"])
-    if result.get("checkpoints"):
-        return float(result["checkpoints"][-1]["metrics"]["macro_balanced_accuracy"])
-    return None
 
 
 def run_trial(spec: TrialSpec, *, data_dir: str | None = None, out_dir: str | os.PathLike | None = None,

@@ -25,7 +25,8 @@ def overview() -> None:
                      "budget": b["text"] if b else None, "spent": b["spent_text"] if b else None,
                      "used": min(1.0, b["fraction"] or 0.0) if b else None,
                      "trials": len(s["trials"]) if s else None,
-                     "best": s["best"]["objective"] if s and s["best"] else None,
+                     "best": s["best"]["value"] if s and s["best"] else None,
+                     "seeds": s["best"]["n"] if s and s["best"] else None,
                      "model": s["model"] if s else None, "problem": state["message"] or ""})
     st.dataframe(rows, hide_index=True, column_config={
         "used": st.column_config.ProgressColumn("budget used", min_value=0.0, max_value=1.0, format="percent"),
@@ -45,8 +46,9 @@ def selected() -> None:
                    " · ".join(f"{n} {k.replace('_', ' ')}" for k, n in c.items() if n) or "none yet",
                    delta_color="off", delta_arrow="off")
     best = summary["best"]
-    cols[2].metric("Best objective", f"{best['objective']:.4f}" if best else "–",
-                   f"trial {best['number']}" if best else None, delta_color="off", delta_arrow="off")
+    cols[2].metric("Best objective", f"{best['value']:.4f}" if best else "–",
+                   (f"trial {best['trial']}, mean of {best['n']} seeds" if best["n"] > 1 else
+                    f"trial {best['trial']}, 1 seed") if best else None, delta_color="off", delta_arrow="off")
     cols[3].metric("Controller", "running" if summary["controller_pid"] else "not running",
                    f"pid {summary['controller_pid']}" if summary["controller_pid"] else None,
                    delta_color="off", delta_arrow="off")
@@ -62,7 +64,7 @@ def selected() -> None:
         left.info("no spend recorded yet")
     if summary["trials"]:
         right.plotly_chart(charts.states(c), key="states")
-    points = analysis.anytime_curve(summary["trials"], summary.get("declared_noise"))
+    points = analysis.anytime_curve(analysis.records_in(summary), summary.get("declared_noise"))
     if any(p["objective"] is not None for p in points):
         st.plotly_chart(charts.anytime(points), key="anytime")
     st.subheader("Running now")
@@ -74,11 +76,12 @@ def selected() -> None:
         st.caption("nothing running" + ("" if summary["controller_pid"] else " (no controller holds the study)"))
     if best:
         st.subheader("Best trial")
-        st.markdown(f"**#{best['number']}** {best['objective']:.4f} — {best['summary']}")
+        seeds = f" (mean of {best['n']} seeds: trials {', '.join(map(str, best['trials']))})" if best["n"] > 1 else ""
+        st.markdown(f"**#{best['trial']}** {best['value']:.4f}{seeds} — {best['summary']}")
         if best.get("experts"):
             st.markdown(f"experts per layer `{sparkline(best['experts'])}` {best['experts']}")
-        if st.button(f"Open trial {best['number']}", key="open_best"):
-            dk.open_trial(best["number"])
+        if st.button(f"Open trial {best['trial']}", key="open_best"):
+            dk.open_trial(best["trial"])
     rows = analysis.finalists_table(summary)
     if rows and max(r["n"] for r in rows) > 1:
         ev = summary["evidence"]

@@ -4,7 +4,7 @@ import streamlit as st
 
 import dash_charts as charts
 import dashkit as dk
-from allocsearch.study.records import ENDED_BADLY
+from allocsearch.study.records import State
 
 st.title("Trial")
 
@@ -22,7 +22,7 @@ def body() -> None:
                  + (f" · {row['objective']:.4f}" if row.get("objective") is not None else ""))
     st.caption(row.get("summary") or "")
     if row.get("reason"):
-        (st.error if row.get("state") in ENDED_BADLY else st.info)(f"reason: {row['reason']}")
+        (st.error if row.get("state") in State.ENDED_BADLY else st.info)(f"reason: {row['reason']}")
     for note in d["notes"]:
         st.info(note)
     m = st.columns(5)

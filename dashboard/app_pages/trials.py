@@ -41,13 +41,16 @@ def body() -> None:
     descending = s[1].toggle("Descending", value=True, key="f_desc")
     view = view.sort_values(sort_by, ascending=not descending, na_position="last", kind="stable")
     s[2].caption(f"{len(view)} of {len(df)} trials · click a column header to sort, a row to select it")
-    first = [c for c in ("number", "state", "method", "objective", "experts", "device_seconds", "steps",
-                         "trainable_params", "summary") if c in view.columns]
+    first = [c for c in ("number", "state", "method", "objective", "seed", "confirms", "experts", "device_seconds",
+                         "steps", "trainable_params", "summary") if c in view.columns]
     view = view[first + [c for c in view.columns if c not in first]]
     event = st.dataframe(view, hide_index=True, height=min(640, 35 * len(view) + 40), on_select="rerun",
                          selection_mode="single-row", key="trials_table",
                          column_config={
                              "objective": st.column_config.NumberColumn(format="%.4f"),
+                             "confirms": st.column_config.NumberColumn(
+                                 "confirms", format="#%d", help="a confirmation run: the trial whose configuration "
+                                 "it re-runs on a fresh seed"),
                              "device_seconds": st.column_config.NumberColumn("device-s", format="%.0f"),
                              "trainable_params": st.column_config.NumberColumn("trainable", format="%d"),
                              "summary": st.column_config.TextColumn(width="large")})

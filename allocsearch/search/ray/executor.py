@@ -28,10 +28,12 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
+from allocsearch.search.launch import FINISHED
 from allocsearch.search.ray.interrupts import Interrupts
 from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_RHO, Rungs
 from allocsearch.search.ray.worker import trainable, worker_log_tail
+from allocsearch.study.folder import trial_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from allocsearch.search.controller import Controller
@@ -66,18 +68,18 @@ class StudySearcher(_Unpicklable, OptunaSearch):
         metrics, modes = controller.tune_metrics()
         super().__init__(space=controller.define_by_run, metric=metrics if len(metrics) > 1 else metrics[0],
                          mode=modes if len(modes) > 1 else modes[0], sampler=controller.sampler,
-                         study_name=controller.study.name, storage=controller.ostudy._storage)
-        self._ot_study = controller.ostudy  # the very study object the controller holds
+                         study_name=controller.study.name, storage=controller.store.ostudy._storage)
+        self._ot_study = controller.store.ostudy  # the very study object the controller holds (it asks, not Tune)
         self._numbers: dict[str, int] = {}
 
     def suggest(self, trial_id: str):
-        proposal = self.controller.propose()
-        if proposal is None or proposal is Searcher.FINISHED:
-            return proposal
-        if proposal == "finished":
+        launch = self.controller.propose()
+        if launch is None:
+            return None
+        if launch == FINISHED:
             return Searcher.FINISHED
-        self._numbers[trial_id] = proposal["number"]
-        return proposal
+        self._numbers[trial_id] = launch.number
+        return launch.to_config()  # the worker's config (``worker.trainable``)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._numbers:
@@ -251,7 +253,7 @@ def _clean_dead_session(record) -> None:
 
 
 def _trial_name(trial) -> str:
-    return f"trial-{int(trial.config['number']):04d}"
+    return trial_name(trial.config["number"])
 
 
 def _slots(resources: dict, cpus: float, gpus: float) -> int:

@@ -22,10 +22,11 @@ from allocsearch.search.space.dims import Bad, Dim, SpaceError, extremes, first,
 from allocsearch.search.space.methods import MethodSection, paper_priors
 from allocsearch.search.space.models import MODEL_DEPTHS, model_depth
 from allocsearch.allocation.shapes import group_sizes
+from allocsearch.training.scoring import OBJECTIVE_METRIC
 
 VERSION = 1
 TOP_KEYS = ("version", "extends", "model", "data", "objective", "priors", "train", "methods")
-OBJECTIVES = ("validation_macro_balanced_accuracy",)  # what every trial reports and Optuna is told
+SPACE_OBJECTIVE = f"validation_{OBJECTIVE_METRIC}"  # a space's `objective:`: what every trial reports
 # mappings merged key by key along extends; everything else is a value, replaced whole
 _SECTIONS = (("data",), ("train",), ("methods",), ("methods", "*"), ("methods", "*", "options"),
              ("methods", "*", "train"))
@@ -150,7 +151,7 @@ def _check_train(key: str, values: dict, base: dict | None = None) -> None:
     """Every train setting known and every value (each end of a range) accepted by TrainConfig."""
     from dataclasses import fields
 
-    from allocsearch.training.loop import TrainConfig, TrainConfigError  # (imports torch; TrainConfig itself does not need it)
+    from allocsearch.training.config import TrainConfig, TrainConfigError
 
     known = [f.name for f in fields(TrainConfig)]
     for k, v in values.items():
@@ -206,10 +207,10 @@ class SearchSpace:
             data = (DataSpec.demo() if data == "demo" else DataSpec.from_dict(data, where="data")).to_dict()
         except DataError as exc:
             raise Bad("data", str(exc).removeprefix("data: ")) from None
-        objective = d.get("objective", OBJECTIVES[0])
-        if objective not in OBJECTIVES:
+        objective = d.get("objective", SPACE_OBJECTIVE)
+        if objective != SPACE_OBJECTIVE:
             raise Bad("objective", f"objective {objective!r} is not what trials optimise (macro accuracy is "
-                      f"reported beside it)", f"drop the key or write {OBJECTIVES[0]}")
+                      f"reported beside it)", f"drop the key or write {SPACE_OBJECTIVE}")
         priors = d.get("priors", True)
         if not isinstance(priors, bool):
             raise Bad("priors", f"priors is {priors!r}", "write true or false")

@@ -1,0 +1,138 @@
+"""Every access to a study's Optuna storage, behind one small adapter: the controller opens it to write
+(:meth:`TrialStore.open`, creating it on first use), every reader to read (:meth:`TrialStore.read`, which
+never creates or writes anything). Nothing else in allocsearch touches Optuna's storage or its private
+attributes; the few used here say why.
+
+    store = TrialStore.open(study, sampler)       # the controller: ask / enqueue / report / tell by number
+    store = TrialStore.read(study)                # status, the dashboard, MLflow, export (None: no trial yet)
+    store.records(spend)                          # the study's trials as ``records.TrialRecord`` rows
+"""
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+from allocsearch.study.folder import MEMORY, Study, StudyError, directions
+from allocsearch.study.records import TrialRecord, optuna_state, records_of
+
+_MEMORY_STORAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a replayed study's, by its Study
+
+
+class TrialStore:
+    """One study's Optuna storage."""
+
+    def __init__(self, ostudy):
+        self.ostudy = ostudy  # the optuna.Study: ask() and enqueue_trial() are its public API
+
+    # ----------------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, study: Study, sampler=None) -> TrialStore:
+        """The study's storage for the controller (created on first use: before any worker attaches, as
+        sqlite needs). A replayed study (storage ``:memory:``) keeps one in-memory storage per Study."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = study.storage_url
+        if storage == MEMORY:  # allocsearch.bench.replay: nothing outlives the process
+            storage = _MEMORY_STORAGES.setdefault(study, optuna.storages.InMemoryStorage())
+        return cls(optuna.create_study(storage=storage, study_name=study.name, sampler=sampler,
+                                       directions=directions(study.objectives), load_if_exists=True))
+
+    @classmethod
+    def read(cls, study: Study) -> TrialStore | None:
+        """The storage for a reader, or None before the first trial (no database yet). A storage that cannot
+        be read (not an sqlite file, an empty file, unreachable) is a one-line ``StudyError``; nothing is
+        created or written."""
+        url = study.storage_url
+        if url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///"):])
+            if not path.exists():
+                return None
+            _check_sqlite(path, study.name)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            return cls(optuna.load_study(study_name=study.name, storage=url))
+        except KeyError:
+            return None  # the database exists, the study is not in it yet
+        except Exception as exc:  # noqa: BLE001 - a corrupt or unreachable storage is one line
+            raise StudyError(f"cannot read the Optuna storage of study {study.name!r} ({type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:120]}); fix: check {url}") from None
+
+    # ----------------------------------------------------------------------------------------- reading
+    def trials(self, states=None) -> list:
+        """The study's ``FrozenTrial`` s (``states``: Optuna ``TrialState`` s to keep), not copied."""
+        return self.ostudy.get_trials(deepcopy=False, states=states)
+
+    def trial(self, number: int):
+        """One ``FrozenTrial`` by number, or None."""
+        try:
+            return self._storage.get_trial(self._id(number))
+        except KeyError:
+            return None
+
+    def records(self, spend: dict[int, float] | None = None) -> list[TrialRecord]:
+        """Every trial as a ``TrialRecord``; ``spend``: the ledger's device-seconds per trial number."""
+        return records_of(self.trials(), spend)
+
+    # ----------------------------------------------------------------------------------------- writing
+    # Optuna writes a trial through a live ``Trial`` object or ``Study.tell``; the controller writes trials by
+    # number long after asking (Ray hands results back; a resumed controller recovers a dead one's trials),
+    # so these go through the storage, which ``optuna.Study`` keeps in ``_storage`` / ``_study_id`` (no
+    # public accessor), by trial id (``FrozenTrial._trial_id``, no public one either).
+    @property
+    def _storage(self):
+        return self.ostudy._storage
+
+    def _id(self, number: int) -> int:
+        return self._storage.get_trial_id_from_study_id_trial_number(self.ostudy._study_id, number)
+
+    def set_attrs(self, number: int, attrs: dict) -> None:
+        for key, value in attrs.items():
+            self._storage.set_trial_user_attr(self._id(number), key, value)
+
+    def report(self, number: int, step: int, value: float) -> None:
+        """A checkpoint's objective: the trial's intermediate value at ``step``."""
+        self._storage.set_trial_intermediate_value(self._id(number), int(step), float(value))
+
+    def set_constraint(self, number: int, name: str, value: float) -> None:
+        """The trial's constraint ``name`` (> 0: violated), stored as Optuna 5's ``Trial.set_constraint``
+        stores it: the system attribute its samplers read (``allocsearch.search.samplers`` says when)."""
+        self._storage.set_trial_system_attr(self._id(number), f"constraints:{name}", float(value))
+
+    def tell(self, number: int, state: str, values: list[float] | None = None) -> None:
+        """End a trial in our ``state`` (``records.State``) with its objective ``values`` (completed only)."""
+        from optuna.trial import TrialState
+
+        self.ostudy.tell(number, values, state=TrialState[optuna_state(state)])
+
+    def fail_running(self, number: int) -> None:
+        """End a trial a dead controller left RUNNING as FAIL (``Study.tell`` refuses a trial this process did
+        not ask for when its storage is shared; the storage call is what ``tell`` does underneath)."""
+        from optuna.trial import TrialState
+
+        self._storage.set_trial_state_values(self._id(number), TrialState.FAIL)
+
+    def enqueue(self, params: dict, attrs: dict | None = None, *, skip_if_exists: bool = False) -> None:
+        self.ostudy.enqueue_trial(params, user_attrs=attrs or {}, skip_if_exists=skip_if_exists)
+
+    def ask(self):
+        return self.ostudy.ask()
+
+
+def _check_sqlite(path: Path, name: str) -> None:
+    """Refuse what is not an sqlite database before Optuna opens it (it would create tables in an empty
+    file: a write)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise StudyError(f"cannot read {path} ({exc.strerror}); fix: check its permissions") from None
+    if head != b"SQLite format 3\x00":
+        what = "empty" if not head else "not an sqlite database"
+        raise StudyError(f"the Optuna storage of study {name!r} ({path}) is {what}; fix: restore optuna.db "
+                         f"from a backup or start a new study with another --study name")
+
+
+__all__ = ["TrialStore"]
