@@ -158,6 +158,10 @@ def test_admission_never_overspends_and_ends_when_nothing_fits(tmp_path):
         ctl.on_complete(c.number, final(), error=False)
         done += 1
     assert done >= 2 and "nothing more fits" in ctl.end_reason
+    import re
+
+    left, need = (float(x) for x in re.findall(r"([0-9.]+) CPU-min", ctl.end_reason))
+    assert left < need, ctl.end_reason  # the reason's numbers are the ones admission compared
     assert ctl.study.ledger.spent("cpu") <= 60.0
     states = [t.user_attrs.get("state") for t in trials(ctl).values()]
     assert states.count("not_run") == 1  # the one sampled when nothing fitted is recorded, not left RUNNING

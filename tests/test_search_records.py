@@ -183,17 +183,19 @@ def test_a_cluster_that_cannot_run_a_trial_is_refused_in_one_line(tmp_path):
     too_big = nodes.largest_fit(two, 4.0, 0.0)
     assert too_big and "10.0.0.2: 2 CPU" in too_big and nodes.largest_fit(two, 2.0, 0.0) is None
     with pytest.raises(StudyError, match="no node has them") as exc:
-        ctl.cluster_ready(cpus=4.0, gpus=0.0, too_big=too_big)
+        nodes.check_cluster(ctl.study.settings, ctl.budget, 4.0, 0.0, too_big=too_big)
     assert "\n" not in str(exc.value)
     with pytest.raises(StudyError, match=r"node 10.0.0.2 lacks the data folder /data; fix"):
-        ctl.cluster_ready(cpus=4.0, gpus=0.0, lacking={"10.0.0.2": ["the data folder /data"]})
+        nodes.check_cluster(ctl.study.settings, ctl.budget, 4.0, 0.0, lacking={"10.0.0.2": ["the data folder /data"]})
     assert nodes._missing({"here": str(tmp_path), "gone": str(tmp_path / "nope")}) == [f"gone {tmp_path / 'nope'}"]
 
 
 def test_required_paths_name_the_model_folder_data_dir_and_user_files(tmp_path):
     data = {"seed": 0, "tasks": [{"name": "mine", "path": "/srv/reviews.jsonl", "test_path": "/srv/test.jsonl"}]}
+    from allocsearch.search.ray.nodes import required_paths
+
     ctl = make(tmp_path, model="/models/llama", data_dir="/datasets", data=data)
-    assert ctl.required_paths() == {"the model folder": "/models/llama", "the data folder": "/datasets",
+    assert required_paths(ctl.study.settings) == {"the model folder": "/models/llama", "the data folder": "/datasets",
                                     "the data file of task mine": "/srv/reviews.jsonl",
                                     "the test file of task mine": "/srv/test.jsonl"}
 

@@ -259,3 +259,36 @@ def test_a_resumed_search_s_rungs_go_on_from_its_records(tmp_path):
     rungs = analysis.summarize(ctl.study.root)["rungs"]
     pairs = [(resumed.recorded[2][k], v) for k, v in resumed.finals.items()]
     assert rungs[0]["step"] == 2 and rungs[0]["n"] == 4 and rungs[0]["rho"] == pytest.approx(spearman(pairs))
+
+
+def test_the_race_goes_on_with_the_finalist_whose_whole_run_still_fits_and_says_why_it_ended(tmp_path):
+    """Two finalists, LoRA (20 s a run) and MoLA (60 s): once MoLA's next whole run (60 s x margin 1.2) no
+    longer fits, the budget left still pays for LoRA's, which runs; the end reason's numbers agree (what is
+    left is less than what the cheapest next run needs)."""
+    import re
+
+    clock = Clock()
+    ctl = make(tmp_path, budget="4cpu-min", clock=clock, scheduler="none", priors=False, confirm=0.5)
+    lora, mola = ({"method": "lora", "lora.rank": 2, "lr": 1e-3},
+                  {"method": "mola", "mola.experts": 2, "mola.top_k": 1, "mola.rank": 2, "lr": 1e-3})
+    seconds = {"lora": 20.0, "mola": 60.0}
+    for params in (lora, mola):
+        ctl.store.enqueue(params)
+    ran = []
+    while (launch := ctl.propose()) not in ("finished", None):
+        method = launch.spec["allocation"]["method"]
+        ctl.on_start(launch.number)
+        clock.t += seconds[method]
+        ctl.on_complete(launch.number, final(objective=0.80 if method == "lora" else 0.79,
+                                             train_seconds=seconds[method] - 5.0), error=False)
+        ran.append((launch.number, method, launch.confirm))
+    trials = {t.number: t for t in ctl.store.trials()}
+    skipped = [n for n, t in trials.items() if t.user_attrs.get("state") == "not_run"
+               and t.user_attrs.get("confirm") is not None and t.params["method"] == "mola"]
+    assert skipped, ran  # MoLA's next whole run no longer fit ...
+    assert [n for n, method, confirm in ran if confirm and method == "lora" and n > skipped[0]], ran  # LoRA's did
+    reason = ctl.end_reason
+    assert reason.startswith("confirmation ended: no finalist's next whole run fits"), reason
+    left, need = (float(x) for x in re.findall(r"([0-9.]+) CPU-min", reason)[:2])
+    assert left < need, reason  # the numbers agree with the decision
+    assert "nothing more fits" not in reason and "spent)" not in reason

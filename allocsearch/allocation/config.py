@@ -324,3 +324,12 @@ def resolve_allocation(spec: dict | AllocationConfig, num_layers: int,
         return AllocationConfig.from_shape(d.pop("method"), num_layers, d.pop("shape"), **d)
     experts = d.pop("experts", 1)
     return AllocationConfig.uniform(d.pop("method"), num_layers, experts=experts, **d)
+
+
+def experts_per_layer(spec: dict | AllocationConfig, num_layers: int) -> list[int] | None:
+    """Experts per layer of a trial's allocation (what status and the live view draw); None when it cannot
+    be resolved (drawing only: the trial itself reports a bad allocation)."""
+    try:
+        return resolve_allocation(spec, num_layers).experts
+    except (AllocsearchError, TypeError, ValueError, KeyError):
+        return None

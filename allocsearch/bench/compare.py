@@ -16,6 +16,7 @@ over the replay seeds:
   called 29 of the SST-2 table's 33 configurations tied with the best, one whose seed collapsed (true
   mean 0.72 against 0.83) among them, so a search scored higher the more it exported such configurations;
   with the pooled noise 22 are;
+- ``spent_share``: what the search spent, as a share of its budget (what it left unused: the rest);
 - ``confirm_share``: what the confirmation runs spent, as a share of the budget.
 """
 from __future__ import annotations
@@ -125,6 +126,7 @@ class _Scorer:
                 "hit": statistics.fmean(self.hit(t.final) for t in traces),
                 "argmax_hit": statistics.fmean(self.hit(t.argmax) for t in traces),
                 "trials": statistics.fmean(t.trials for t in traces),
+                "spent_share": statistics.fmean(t.spent / t.budget for t in traces),
                 "confirm_share": statistics.fmean(t.confirm_seconds / t.budget for t in traces),
                 "confirm_reserve": STRATEGIES[name]["confirm"],
                 "confirm_over": max(max(0.0, t.confirm_seconds - t.confirm_given) / t.budget for t in traces)}

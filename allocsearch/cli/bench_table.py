@@ -115,7 +115,7 @@ def render(result: dict) -> None:
     # true quality / test: the export's mean over the table's seeds; regret: 0 best, 1 median; to noise: spend
     # until the export is within seed noise of the best (median); hit: the export is the true best or tied
     for col in ("strategy", "budget", "true quality", "test", "regret", "to noise", "of grid", "hit",
-                "argmax hit", "trials", "confirm"):
+                "argmax hit", "trials", "spent", "confirm"):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for r in sorted(result["rows"], key=lambda r: (r["budget"], result["strategies"].index(r["strategy"]))):
         reach = r["to_noise_seconds"]
@@ -124,14 +124,15 @@ def render(result: dict) -> None:
                       f"{r['regret'][0]:.2f} +- {r['regret'][1]:.2f}",
                       f"{reach / 3600:.2f} h" if math.isfinite(reach) else "never",
                       f"{r['to_noise_share']:.0%}" if math.isfinite(reach) else "",
-                      f"{r['hit']:.0%}", f"{r['argmax_hit']:.0%}", f"{r['trials']:.1f}",
+                      f"{r['hit']:.0%}", f"{r['argmax_hit']:.0%}", f"{r['trials']:.1f}", f"{r['spent_share']:.1%}",
                       f"{r['confirm_share']:.0%}" if r["confirm_reserve"] else "")
     console.print(table)
     console.print("true quality, test: the export's mean over the table's seeds (validation, test); regret: "
                   "normalised, 0 = the best configuration, 1 = the median; to noise: device-hours until the export "
                   "is within the seed noise of the best (median over seeds), and that as a share of the grid; hit: "
                   "the export is the true best or statistically tied with it (argmax hit: the same for the "
-                  "single-seed argmax before confirmation); confirm: the confirmation runs' share of the budget")
+                  "single-seed argmax before confirmation); spent: the budget used; confirm: the confirmation runs' share "
+                  "of the budget")
     for goal, met, numbers in result["goals"]:
         console.print(f"[{'green' if met else 'red'}]{'met' if met else 'NOT met'}[/]: {goal}: {numbers}")
     console.print(f"plot: {result['plot']}")

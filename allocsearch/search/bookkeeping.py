@@ -21,6 +21,7 @@ from allocsearch.study.folder import CRASHED, NOT_STARTED, Files, Study, metric_
 from allocsearch.study.ledger import device_seconds
 from allocsearch.study.records import Attr, State, TrialRecord
 from allocsearch.study.storage import TrialStore
+from allocsearch.training.config import TrainConfig
 from allocsearch.training.scoring import OBJECTIVE_METRIC
 
 NO_RESULT = "the trial's worker ended without a result"
@@ -92,6 +93,17 @@ class Bookkeeper:
         """The study's trials (``allocsearch.study.confidence`` and the confirmation phase read them)."""
         return self.store.records()
 
+    def cost_observations(self) -> list[tuple[dict, float, int, float, bool]]:
+        """What the cost model learns from the trials that ran (a resumed study's): (features, wall seconds,
+        steps, training seconds, whether it ran its final evaluation)."""
+        out = []
+        for t in self.store.trials():
+            a = t.user_attrs
+            if Attr.TRAIN_SECONDS in a and a.get(Attr.STEPS, 0) > 0:
+                out.append((a[Attr.FEATURES], a[Attr.WALL_SECONDS], a[Attr.STEPS], a[Attr.TRAIN_SECONDS],
+                            a.get(Attr.STATE) == State.COMPLETED))
+        return out
+
     def rung_history(self) -> list[tuple[int, dict, float | None]]:
         """Each trial a rung could have judged (no confirmation run): (number, {step: checkpoint}, final
         score if it completed), for a resumed search's rungs (``Rungs.restore``)."""
@@ -105,6 +117,17 @@ class Bookkeeper:
         spent = self.study.ledger.trial_spend()
         used = sum(spent.get(r.number, 0.0) for r in self.records() if r.confirm_of is not None)
         return max(0.0, reserve - used)
+
+    def retry_smaller(self, number: int, params: dict, train: dict, attrs: dict) -> dict | None:
+        """An out-of-memory trial runs once more with half the batch and twice the gradient accumulation
+        (the same examples per optimizer step, so the same configuration), unless it was that retry; returns
+        the retry's training settings (None: no retry)."""
+        batch, accum = int(train.get("batch_size", TrainConfig.batch_size)), int(train.get("grad_accum", 1))
+        if attrs.get(Attr.OOM_RETRY) or batch < 2:
+            return None
+        retry = {"batch_size": batch // 2, "grad_accum": accum * 2}
+        self.store.enqueue(params, {Attr.RETRY_OF: number, Attr.OOM_RETRY: retry})
+        return retry
 
     def not_run(self, number: int, reason: str) -> None:
         self.store.set_attrs(number, {Attr.STATE: State.NOT_RUN, Attr.FAILURE: reason})

@@ -24,6 +24,7 @@ from allocsearch.study.confidence import Estimate, config_key, estimates, noise_
 from allocsearch.study.records import State
 
 WAIT = "wait"
+OUT_OF_BUDGET = "no finalist's next whole run fits in what is left of the budget"
 
 
 class Confirmation:
@@ -60,9 +61,11 @@ class Confirmation:
         again = [e for e in ests if e.key in confirmed and e not in top and e not in near]
         return top + near + again
 
-    def next(self, rows, running: set[tuple[str, int]]) -> tuple[dict, int, int] | str | None:
+    def next(self, rows, running: set[tuple[str, int]], unaffordable: frozenset = frozenset()
+             ) -> tuple[dict, int, int] | str | None:
         """The next run: (params, seed, the configuration's first trial); ``WAIT`` while the round's runs
-        are still running; None when the race is over (``self.ended`` says why)."""
+        are still running; None when the race is over (``self.ended`` says why). ``unaffordable``: finalists
+        whose next whole run the budget no longer pays for: the race goes on without them."""
         if self.alive is None:
             self.start(rows)
         if self.ended:
@@ -85,12 +88,12 @@ class Confirmation:
         if len(self.alive) < 2:
             self.ended = "the best is separated from every other finalist"
             return None
-        alive = [ests[k] for k in self.alive]
+        alive = [ests[k] for k in self.alive if k not in unaffordable]
         free = [e for e in alive if e.key not in busy and e.n < self.max_seeds]
         if not free:
             if busy:
                 return WAIT
-            self.ended = f"every finalist ran on {self.max_seeds} seeds"
+            self.ended = OUT_OF_BUDGET if unaffordable else f"every finalist ran on {self.max_seeds} seeds"
             return None
         fewest = min(e.n for e in alive)
         todo = [e for e in free if e.n == fewest]
@@ -98,13 +101,13 @@ class Confirmation:
             return WAIT  # the round is not finished: runs of configurations with fewer seeds are running
         e = max(todo, key=lambda e: e.mean)
         # a seed whose confirmation run failed is not tried again; a configuration whose confirmation runs
-        # failed twice leaves the race
+        # failed twice leaves the race (a run the budget could not pay for did not fail)
         tried = {r.seed for r in rows if r.confirm_of is not None and r.params and config_key(r.params) == e.key
-                 and r.state not in (State.COMPLETED, *State.LIVE)}
+                 and r.state not in (State.COMPLETED, State.NOT_RUN, *State.LIVE)}
         if len(tried) >= 2:
             self.alive.remove(e.key)
             self.dropped.add(e.key)
-            return self.next(rows, running)
+            return self.next(rows, running, unaffordable)
         seed = next(s for s in range(self.max_seeds + len(tried) + 1)
                     if s not in e.values and s not in tried and (e.key, s) not in running)
         return e.params, seed, e.first_trial()
@@ -121,6 +124,17 @@ class Reserve:
     def __init__(self, keeper, race: Confirmation | None, amount: float, emit):
         self.keeper, self.race, self.emit, self.phase = keeper, race, emit, "search"
         keeper.held = amount if race else 0.0
+        self.too_dear: dict[str, float] = {}  # finalists whose next whole run no longer fits -> what it needs
+
+    def out_of_budget(self) -> str:
+        """The numbers behind a race that ran out of budget ('' otherwise): what is free against what the
+        cheapest finalist's next whole run needs (its predicted cost x the keeper's margin)."""
+        if self.race is None or self.race.ended != OUT_OF_BUDGET or not self.too_dear:
+            return ""
+        fmt = self.keeper.budget.format
+        return (f" ({fmt(self.keeper.free())} left; the cheapest finalist's next run needs about "
+                f"{fmt(min(self.too_dear.values()))}, its predicted cost x {self.keeper.margin:g} margin: a "
+                f"confirmation run cut short counts for nothing)")
 
     def begin(self, rows) -> bool:
         """The search phase is over: the reserve goes to the race, or, with nothing to race (fewer than two
@@ -161,4 +175,4 @@ def fresh_seed(rows, params: dict, number: int, default: int, max_seeds: int) ->
     return fresh[0] if fresh else default
 
 
-__all__ = ["Confirmation", "RACE_RUNS", "Reserve", "WAIT", "fresh_seed"]
+__all__ = ["Confirmation", "OUT_OF_BUDGET", "RACE_RUNS", "Reserve", "WAIT", "fresh_seed"]

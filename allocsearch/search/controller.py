@@ -12,7 +12,7 @@ The executor interface (what ``ray.executor.run`` calls, and the replay executor
 ``propose()`` -> a ``launch.Launch``, None (ask again later) or ``FINISHED``; ``on_start(n)``;
 ``on_result(n, report)`` per checkpoint; ``on_complete(n, report | None, error)`` at the end, then
 ``note_error(n, why)`` for a dead worker; ``tick()`` every loop step; ``stopping()`` / ``interrupted`` to
-stop trials; ``schedule(name)`` the scheduler's settings; ``cluster_ready(...)`` before anything runs.
+stop trials; ``schedule(name)`` the scheduler's settings; ``emit("cluster", ...)`` once the cluster is checked.
 
 Ray specifics live in ``ray/`` (the executor, and the worker in the trial's process); what Optuna is told
 in ``bookkeeping``; budget, storage and space in their own modules; nothing here knows the command line or
@@ -25,7 +25,7 @@ import statistics
 import time
 from typing import Callable
 
-from allocsearch.allocation.config import resolve_allocation
+from allocsearch.allocation.config import experts_per_layer
 from allocsearch.search.bookkeeping import Bookkeeper
 from allocsearch.search.budget import (Budget, BudgetKeeper, CostModel, devices_per_trial, tokens_per_step,
                                        trial_features)
@@ -35,7 +35,7 @@ from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_PAIRS
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space.space import SearchSpace
-from allocsearch.study.confidence import best_of, config_key
+from allocsearch.study.confidence import best_of, config_key, estimates, noise_of
 from allocsearch.study.folder import Study, directions, metric_names, trial_name
 from allocsearch.study.ledger import device_seconds
 from allocsearch.study.records import Attr, State
@@ -94,19 +94,13 @@ class Controller:
 
     # ------------------------------------------------------------------------------ set-up
     def _cost_model(self) -> CostModel:
-        train = self.space.train
-        model = CostModel.for_model(self.space.model, tokens_per_step(train))
-        for t in self.store.trials():  # a resumed study: learn from what already ran
-            a = t.user_attrs
-            if Attr.TRAIN_SECONDS in a and a.get(Attr.STEPS, 0) > 0:
-                model.observe(a[Attr.FEATURES], a[Attr.WALL_SECONDS], a[Attr.STEPS], a[Attr.TRAIN_SECONDS],
-                              complete=a.get(Attr.STATE) == State.COMPLETED)
+        model = CostModel.for_model(self.space.model, tokens_per_step(self.space.train))
+        for seen in self.books.cost_observations():  # a resumed study: learn from what already ran
+            model.observe(*seen[:4], complete=seen[4])
         return model
 
     def noise(self) -> float | None:
         """Seed noise (std): the study's own (its repeated configurations), else the declared one, else None."""
-        from allocsearch.study.confidence import estimates, noise_of
-
         return noise_of(estimates(self.books.records()), self.execution.noise)
 
     def tune_metrics(self) -> tuple[list[str], list[str]]:
@@ -116,20 +110,6 @@ class Controller:
 
     def define_by_run(self, trial) -> dict:
         return self.space.sample(trial, self.num_layers)
-
-    def cluster_ready(self, cpus: float, gpus: float, *, too_big: str | None = None,
-                      lacking: dict[str, list[str]] | None = None) -> None:
-        """Refuse in one line a cluster that cannot run a trial (``nodes.check_cluster``)."""
-        from allocsearch.search.ray.nodes import check_cluster
-
-        check_cluster(self.study.settings, self.budget, cpus, gpus, too_big=too_big, lacking=lacking)
-        self.emit("cluster", cpus=cpus, gpus=gpus)
-
-    def required_paths(self) -> dict[str, str]:
-        """The files and folders every node running trials must see (label -> absolute path)."""
-        from allocsearch.search.ray.nodes import required_paths
-
-        return required_paths(self.study.settings)
 
     def schedule(self, scheduler: str = "asha") -> dict:
         """The scheduler and its time axis: training steps; the first rung at the first checkpoint. A
@@ -172,11 +152,12 @@ class Controller:
         """(optuna trial, params) of the next trial: the confirmation race's next run, else the sampler's
         draw; ``WAIT`` while the race waits for its runs; None when a phase ended (``_phase_over``)."""
         if self.reserve.phase == "confirm":
-            plan = self.confirm.next(self.books.records(), {(r.key, r.seed) for r in self.running.values()})
+            plan = self.confirm.next(self.books.records(), {(r.key, r.seed) for r in self.running.values()},
+                                     frozenset(self.reserve.too_dear))
             if plan == WAIT:
                 return WAIT
             if plan is None:
-                self.end_reason = f"confirmation ended: {self.confirm.ended}"
+                self.end_reason = f"confirmation ended: {self.confirm.ended}{self.reserve.out_of_budget()}"
                 return None
             params, seed, first = plan
             self.store.enqueue(params, {Attr.CONFIRM: first, Attr.SEED: seed})
@@ -206,6 +187,10 @@ class Controller:
             if self.running:
                 return None  # wait for a running trial to give back its reservation
             self.pending = None
+            if whole and self.reserve.phase == "confirm":  # the race goes on with finalists whose run still fits
+                self.reserve.too_dear[config_key(params)] = predicted * self.keeper.margin
+                self._not_run(trial, "its whole confirmation run does not fit in what is left of the budget")
+                return _PHASE_OVER
             self._phase_over(trial, "nothing more fits in the budget", lambda: self._nothing_fits(first))
             return _PHASE_OVER
         self.pending = None
@@ -221,9 +206,10 @@ class Controller:
             self.end_reason = end_reason()
 
     def _nothing_fits(self, first: float) -> str:
-        left = self.budget.format(self.keeper.remaining())
-        return (f"nothing more fits: {left} left, the next trial needs about {self.budget.format(first)} to its "
-                f"first checkpoint" + (" (the confirmation reserve is spent)" if self.reserve.phase == "confirm" else ""))
+        """Why the search ended, in the numbers admission compared: what is free against what the next trial
+        needs to reach its first checkpoint (a search trial may be cut there by the budget)."""
+        return (f"nothing more fits: {self.budget.format(self.keeper.free())} left, the next trial needs about "
+                f"{self.budget.format(first)} to reach its first checkpoint")
 
     def _launch(self, running: RunningTrial, spec: dict) -> Launch:
         """Record an admitted trial (its config, its user attrs), keep it as running, tell the listeners."""
@@ -231,7 +217,7 @@ class Controller:
         spec["name"] = trial_name(number)
         self.study.write_trial_config(number, spec)
         summary = self.space.summarize(running.params)
-        experts = _experts(spec, self.num_layers)
+        experts = experts_per_layer(spec["allocation"], self.num_layers)
         for key, value in ((Attr.SUMMARY, summary), (Attr.PREDICTED, running.predicted), (Attr.CAP, cap),
                            (Attr.SEED, running.seed), (Attr.FEATURES, running.features), (Attr.SESSION, self.session),
                            (Attr.EXPERTS, experts)):
@@ -316,8 +302,9 @@ class Controller:
             self.cost.observe(info.features, info.wall, attrs[Attr.STEPS], attrs[Attr.TRAIN_SECONDS],
                               complete=payload.get("status") == "completed")
         self.failed_this_session |= state in State.ENDED_BADLY
-        if state == State.OOM:
-            self._retry_smaller(number, info)
+        if state == State.OOM and (retry := self.books.retry_smaller(number, info.params, info.train,
+                                                                       info.trial.user_attrs)):
+            self.emit("oom_retry", number=number, **retry)
         if state != State.OOM:  # a configuration too big for the device is no sign of a broken search
             self.failures_in_row = self.failures_in_row + 1 if state == State.FAILED else 0
         if self.failures_in_row >= self.execution.max_failures:
@@ -327,16 +314,6 @@ class Controller:
         self.emit("finished", number=number, state=state, objective=attrs.get(Attr.OBJECTIVE),
                   spend=attrs[Attr.DEVICE_SECONDS], reason=attrs.get(Attr.FAILURE) or attrs.get(Attr.STOP_REASON),
                   best=best.to_dict() if best else None)
-
-    def _retry_smaller(self, number: int, info: RunningTrial) -> None:
-        """An out-of-memory trial runs once more with half the batch and twice the gradient accumulation
-        (the same examples per optimizer step, so the same configuration), unless it was that retry."""
-        batch, accum = int(info.train.get("batch_size", 8)), int(info.train.get("grad_accum", 1))
-        if info.trial.user_attrs.get(Attr.OOM_RETRY) or batch < 2:
-            return
-        retry = {"batch_size": batch // 2, "grad_accum": accum * 2}
-        self.store.enqueue(info.params, {Attr.RETRY_OF: number, Attr.OOM_RETRY: retry})
-        self.emit("oom_retry", number=number, **retry)
 
     def note_error(self, number: int, reason: str) -> None:
         """Why a worker died (Tune's error, the worker's last stderr lines); ends a trial waiting for it."""
@@ -424,10 +401,3 @@ class Controller:
         if self.end_reason is None:
             self.end_reason = "the budget is spent" if self.keeper.exhausted() else "the search ended"
 
-
-def _experts(spec: dict, num_layers: int) -> list[int] | None:
-    """Experts per layer of a trial's allocation (what status and the live view draw)."""
-    try:
-        return resolve_allocation(spec["allocation"], num_layers).experts
-    except Exception:  # noqa: BLE001 - drawing only; the trial itself reports a bad allocation
-        return None

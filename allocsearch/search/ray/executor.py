@@ -196,9 +196,12 @@ def run(controller: "Controller", *, address: str | None, cpus_per_trial: float,
         resources = ray.cluster_resources()
         alive = nodes.alive_nodes()
         # on a cluster we joined, every node must see the trials' files; a local Ray is this machine
-        lacking = nodes.missing_paths(alive, controller.required_paths()) if address else {}
-        controller.cluster_ready(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
-                                 too_big=nodes.largest_fit(alive, cpus_per_trial, gpus_per_trial), lacking=lacking)
+        settings = controller.study.settings
+        lacking = nodes.missing_paths(alive, nodes.required_paths(settings)) if address else {}
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        nodes.check_cluster(settings, controller.budget, cpus, gpus, lacking=lacking,
+                            too_big=nodes.largest_fit(alive, cpus_per_trial, gpus_per_trial))  # one line if not
+        controller.emit("cluster", cpus=cpus, gpus=gpus)
         slots = _slots(resources, cpus_per_trial, gpus_per_trial)
         concurrency = min(slots, max_concurrent) if max_concurrent else slots
         plan = controller.schedule(scheduler)
