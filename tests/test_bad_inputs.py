@@ -149,6 +149,12 @@ OTHER = [  # data specs, budgets, spaces: (full arguments, text of the one error
       "--out", "out/t"], "not found"),
     (["bench", "record", "--space", "demo", "--name", "../t", "--budget", "1cpu-h", "--workdir", "out",
       "--out", "out/t"], "table name '../t'"),
+    (["status", "--study", "../x"], "study name '../x' is not allowed"),
+    (["status", "--workdir", "nowhere"], "no study in nowhere"),
+    (["stop", "--study", "a/b"], "study name 'a/b' is not allowed"),
+    (["export", "--study", "nope", "--best", "--out", "out/b.yaml"], "no study 'nope'"),
+    (["export", "--best", "--trial", "3", "--out", "out/b.yaml"], "exclude each other"),
+    (["dashboard", "--port", "0"], "0 is not in the range"),
 ]
 
 CASES = ([pytest.param(["train", *a, "--out", "out/run"], n, id="train " + " ".join(a)) for a, n in TRAIN]
@@ -177,8 +183,12 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, workdir, args, needle)
     assert sorted(p.name for p in workdir.iterdir()) == sorted(FILES), "the CLI wrote into the working folder"
 
 
-def test_the_sweep_is_wide():
-    assert len(CASES) >= 30 and len(TRAIN) >= 10 and len(ALLOC) >= 10
+def test_every_command_is_in_the_sweep():
+    """A command added to the CLI without a bad-input case turns this red (every command reads some input)."""
+    from allocsearch.cli import _COMMANDS
+
+    swept = {case.values[0][0] for case in CASES}
+    assert swept == set(_COMMANDS), sorted(set(_COMMANDS) - swept)
 
 
 # ----------------------------------------------------------------------------------------- permissions

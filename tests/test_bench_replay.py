@@ -168,8 +168,18 @@ def test_each_replay_draws_its_own_recorded_seeds(table, monkeypatch):
 
 
 def test_priors_only_runs_the_papers_settings_and_stops(table):
+    from allocsearch.search.space.space import SearchSpace, model_depth
+
+    space = SearchSpace.from_dict(table.space)
+    priors = [params for _, params in space.priors(model_depth(space.model))]
     trace = replay(table, "priors-only", budget_seconds=table.grid_seconds(), seed=0)
-    assert trace.end_reason == "every prior has run" and 1 <= trace.trials < 20
+    assert trace.end_reason == "every prior has run" and priors
+    # each prior once and whole (a prior fixes some parameters; the sampler fills the rest), nothing else
+    assert trace.trials == len(trace.runs) == len(priors)
+    for (key, _, _), prior in zip(trace.runs, priors):
+        assert prior.items() <= json.loads(key).items()
+    scores = {key: table.runs[key][seed].final for key, seed, _ in trace.runs}
+    assert trace.final == max(scores, key=scores.get)  # the best-scoring run is what it exports
 
 
 def test_compare_scores_strategies_against_the_tables_truth(table):

@@ -1,6 +1,6 @@
 """Layer outputs and auxiliary losses against numpy per-token loops written here, where the older tests
-compare a fast path with the project's own reference form (GraphLoRA's ``router_logits_reference``,
-OMoE's ``delta_reference``, LoRACoE's ``delta_unfused``) or only check a sign (GraphLoRA's aux loss > 0);
+compare a fast path with a reference form written for the tests (GraphLoRA's tests/graphlora_reference.py,
+OMoE's float64 Gram-Schmidt in tests/omoe_reference.py, LoRACoE's ``delta_unfused``) or only check a sign (GraphLoRA's aux loss > 0);
 and LoRA dropout: on the experts' input in training only, never on the router's."""
 from __future__ import annotations
 

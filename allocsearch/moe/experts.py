@@ -52,13 +52,6 @@ class LoRAExperts(nn.Module):
             z = z * weights
         return F.linear(z, self.lora_B)
 
-    def outputs(self, z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Every expert's own output ``e_i = B_i A_i x`` as ``(T, N, d_out)`` (OMoE needs them apart), in
-        ``dtype`` (default: z's)."""
-        t, dtype = z.shape[0], dtype or z.dtype
-        b = self.lora_B.to(dtype).view(-1, self.num_experts, self.rank)  # (d_out, N, r)
-        return torch.einsum("tnr,onr->tno", z.to(dtype).view(t, self.num_experts, self.rank), b)
-
     def gram(self, z: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``G[t, i, j] = <e_i, e_j>`` for every token, in ``dtype``, via ``B_i^T B_j`` (r x r blocks):
         costs ``T (N r)^2``, never the ``T N d_out`` of forming the outputs."""

@@ -127,19 +127,6 @@ class GraphRouter:
         scores = h1 @ torch.cat([self.readout, self.readout_self], dim=1)  # (T, N+1, 2): H1 W2F, H1 S2F
         return scores[..., 0] @ adj[1:].t() + scores[:, 1:, 1]  # Â rows at the experts + root term
 
-    def router_logits_reference(self, tok: torch.Tensor) -> torch.Tensor:
-        """The same logits by the textbook per-token GCN (every node of every token's graph); for tests."""
-        adj = self.adjacency.to(tok.dtype)
-        emb = self.expert_emb.unsqueeze(0).expand(tok.shape[0], -1, -1)
-        h0 = torch.cat([F.relu(tok).unsqueeze(1), emb], dim=1)  # (T, N+1, node_dim)
-        if self.gcn1_self is None:
-            h1 = F.relu(adj @ h0 @ self.gcn1)
-            out = adj @ h1 @ self.readout
-        else:
-            h1 = F.relu(adj @ h0 @ self.gcn1 + h0 @ self.gcn1_self)
-            out = adj @ h1 @ self.readout + h1 @ self.readout_self
-        return out[:, 1:].squeeze(-1)
-
     def graph_logits(self, tok: torch.Tensor) -> torch.Tensor:
         """``router_logits``, recomputed in backward when ``recompute_router`` is on (training)."""
         if self.options.recompute_router and self.training and torch.is_grad_enabled():

@@ -29,26 +29,6 @@ from allocsearch.moe.mola import make_router
 from allocsearch.moe.routers import topk_route
 
 
-def _norm(v: torch.Tensor, eps: float) -> torch.Tensor:
-    return (v.pow(2).sum(-1, keepdim=True) + eps * eps).sqrt()
-
-
-def gram_schmidt(e: torch.Tensor, eps: float, tol: float = 0.0) -> torch.Tensor:
-    """Orthonormalise ``e`` (T, k, d) along k, in order (modified Gram-Schmidt). The reference form:
-    the layer itself uses :func:`gram_schmidt_weights`, which gives the same result without forming e.
-
-    ``tol``: a residual ``u_j`` with ``||u_j|| < tol * ||e_j||`` adds nothing new (``e_j`` is collinear with
-    the earlier experts to within ``tol``): its ``q_j`` is 0, also for the later projections."""
-    qs = []
-    for j in range(e.shape[1]):
-        u = e[:, j]
-        for q in qs:
-            u = u - (u * q).sum(-1, keepdim=True) * q
-        keep = u.pow(2).sum(-1, keepdim=True) >= tol * tol * e[:, j].pow(2).sum(-1, keepdim=True)
-        qs.append(torch.where(keep, u / _norm(u, eps), torch.zeros_like(u)))
-    return torch.stack(qs, dim=1)
-
-
 def gram_schmidt_weights(gram: torch.Tensor, coef: torch.Tensor, eps: float, magnitude: bool,
                          tol: float = 0.0) -> torch.Tensor:
     """Weights ``w`` (T, k) with ``sum_j coef_j m_j q_j = sum_m w_m e_m``, from the Gram matrix alone.
@@ -56,7 +36,7 @@ def gram_schmidt_weights(gram: torch.Tensor, coef: torch.Tensor, eps: float, mag
     Gram-Schmidt is linear in the e's: ``q_j = sum_m W[j, m] e_m`` with W lower-triangular, and every
     inner product it needs is ``c^T G c'`` with ``G[t] = E E^T`` (k x k per token). So the orthogonalised
     mixture is just another gating of the experts, and the (T, k, d_out) outputs are never formed.
-    ``m_j = ||e_j||`` ("magnitude") or 1 ("unit"); norms are sqrt(. + eps^2) as in :func:`gram_schmidt`,
+    ``m_j = ||e_j||`` ("magnitude") or 1 ("unit"); norms are sqrt(. + eps^2),
     and ``tol`` drops a residual below ``tol * ||e_j||`` as there.
 
     Numerics: ``||u_j||^2 = c^T G c`` cancels down from ``||e_j||^2``, so its relative error is about
@@ -112,17 +92,6 @@ class OMoELinear(MoELoRALayer):
                                  o.collinear_tol)
         dense = torch.zeros_like(gates).scatter(1, index, w.to(gates.dtype))  # back to expert order
         return self.experts.combine(z, dense * self.scaling)
-
-    def delta_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The textbook computation (every e_j formed, explicit Gram-Schmidt in float64); for tests."""
-        z, gates, index = self._route(x)
-        e = self.experts.outputs(z, torch.float64)  # e_i = B_i A_i x
-        e = e.gather(1, index.unsqueeze(-1).expand(-1, -1, e.shape[-1]))
-        o = self.options
-        q = gram_schmidt(e, o.eps, o.collinear_tol)
-        if o.orthogonalization == "magnitude":
-            q = q * _norm(e, o.eps)
-        return (self.scaling * (gates.gather(1, index).double().unsqueeze(-1) * q).sum(1)).to(z.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", orthogonal={self.orthogonal}"
