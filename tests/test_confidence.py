@@ -276,11 +276,11 @@ def test_the_race_waits_for_its_round_and_skips_a_failing_seed():
     params3, seed3, _ = conf.next(recs(rows), {(config_key(params2), seed2)})
     assert params3 == {"c": "a"} and seed3 == 2  # seed 1 failed for a: not tried again
     with pytest.raises(ValueError):
-        Confirmation(finalists=1)
+        Confirmation(finalists=1, max_seeds=5)
 
 
 def test_one_completed_configuration_has_nothing_to_race():
-    conf = Confirmation(noise=0.01)
+    conf = Confirmation(max_seeds=5, noise=0.01)
     assert conf.next(recs(rows_of({"a": {0: 0.8}})), set()) is None and conf.ended == "only one configuration completed"
 
 

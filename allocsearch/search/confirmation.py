@@ -28,7 +28,7 @@ OUT_OF_BUDGET = "no finalist's next whole run fits in what is left of the budget
 
 
 class Confirmation:
-    def __init__(self, *, finalists: int = 3, max_seeds: int = 5, band: float = 2.0, noise: float | None = None):
+    def __init__(self, *, max_seeds: int, finalists: int = 3, band: float = 2.0, noise: float | None = None):
         if finalists < 2 or max_seeds < 2:
             raise ValueError(f"finalists and max_seeds must be >= 2, not {finalists}, {max_seeds}")
         self.k, self.max_seeds, self.band, self.declared = int(finalists), int(max_seeds), float(band), noise

@@ -85,6 +85,12 @@ class TrialStore:
     def _storage(self):
         return self.ostudy._storage
 
+    @property
+    def backend(self):
+        """The storage object itself, for Ray Tune's ``OptunaSearch`` (it takes one, and must write where the
+        controller reads)."""
+        return self._storage
+
     def _id(self, number: int) -> int:
         return self._storage.get_trial_id_from_study_id_trial_number(self.ostudy._study_id, number)
 

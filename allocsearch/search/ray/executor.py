@@ -68,7 +68,7 @@ class StudySearcher(_Unpicklable, OptunaSearch):
         metrics, modes = controller.tune_metrics()
         super().__init__(space=controller.define_by_run, metric=metrics if len(metrics) > 1 else metrics[0],
                          mode=modes if len(modes) > 1 else modes[0], sampler=controller.sampler,
-                         study_name=controller.study.name, storage=controller.store.ostudy._storage)
+                         study_name=controller.study.name, storage=controller.store.backend)
         self._ot_study = controller.store.ostudy  # the very study object the controller holds (it asks, not Tune)
         self._numbers: dict[str, int] = {}
 

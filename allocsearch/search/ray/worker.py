@@ -24,6 +24,7 @@ from typing import Any
 from ray import tune
 
 from allocsearch.search.report import TrialReport
+from allocsearch.study.ledger import device_seconds
 
 WORKER_LOG = "worker.err"
 
@@ -47,7 +48,7 @@ def trainable(config: dict) -> None:
     def report(step: int, objective: float | None, **extra) -> None:
         wall = time.monotonic() - start
         tune.report(TrialReport(number=config["number"], step=step, objective=objective, wall_seconds=wall,
-                                device_seconds=wall * devices, trainable_params=state["params"],
+                                device_seconds=device_seconds(wall, devices), trainable_params=state["params"],
                                 **extra).metrics())
 
     def over_cap() -> str | None:
