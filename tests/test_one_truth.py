@@ -6,15 +6,12 @@ with the same value and number of seeds: MLflow's best metric (after every trial
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from test_search_e2e import cli  # `python3 -m allocsearch ...` in a subprocess (the e2e tests' helper)
 
-pytest.importorskip("ray.tune")
 pytestmark = pytest.mark.slow
 
 # two configurations at one learning rate, so the confirmation race re-runs both on fresh seeds
@@ -28,18 +25,12 @@ methods:
 """
 
 
-def cli(*args, timeout=600):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "allocsearch", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("truth")
     (tmp / "space.yaml").write_text(SPACE)
     out = cli("start", "--budget", "1cpu-min", "--space", str(tmp / "space.yaml"), "--workdir", str(tmp / "runs"),
-              "--study", "truth", "--confirm", "0.5", "--json")
+              "--study", "truth", "--confirm", "0.5", "--json", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     best = summary["best"]
