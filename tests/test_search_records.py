@@ -346,8 +346,8 @@ def test_with_json_only_the_document_reaches_stdout():
     import subprocess
     import sys
 
-    code = ("import os, subprocess, sys; from allocsearch.cli.search import _stdout_to_stderr\n"
-            "with _stdout_to_stderr():\n"
+    code = ("import os, subprocess, sys; from allocsearch.cli.options import stdout_to_stderr\n"
+            "with stdout_to_stderr():\n"
             "    os.write(1, b'(raylet) A worker died\\n'); print('progress'); subprocess.run(['echo', 'child'])\n"
             "print('{\"doc\": 1}')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

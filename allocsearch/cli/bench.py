@@ -22,6 +22,8 @@ def bench():
       allocsearch bench trial --methods mola,omoe --steps 5
       allocsearch bench record --space benchmarks/sst2-minilm.yaml --name sst2-minilm --budget 1cpu-h
       allocsearch bench search --table benchmarks/sst2-minilm --seeds 20 --budgets 10%,25%,50%
+      allocsearch bench signal --space demo --configs 6 --seeds 3 --every-seed
+      allocsearch bench live --table benchmarks/sst2-minilm --budget 0.25cpu-h --live 3
     """
 
 
@@ -163,11 +165,14 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
 
 
 def _attach_table_commands() -> None:
-    """``bench record`` / ``bench search`` live in their own module (the recorded-table benchmark)."""
+    """``bench record`` / ``search`` (recorded tables) and ``signal`` / ``live`` (probes) live in their own modules."""
+    from allocsearch.cli.bench_probe import live_cmd, signal_cmd
     from allocsearch.cli.bench_table import record_cmd, search_cmd
 
     bench.add_command(record_cmd, "record")
     bench.add_command(search_cmd, "search")
+    bench.add_command(signal_cmd, "signal")
+    bench.add_command(live_cmd, "live")
 
 
 _attach_table_commands()

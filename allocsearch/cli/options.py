@@ -1,5 +1,10 @@
-"""What several command groups share, declared once: the study options, ``--json``, a progress bar."""
+"""What several command groups share, declared once: the study options, ``--json``, a progress bar, stdout kept
+for one JSON document."""
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
 
 import click
 
@@ -30,3 +35,18 @@ def run_with_progress(first: str, verb: str, run):
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(first, total=None)
         return run(lambda i, n, what: bar.update(task, completed=i, total=n, description=f"{verb} {what}"))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """With --json, stdout is one JSON document: whatever Ray or a library prints meanwhile (file
+    descriptor 1, child processes included) goes to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

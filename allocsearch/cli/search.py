@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 
 import click
 
 from allocsearch.search.samplers import SAMPLERS
-from allocsearch.cli.options import json_option, study_options
+from allocsearch.cli.options import json_option, stdout_to_stderr, study_options
 from allocsearch.search.session import SCHEDULERS
 
 
@@ -80,7 +78,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         mlflow=mlflow, confirm=confirm, noise=noise)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
-        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+        with stdout_to_stderr() if as_json else contextlib.nullcontext():
             outcome = run(opts, on_event=view.event, subscribers=(mlflow_tracker,))
     finally:
         view.close()
@@ -104,21 +102,6 @@ def _fraction(value: str | None) -> float | None:
         return float(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a share of the budget; use e.g. 0.2 or off") from None
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """With --json, stdout is one JSON document: whatever Ray or a library prints meanwhile (file
-    descriptor 1, child processes included) goes to stderr."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def mlflow_tracker(study):

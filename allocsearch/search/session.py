@@ -141,7 +141,7 @@ def _check_execution(s: dict, budget: Budget | None) -> None:
                          f"to 0.5; fix: e.g. --confirm 0.2 (the default) or --confirm off")
     if noise is not None and not 0 < float(noise) < 1:
         raise StudyError(f"--noise {noise}: the seed noise is a standard deviation of the objective (0 to 1), "
-                         f"e.g. 0.012 as scripts/measure_signal.py measures it")
+                         f"e.g. 0.012 as 'allocsearch bench signal --every-seed' measures it")
     _check_local_gpus(s)
 
 

@@ -194,18 +194,6 @@ class Study:
     def trial_dir(self, number: int) -> Path:
         return trial_dir(self.root, number)
 
-    def load_optuna(self, sampler=None):
-        """The Optuna study (created on first use: before any worker attaches, as sqlite needs)."""
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = self.storage_url
-        if storage == MEMORY:  # a replayed search (allocsearch.bench.replay): nothing outlives the process
-            storage = self.__dict__.setdefault("_memory", optuna.storages.InMemoryStorage())
-        return optuna.create_study(storage=storage, study_name=self.name, sampler=sampler,
-                                   directions=directions(self.objectives), load_if_exists=True)
-
-    # ---------------------------------------------------------------------------- control
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Held by the running controller: a second controller on the same study fails with one line."""

@@ -1,0 +1,172 @@
+"""``allocsearch bench signal`` and ``allocsearch bench live``: probes of a task and of the replay itself
+(logic in ``allocsearch.bench.signal`` and ``allocsearch.bench.live``)."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import click
+
+from allocsearch.bench.signal import NOISE_FROM
+from allocsearch.cli.options import json_option, run_with_progress
+
+
+@click.command("signal")
+@click.option("--space", default="demo", show_default=True, help="The search space: a YAML file or a shipped name.")
+@click.option("--configs", type=int, default=6, show_default=True,
+              help="Distinct configurations sampled uniformly from the space (the spread).")
+@click.option("--seeds", type=int, default=3, show_default=True,
+              help="Seeds the noise configuration runs on (every configuration, with --every-seed).")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads per trial.")
+@click.option("--data-dir", default=None, help="Folder with the full datasets (default: the bundled demo data).")
+@click.option("--noise-from", type=click.Choice(NOISE_FROM), default="prior", show_default=True,
+              help="The configuration whose seed noise is measured: the space's first prior (LoRA r8 where it "
+                   "has one) or the first sampled configuration (a probe space without usable priors).")
+@click.option("--every-seed", is_flag=True, help="Run every sampled configuration on every seed: the spread of "
+              "their means against the pooled seed noise, and each one's distance below the best (a verdict "
+              "needs it).")
+@click.option("--reuse", default=None, help="An earlier probe's JSON output: its runs (same configuration and "
+              "seed) are taken as made instead of trained again.")
+@click.option("--out", default="signal.json", show_default=True,
+              help="Where the numbers go as JSON (rewritten after every trial: an interrupted probe is --reuse'd).")
+@json_option
+def signal_cmd(space, configs, seeds, threads, data_dir, noise_from, every_seed, reuse, out, as_json):
+    """Does a search space have signal? Trains whole trials (no early stopping) and compares the spread of
+    validation scores across the space with one configuration's seed-to-seed noise: a ratio of standard
+    deviations well above 1 means a search can tell configurations apart.
+
+    With --every-seed the spread is the one of the configurations' means over seeds, the noise the pooled
+    one of all of them, and a configuration more than 3 standard errors below the best is separated from it.
+
+    \b
+    Examples:
+      allocsearch bench signal --space demo --configs 6 --seeds 3
+      allocsearch bench signal --space benchmarks/probes/sst2-low-rank.yaml --noise-from first \\
+          --data-dir ../shared/datasets --out sst2-low-rank.json
+      allocsearch bench signal --space benchmarks/probes/mix4.yaml --every-seed \\
+          --reuse benchmarks/probes/mix4.json --out mix4-seeds.json   # re-trains only the missing seeds
+    """
+    from allocsearch.bench import signal
+
+    probe = signal.prepare(space, configs=configs, seeds=seeds, threads=threads, data_dir=data_dir,
+                           noise_from=noise_from, every_seed=every_seed, reuse=reuse, out=out)
+    result = run_with_progress("planning", "training", lambda progress: signal.measure(probe, progress))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_signal(result, out)
+
+
+def _num(v, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _print_signal(r: dict, out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"allocsearch bench signal: {r['space']} ({r['model']})")
+    for col in ("run", "configuration", "seed", "validation", "seconds"):
+        table.add_column(col, justify="right" if col in ("seed", "validation", "seconds") else "left")
+    for row in r["rows"]:
+        score = _num(row.get("objective")) if row.get("objective") is not None else row.get("status", "failed")
+        table.add_row(row["run"], row["summary"], str(row["seed"]), score,
+                      "reused" if row.get("reused") else f"{row['seconds']:.1f}")
+    console.print(table)
+    n, s = r["noise"], r["spread"]
+    lines = [(f"seed noise ({r['label']}, {n['n']} seeds): mean {_num(n['mean'])} std {_num(n['std'])} "
+              f"range {_num(n['range'])}"),
+             (f"across the space ({s['n']} configurations): mean {_num(s['mean'])} std {_num(s['std'])} "
+              f"range {_num(s['range'])}")]
+    ratio = _num(r["ratio_std"], ".2f") if r["ratio_std"] is not None else "undefined (no seed noise measured)"
+    lines.append(f"spread / noise (std): {ratio}   ({r['seconds'] / 60:.1f} min of trials"
+                 + (f", {r['failed']} failed" if r["failed"] else "") + ")")
+    if r.get("every_seed"):
+        lines.append(f"over seeds: pooled seed noise {_num(r['pooled_noise'])}; spread of the {len(r['configs'])} "
+                     f"configurations' means (std) {_num(r['spread_of_means'])}; "
+                     f"ratio {_num(r['ratio_means'], '.2f')}")
+        width = max(len(c["summary"]) for c in r["configs"])
+        lines += [f"  {c['summary']:<{width}}  {c['mean']:.4f} (n={c['n']})  {_num(c['below_best_se'], '5.1f')} SE "
+                  f"below the best" + ("  separated" if c["separated"] else "") for c in r["configs"]]
+    else:
+        lines.append("one configuration's seeds set the noise: run with --every-seed for a verdict")
+    lines.append(f"wrote {out}")
+    click.echo("\n".join(lines))
+
+
+@click.command("live")
+@click.option("--table", "table_dir", required=True, help="A table folder written by 'bench record'.")
+@click.option("--budget", required=True, help="The budget of each live search and of the replays, in the "
+              "table's device-time (e.g. 0.25cpu-h).")
+@click.option("--live", "n_live", type=int, default=3, show_default=True,
+              help="Live searches (study live-K with sampler seed K, K = 0..N-1).")
+@click.option("--seeds", type=int, default=20, show_default=True, help="Replays: the predicted distribution.")
+@click.option("--strategy", default="default", show_default=True,
+              help="The replayed strategy (default: what allocsearch start runs).")
+@click.option("--workdir", default=None, help="Where the live studies go (default: a new temporary folder, "
+              "kept); a study live-K already there is resumed.")
+@click.option("--data-dir", default=None, help="Folder with the full datasets the table was recorded on.")
+@click.option("--out", default=None, help="Also write the result as JSON to this file.")
+@json_option
+def live_cmd(table_dir, budget, n_live, seeds, strategy, workdir, data_dir, out, as_json):
+    """Does the replay tell the truth? Runs real searches on a recorded table's own space and budget and
+    checks that the true quality of what each exports (its mean over the table's seeds) falls inside the
+    distribution the replay predicts for the same strategy and budget.
+
+    \b
+    Examples:
+      allocsearch bench live --table benchmarks/sst2-minilm --budget 0.25cpu-h --live 3 --seeds 20
+      allocsearch bench live --table benchmarks/sst2-minilm --budget 0.5cpu-h --workdir live-runs --out live.json
+    """
+    import tempfile
+
+    from allocsearch.bench import live
+    from allocsearch.cli.options import stdout_to_stderr
+    from allocsearch.cli.search_view import LiveView
+    from allocsearch.errors import AllocsearchError
+
+    check = live.prepare(table_dir, budget, live=n_live, seeds=seeds, strategy=strategy, data_dir=data_dir)
+    if out is not None and not Path(out).expanduser().resolve().parent.is_dir():
+        raise AllocsearchError(f"--out {out}: its folder does not exist; fix: create it or give another path")
+    dist = run_with_progress("replaying", "replaying", lambda progress: live.predicted(check, progress))
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="as-live-"))
+    searches = []
+    for k in range(n_live):
+        view = LiveView()
+        try:
+            with stdout_to_stderr() if as_json else contextlib.nullcontext():
+                searches.append(live.live_search(check, k, work, on_event=view.event))
+        finally:
+            view.close()
+    result = {"table": str(table_dir), "budget": check.budget.text, "strategy": strategy, "seeds": seeds,
+              "workdir": str(work), **live.compare(searches, dist)}
+    if out is not None:
+        from allocsearch.fileio import write_text_atomic
+
+        write_text_atomic(Path(out).expanduser(), json.dumps(result, indent=2))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(render_live(result))
+
+
+def render_live(r: dict) -> str:
+    """The result of ``bench live`` as text lines."""
+    p = r["replay"]
+    lines = [(f"replay ({r['strategy']}, {r['seeds']} seeds, {r['budget']}): true quality mean {p['mean']:.4f} "
+              f"sd {p['sd']:.4f} range {p['low']:.4f}-{p['high']:.4f}")]
+    for x in r["live"]:
+        head = f"{x['study']}: {x['exported'] or 'exported nothing'}"
+        if x["true"] is None:
+            lines.append(f"{head}: no true quality (no configuration of the table exported)")
+            continue
+        seen = f", seen {x['seen']:.4f} over {x['seen_n']} seed(s)" if x.get("seen") is not None else ""
+        lines.append(f"{head}: true {x['true']:.4f}{seen}, at the replay's {x['percentile']:.0%} percentile, "
+                     f"{'inside' if x['inside_range'] else 'OUTSIDE'} its range, {x['sd_from_mean']:+.2f} sd "
+                     f"({x['trials']} trials, {x['seconds']:.0f} s)")
+    verdict = "agrees" if r["agrees"] else "does NOT agree"
+    lines.append(f"the replay {verdict}: {r['inside']} of {len(r['live'])} live searches inside its range "
+                 f"(live studies in {r['workdir']})")
+    return "\n".join(lines)
