@@ -32,7 +32,8 @@ test: install-dev
 docs: install-dev
 	$(PYTHON) -m mkdocs build --strict --site-dir site
 
-# The reliability suite (kill -9, signals, a tracking server going away, bad inputs): ~25 min on 2 cores
+# The reliability suite (tests/system: kill -9, signals, a tracking server going away, bad inputs, budget
+# accuracy): 26.5 min on 2 cores with 2 kills and 2 SIGINTs (ALLOCSEARCH_RELIABILITY_KILLS=2 ...); more by default
 reliability: install-dev
 	bash scripts/run_tests.sh -m system tests/system
 
