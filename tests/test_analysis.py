@@ -38,8 +38,11 @@ def test_status_keys_stay_as_they_were(wd):
             "best", "baseline", "controller_pid", "evidence"} <= set(s)
     assert set(s["trials"][0]) == {"number", "state", "objective", "values", "params", "summary", "prior",
                                    "retry_of", "spend", "predicted", "steps", "trainable_params", "reason",
-                                   "experts", "intermediate", "start", "end", "seed", "confirm_of"}
-    assert set(s["best"]) == {"trial", "value", "n", "trials", "params", "summary", "experts"}
+                                   "experts", "intermediate", "start", "end", "seed", "confirm_of",
+                                   "train_seconds"}
+    assert set(s["best"]) == {"trial", "value", "n", "trials", "params", "summary", "experts", "trainable_params",
+                              "step_seconds", "prefer"}
+    assert s["prefer"] == "best" and s["cheapest"]["prefer"] == "cheapest"
     assert s["counts"]["completed"] == 6 and s["best"]["value"] == pytest.approx(0.82) and s["best"]["n"] == 1
     assert "pareto" in analysis.summarize(wd / "multi")
 

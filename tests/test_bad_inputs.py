@@ -142,6 +142,7 @@ OTHER = [  # data specs, budgets, spaces: (full arguments, text of the one error
     (["start", "--budget", "1cpu-h", "--confirm", "lots", "--workdir", "out"], "is not a share of the budget"),
     (["start", "--budget", "1cpu-h", "--confirm", "0.9", "--workdir", "out"], "--confirm 0.9"),
     (["start", "--budget", "1cpu-h", "--noise", "3", "--workdir", "out"], "--noise 3"),
+    (["start", "--budget", "1cpu-h", "--prefer", "smallest", "--workdir", "out"], "Invalid value for '--prefer'"),
     (["bench", "search", "--table", "nothing"], "no benchmark table"),
     (["bench", "record", "--space", "space-inverted.yaml", "--name", "t", "--budget", "1cpu-h", "--workdir", "out",
       "--out", "out/t"], "inverted"),

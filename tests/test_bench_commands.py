@@ -16,7 +16,8 @@ from test_bench_replay import make_table
 from test_cli import _isolated, assert_one_error_line, run_main  # noqa: F401 - _isolated is an autouse fixture
 
 from allocsearch.bench import live, signal
-from allocsearch.study.confidence import Best, config_key
+from allocsearch.study.choice import Best
+from allocsearch.study.confidence import config_key
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from allocsearch.study.confidence import (MIN_POOLED, MIN_SPREAD, Estimate, config_key, estimates, evidence, finalist_mark, noise_of, pooled_noise, raced,
                                     separated, spread_bound, t95, winner, winner_of)
-from allocsearch.study.confidence import best_of
+from allocsearch.study.choice import best_of
 from allocsearch.study.records import TrialRecord
 from allocsearch.search.confirmation import WAIT, Confirmation
 from allocsearch.search.rungs import Rungs

@@ -57,7 +57,7 @@ def test_the_best_is_a_mean_over_seeds_and_status_says_so(searched):
 def test_mlflow_logs_the_same_best_live_and_at_the_end(searched):
     from mlflow import MlflowClient
 
-    from allocsearch.study.confidence import best_of
+    from allocsearch.study.choice import best_of
     from allocsearch.study.records import TrialRecord
 
     root, summary = searched

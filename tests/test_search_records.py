@@ -326,7 +326,7 @@ def test_one_best_for_status_and_mlflow(tmp_path):
     """The best the controller names at each trial's end (what the live view and MLflow log) is status's best,
     with its mean over seeds; a tie goes to the earlier trial."""
     from allocsearch.reports.status import summarize
-    from allocsearch.study.confidence import best_of
+    from allocsearch.study.choice import best_of
     from allocsearch.study.records import TrialRecord
 
     rows = [TrialRecord(0, "pruned", 0.9, {"x": 0}), TrialRecord(1, "completed", 0.8, {"x": 1}),

@@ -96,6 +96,10 @@ class _Scorer:
         self.test = table.truth("test") if all(r.test is not None for by in table.runs.values()
                                                for r in by.values()) else None
 
+    def trainable(self, key: str | None) -> float | None:
+        """The exported configuration's trainable parameters (None before any export)."""
+        return next(iter(self.table.runs[key].values())).trainable_params if key else None
+
     def quality(self, key: str | None) -> float:
         return self.by_key[key].mean if key else self.median  # nothing exported yet: a configuration at random
 
@@ -127,6 +131,7 @@ class _Scorer:
                 "argmax_hit": statistics.fmean(self.hit(t.argmax) for t in traces),
                 "trials": statistics.fmean(t.trials for t in traces),
                 "spent_share": statistics.fmean(t.spent / t.budget for t in traces),
+                "trainable": _mean_or_none([self.trainable(t.final) for t in traces]),
                 "confirm_share": statistics.fmean(t.confirm_seconds / t.budget for t in traces),
                 "confirm_reserve": STRATEGIES[name]["confirm"],
                 "confirm_over": max(max(0.0, t.confirm_seconds - t.confirm_given) / t.budget for t in traces)}
@@ -141,6 +146,24 @@ class _Scorer:
 def _mean_se(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def _mean_or_none(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def cheapest_effect(result: dict) -> list[tuple[float, float, float, float]]:
+    """``--prefer cheapest`` against the default at each budget: (budget, trainable parameters saved as a share
+    of what the default exports, true quality given up (default minus cheapest), its standard error)."""
+    rows = {(r["strategy"], r["budget"]): r for r in result["rows"]}
+    out = []
+    for b in result["budgets"]:
+        d, c = rows.get(("default", b)), rows.get(("default-cheapest", b))
+        if d and c and d["trainable"] and c["trainable"] is not None:
+            se = math.hypot(d["quality"][1], c["quality"][1])
+            out.append((b, 1 - c["trainable"] / d["trainable"], d["quality"][0] - c["quality"][0], se))
+    return out
 
 
 def _best_hit(rows: dict, budget: float) -> str:
@@ -178,4 +201,4 @@ def goals(result: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
-__all__ = ["goals", "parse_budgets", "parse_strategies", "run"]
+__all__ = ["cheapest_effect", "goals", "parse_budgets", "parse_strategies", "run"]

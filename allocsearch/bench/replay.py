@@ -22,12 +22,15 @@ from pathlib import Path
 
 from allocsearch.bench.table import Table
 from allocsearch.search.launch import FINISHED, Launch
-from allocsearch.study.confidence import best_of, config_key
+from allocsearch.study.choice import best_of
+from allocsearch.study.confidence import config_key
 from allocsearch.study.records import Attr
 
 # name -> settings of the study (see ``allocsearch.study.settings.Execution``)
 STRATEGIES = {
     "default": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": True},
+    "default-cheapest": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": True,
+                         "prefer": "cheapest"},
     "default-no-confirm": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.0, "noise_aware": True},
     "default-plain-asha": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": False},
     "tpe-no-priors": {"sampler": "tpe", "priors": False, "scheduler": "asha", "confirm": 0.2, "noise_aware": True},
@@ -108,7 +111,7 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
                 # unless given --noise (with the table's 0.0123 declared: 0.8158 / 0.8180 at 25 / 50%, without
                 # 0.8169 / 0.8170, inside one standard error)
                 "noise": EXECUTION_DEFAULTS["noise"],
-                "noise_aware_stopping": bool(plan.get("noise_aware"))}
+                "noise_aware_stopping": bool(plan.get("noise_aware")), "prefer": plan.get("prefer", "best")}
     with tempfile.TemporaryDirectory(prefix="as-replay-", dir=workdir) as tmp:
         study = Study.create(tmp, settings, json.dumps(table.space))
         clock = _Clock()
@@ -236,7 +239,7 @@ class _Loop:
             self.trace.confirm_trials += 1
             self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
         rows = self.ctl.books.records()
-        best = best_of(rows, self.ctl.execution.noise)  # what status and export --best would name now
+        best = best_of(rows, self.ctl.execution.noise, self.ctl.execution.prefer)  # what export --best names now
         # Optuna's best trial: the single highest score of the search phase (no confirmation run counted)
         done = [r for r in rows if r.completed and r.confirm_of is None]
         argmax = max(done, key=lambda r: (r.objective, -r.number), default=None)

@@ -92,6 +92,8 @@ def search_cmd(table_dir, strategies, seeds, budgets, max_concurrent, plot, as_j
     png = draw(result, plot or Path(table_dir) / "replay.png", title=f"{table.card.get('name', table_dir)}: "
                f"{result['table']['configurations']} configurations x {len(table.seeds)} seeds")
     result["plot"], result["goals"] = str(png), compare.goals(result)
+    result["cheapest"] = [{"budget": b, "params_saved": saved, "quality_given_up": lost, "se": se}
+                          for b, saved, lost, se in compare.cheapest_effect(result)]
     if as_json:
         click.echo(json.dumps(result, indent=2, default=_finite))
         return
@@ -133,6 +135,9 @@ def render(result: dict) -> None:
                   "the export is the true best or statistically tied with it (argmax hit: the same for the "
                   "single-seed argmax before confirmation); spent: the budget used; confirm: the confirmation runs' share "
                   "of the budget")
+    for c in result["cheapest"]:
+        console.print(f"--prefer cheapest at {c['budget']:.0%}: {c['params_saved']:.0%} fewer trainable parameters "
+                      f"than default's export, true quality given up {c['quality_given_up']:+.4f} +- {c['se']:.4f}")
     for goal, met, numbers in result["goals"]:
         console.print(f"[{'green' if met else 'red'}]{'met' if met else 'NOT met'}[/]: {goal}: {numbers}")
     console.print(f"plot: {result['plot']}")

@@ -23,6 +23,12 @@ def study_options(f):
                         "--workdir; for a new study, the space's name).")(f)
 
 
+def prefer_option(f, help: str = "Which configuration counts as the study's best: the confirmed winner, or the "
+                  "one with the fewest trainable parameters among those statistically tied with it "
+                  "(then the fastest step). Default: the study's own (start's --prefer, else best)."):
+    return click.option("--prefer", type=click.Choice(["best", "cheapest"]), default=None, help=help)(f)
+
+
 def json_option(f, help: str = "Print one JSON document instead of text."):
     return click.option("--json", "as_json", is_flag=True, help=help)(f)
 

@@ -7,7 +7,7 @@ import json
 import click
 
 from allocsearch.search.samplers import SAMPLERS
-from allocsearch.cli.options import json_option, stdout_to_stderr, study_options
+from allocsearch.cli.options import json_option, prefer_option, stdout_to_stderr, study_options
 from allocsearch.search.session import SCHEDULERS
 
 
@@ -50,10 +50,11 @@ from allocsearch.search.session import SCHEDULERS
               "seeds, raced against the best, so the exported winner is not a lucky seed; off to skip it.")
 @click.option("--noise", type=float, default=None, help="The task's seed noise (std of the objective across "
               "seeds, e.g. 0.012) for early stopping and ties until the study has measured its own.")
+@prefer_option
 @json_option
 def start(budget, space, study, workdir, model, data, data_dir, sampler, scheduler, objectives, cpus_per_trial,
           gpus_per_trial, max_concurrent, ray_address, seed, storage, no_priors, max_failures, tracking_uri,
-          mlflow, confirm, noise, as_json):
+          mlflow, confirm, noise, prefer, as_json):
     """Search the best expert allocation within a compute budget (resumes an existing study).
 
     A resumed study keeps every setting it was started with unless this start gives a new value (the
@@ -66,6 +67,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
       allocsearch start --budget 2h --ray-address 10.0.0.5:6379 --gpus-per-trial 1
       allocsearch start --study demo --budget 0.5cpu-h             # resume it with a bigger budget
       allocsearch start --budget 8gpu-h --space mola --confirm 0.3 # a bigger confirmation reserve
+      allocsearch start --budget 8gpu-h --space mola --prefer cheapest   # export the cheapest of the tied
     """
     from allocsearch.cli.search_view import LiveView
     from allocsearch.search.session import StartOptions, run
@@ -75,7 +77,7 @@ def start(budget, space, study, workdir, model, data, data_dir, sampler, schedul
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                         max_concurrent=max_concurrent, ray_address=ray_address, seed=seed, storage=storage,
                         priors=not no_priors, max_failures=max_failures, tracking_uri=tracking_uri,
-                        mlflow=mlflow, confirm=confirm, noise=noise)
+                        mlflow=mlflow, confirm=confirm, noise=noise, prefer=prefer)
     view = LiveView()  # progress on stderr, also with --json (stdout stays one JSON document)
     try:
         with stdout_to_stderr() if as_json else contextlib.nullcontext():
@@ -115,20 +117,23 @@ def mlflow_tracker(study):
 
 @click.command("status")
 @study_options
+@prefer_option
 @json_option
-def status(study, workdir, as_json):
-    """Budget, trials by state, best trial and (for several objectives) the Pareto front of a study.
+def status(study, workdir, prefer, as_json):
+    """Budget, trials by state, best trial (and the cheapest configuration tied with it) and, for several
+    objectives, the Pareto front of a study.
 
     \b
     Examples:
       allocsearch status                       # the only study in ./allocsearch-runs
       allocsearch status --study demo --json
+      allocsearch status --prefer cheapest     # the fewest trainable parameters among those tied with the best
     """
     from allocsearch.reports.status import summarize
     from allocsearch.study.folder import Study, pick_study
 
     name = pick_study(workdir, study)
-    summary = summarize(Study.path(workdir, name))
+    summary = summarize(Study.path(workdir, name), prefer=prefer)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:

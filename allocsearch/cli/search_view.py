@@ -176,6 +176,35 @@ def render_evidence(ev: dict | None, *, confirm: float | None = None, running: b
     return lines
 
 
+def _size(choice: dict) -> str:
+    """``2.36M trainable, 0.21 s/step`` of a ``choice.Best`` (what is known of it)."""
+    parts = []
+    if choice.get("trainable_params"):
+        parts.append(f"{choice['trainable_params'] / 1e6:.2f}M trainable")
+    if choice.get("step_seconds"):
+        parts.append(f"{choice['step_seconds']:.3f} s/step")
+    return ", ".join(parts) or "size unknown"
+
+
+def _the_other_choice(s: dict) -> list[str]:
+    """The configuration the other ``--prefer`` would export, when it is another one: the cheapest of those
+    tied with the winner (its size against the best's), or, when the study prefers the cheapest, the winner."""
+    best, cheap, ev = s.get("best"), s.get("cheapest"), s.get("evidence")
+    if not best or not cheap:
+        return []
+    if s.get("prefer") == "cheapest":
+        win = (ev or {}).get("winner")
+        if not win or win["trials"][0] == best["trial"]:
+            return []
+        return [f"        the cheapest of those tied with the best mean: trial {win['trials'][0]} {win['mean']:.4f} "
+                f"(n={win['n']})  {win.get('summary', '')} (--prefer best)"]
+    if cheap["trial"] == best["trial"]:
+        return []
+    seeds = f" (mean of {cheap['n']} seeds)" if cheap["n"] > 1 else " (1 seed)"
+    return [f"cheapest trial {cheap['trial']}: {cheap['value']:.4f}{seeds}  {cheap['summary']}",
+            f"        {_size(cheap)}; statistically tied with the best (--prefer cheapest exports it)"]
+
+
 def render_summary(s: dict, final: bool) -> str:
     b = s["budget"]
     budget = Budget(unit=b["unit"], seconds=b["total"], text=b["text"])
@@ -193,6 +222,8 @@ def render_summary(s: dict, final: bool) -> str:
     if best:
         over = f" (mean of {best['n']} seeds)" if best["n"] > 1 else ""
         lines.append(f"best    trial {best['trial']}: {best['value']:.4f}{over}  {best['summary']}")
+        if best.get("trainable_params") or best.get("step_seconds"):
+            lines.append(f"        {_size(best)}")
         if best.get("experts"):
             lines.append(f"        experts per layer {sparkline(best['experts'])}  {best['experts']}")
         base = s.get("baseline")
@@ -201,6 +232,7 @@ def render_summary(s: dict, final: bool) -> str:
             lines.append(f"        vs the LoRA prior (trial {base['trial']}): {base['value']:.4f}{seeds} "
                          f"({best['value'] - base['value']:+.4f})")
         lines.append(f"        files: {trial_dir(s['root'], best['trial'])}")
+        lines += _the_other_choice(s)
     elif final:
         lines.append("best    no trial completed")
     lines += render_evidence(s.get("evidence"), confirm=s.get("confirm"), running=bool(s.get("controller_pid")))

@@ -51,15 +51,16 @@ def pick_trials(summary: dict, trial: int | None = None, best: bool = False, par
     return [summary["best"]["trial"]]
 
 
-def export_trial(study_root: str | Path, number: int) -> str:
-    """The export file of one trial, as YAML text."""
+def export_trial(study_root: str | Path, number: int, prefer: str | None = None) -> str:
+    """The export file of one trial, as YAML text; its provenance names the study's best by ``prefer``
+    (default: the study's own preference)."""
     import yaml
 
     from allocsearch.fileio import read_yaml
     from allocsearch.reports.status import summarize
 
     root = Path(study_root)
-    summary = summarize(root)
+    summary = summarize(root, prefer=prefer)
     row = next((t for t in summary["trials"] if t["number"] == number), None)
     if row is None:
         raise ExportError(f"study {summary['study']!r} has no trial {number}")

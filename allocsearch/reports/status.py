@@ -12,7 +12,8 @@ from typing import Any
 
 from allocsearch.search.budget import Budget
 from allocsearch.search.rungs import agreement
-from allocsearch.study.confidence import best_of, configuration_score, evidence
+from allocsearch.study.choice import best_of, configuration_score
+from allocsearch.study.confidence import evidence
 from allocsearch.study.folder import Files, Study, StudyError, directions, metric_names
 from allocsearch.study.ledger import Ledger
 from allocsearch.study.records import State, TrialRecord
@@ -33,9 +34,10 @@ def records_in(summary: dict) -> list[TrialRecord]:
     return [TrialRecord(**t) for t in summary["trials"]]
 
 
-def summarize(root: str | Path) -> dict[str, Any]:
-    """Everything ``status`` prints, as a JSON-able dict; ``best`` is the study's one best
-    (``confidence.best_of``: the configuration to export, scored by its mean over seeds)."""
+def summarize(root: str | Path, prefer: str | None = None) -> dict[str, Any]:
+    """Everything ``status`` prints, as a JSON-able dict; ``best`` is the study's one best (``choice.best_of``:
+    the configuration to export, scored by its mean over seeds) by the study's preference, or ``prefer``;
+    ``cheapest``: the cheapest configuration tied with the winner (what ``--prefer cheapest`` exports)."""
     root = Path(root)
     study = Study.open(root.parent, root.name)
     s = study.settings
@@ -43,7 +45,8 @@ def summarize(root: str | Path) -> dict[str, Any]:
     spent = study.ledger.spent(budget.unit)
     records = load_records(study)
     counts = {state: sum(r.state == state for r in records) for state in STATE_ORDER}
-    best = best_of(records, s.get("noise"))
+    prefer = prefer or s.get("prefer") or "best"
+    best, cheapest = best_of(records, s.get("noise"), prefer), best_of(records, s.get("noise"), "cheapest")
     predicted = [r.predicted for r in records if r.predicted]
     out = {"study": study.name, "root": str(root), "model": s["model"], "space": s.get("space"),
            "objectives": s["objectives"], "sampler": s.get("sampler"), "scheduler": s.get("scheduler"),
@@ -53,6 +56,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
                       "predicted_per_trial": statistics.median(predicted[-10:]) if predicted else None,
                       "describe": budget.describe(), "spent_text": budget.format(spent)},
            "counts": counts, "trials": [r.to_dict() for r in records], "best": best.to_dict() if best else None,
+           "prefer": prefer, "cheapest": cheapest.to_dict() if cheapest else None,
            "baseline": _baseline(records), "controller_pid": study.running_pid(), "declared_noise": s.get("noise"),
            "confirm": float(s.get("confirm") or 0.0)}
     if len(s["objectives"]) == 1:

@@ -35,7 +35,8 @@ from allocsearch.search.report import TrialReport
 from allocsearch.search.rungs import EVIDENCE_PAIRS
 from allocsearch.search.samplers import grid_repeats
 from allocsearch.search.space.space import SearchSpace
-from allocsearch.study.confidence import best_of, config_key, estimates, noise_of
+from allocsearch.study.choice import best_of
+from allocsearch.study.confidence import config_key, estimates, noise_of
 from allocsearch.study.folder import Study, directions, metric_names, trial_name
 from allocsearch.study.ledger import device_seconds
 from allocsearch.study.records import Attr, State
@@ -310,7 +311,7 @@ class Controller:
         if self.failures_in_row >= self.execution.max_failures:
             self.end_reason = (f"{self.failures_in_row} trials in a row failed (last: {attrs.get(Attr.FAILURE)}); "
                                f"fix the cause and start again (--max-failures sets the limit)")
-        best = best_of(self.books.records(), self.execution.noise)  # THE best, as status and MLflow show it
+        best = best_of(self.books.records(), self.execution.noise, self.execution.prefer)  # as status shows it
         self.emit("finished", number=number, state=state, objective=attrs.get(Attr.OBJECTIVE),
                   spend=attrs[Attr.DEVICE_SECONDS], reason=attrs.get(Attr.FAILURE) or attrs.get(Attr.STOP_REASON),
                   best=best.to_dict() if best else None)

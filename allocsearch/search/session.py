@@ -14,6 +14,7 @@ from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
 from allocsearch.search.samplers import SAMPLERS, make_sampler, session_seed
 from allocsearch.study.folder import DEFAULT_WORKDIR, Files, Study, StudyError, check_name, parse_objectives
+from allocsearch.study.choice import PREFER
 from allocsearch.study.settings import EXECUTION_DEFAULTS
 
 SCHEDULERS = ("asha", "none")
@@ -44,6 +45,7 @@ class StartOptions:
     mlflow: bool | None = None
     confirm: float | None = None  # the confirmation phase's share of the budget (0: off)
     noise: float | None = None  # the task's seed noise (std), until the study measures its own
+    prefer: str | None = None  # best | cheapest (study.choice)
 
 
 def prepare(opts: StartOptions):
@@ -142,6 +144,8 @@ def _check_execution(s: dict, budget: Budget | None) -> None:
     if noise is not None and not 0 < float(noise) < 1:
         raise StudyError(f"--noise {noise}: the seed noise is a standard deviation of the objective (0 to 1), "
                          f"e.g. 0.012 as 'allocsearch bench signal --every-seed' measures it")
+    if s.get("prefer", "best") not in PREFER:
+        raise StudyError(f"--prefer {s.get('prefer')!r}: use {' or '.join(PREFER)}")
     _check_local_gpus(s)
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from dataclasses import dataclass, field
 
-from allocsearch.study.records import State, TrialRecord
+from allocsearch.study.records import State
 
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -221,51 +220,6 @@ def finalist_mark(f: dict, ev: dict) -> str:
     return "tied, 1 seed" if f["n"] == 1 and f["mean"] > ev["winner"]["mean"] else "tied"
 
 
-@dataclass(frozen=True)
-class Best:
-    """THE best of a study: the configuration to export (:func:`winner`) and its
-    score, the mean over the seeds it ran on (one seed: that run's objective)."""
-
-    trial: int  # the configuration's first completed trial: its folder, its MLflow run, what export writes
-    value: float  # mean objective over its seeds
-    n: int  # seeds it completed on
-    trials: list  # every completed run of it
-    params: dict
-    summary: str = ""
-    experts: list | None = None
-
-    def label(self) -> str:
-        """``0.8308 (mean of 2 seeds)`` or ``0.8354 (1 seed)``."""
-        return f"{self.value:.4f} " + (f"(mean of {self.n} seeds)" if self.n > 1 else "(1 seed)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def best_of(records: Iterable[TrialRecord], noise: float | None = None) -> Best | None:
-    """The study's best (None before any completed trial): the winner of :func:`winner_of` (the best
-    mean among the configurations a confirmation race re-ran, else among all), scored by its mean over
-    seeds. ``noise``: the study's declared seed noise, as every reader passes it."""
-    records = list(records)
-    win = winner_of(records, noise)
-    if win is None:
-        return None
-    first = next(r for r in records if r.number == win.first_trial())
-    return Best(trial=first.number, value=win.mean, n=win.n, trials=sorted(win.trials.values()),
-                params=dict(win.params), summary=first.summary, experts=first.experts)
-
-
-def configuration_score(records: Iterable[TrialRecord], number: int) -> tuple[float, int] | None:
-    """(mean over seeds, seeds) of the configuration trial ``number`` ran, over its completed runs."""
-    records = list(records)
-    row = next((r for r in records if r.number == number), None)
-    if row is None or not row.params:
-        return None
-    key = config_key(row.params)
-    est = next((e for e in estimates(records) if e.key == key), None)
-    return (est.mean, est.n) if est else None
-
-
-__all__ = ["Best", "Estimate", "MIN_POOLED", "MIN_SPREAD", "best_of", "beyond_noise", "config_key",
-           "configuration_score", "estimates", "evidence", "finalist_mark", "noise_of", "pooled_noise", "raced",
-           "separated", "spread_bound", "t95", "winner", "winner_of"]
+__all__ = ["Estimate", "MIN_POOLED", "MIN_SPREAD", "beyond_noise", "config_key", "estimates", "evidence",
+           "finalist_mark", "noise_of", "pooled_noise", "raced", "separated", "spread_bound", "t95", "winner",
+           "winner_of"]

@@ -104,6 +104,7 @@ class TrialRecord:
     predicted: float | None = None
     steps: int | None = None
     trainable_params: int | None = None
+    train_seconds: float | None = None  # its training steps' time, evaluations left out
     experts: list | None = None
     intermediate: dict = field(default_factory=dict)  # {step: checkpoint objective}
     start: str | None = None  # ISO times
@@ -119,7 +120,8 @@ class TrialRecord:
                    values=list(trial.values) if trial.values else None, seed=a.get(Attr.SEED, 0),
                    confirm_of=a.get(Attr.CONFIRM), retry_of=a.get(Attr.RETRY_OF), prior=a.get(Attr.PRIOR),
                    summary=a.get(Attr.SUMMARY, ""), spend=spend, predicted=a.get(Attr.PREDICTED),
-                   steps=a.get(Attr.STEPS), trainable_params=a.get(Attr.TRAINABLE), experts=a.get(Attr.EXPERTS),
+                   steps=a.get(Attr.STEPS), trainable_params=a.get(Attr.TRAINABLE),
+                   train_seconds=a.get(Attr.TRAIN_SECONDS), experts=a.get(Attr.EXPERTS),
                    intermediate=dict(trial.intermediate_values),
                    start=trial.datetime_start.isoformat() if trial.datetime_start else None,
                    end=trial.datetime_complete.isoformat() if trial.datetime_complete else None)

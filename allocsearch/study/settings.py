@@ -20,6 +20,7 @@ class Execution:
     noise: float | None = None  # the task's seed noise (std) as declared, until the study measures its own
     max_seeds: int = 5  # seeds a configuration runs on at most (the confirmation race's limit)
     noise_aware_stopping: bool = True  # ASHA's rungs judge against seed noise and their own evidence
+    prefer: str = "best"  # what the study exports: the best, or the cheapest of those tied with it (study.choice)
 
     @classmethod
     def of(cls, settings: dict) -> Execution:

@@ -80,6 +80,12 @@ def selected() -> None:
         st.markdown(f"**#{best['trial']}** {best['value']:.4f}{seeds} — {best['summary']}")
         if best.get("experts"):
             st.markdown(f"experts per layer `{sparkline(best['experts'])}` {best['experts']}")
+        cheap = summary.get("cheapest")
+        if cheap and cheap["trial"] != best["trial"]:
+            size = (f", {cheap['trainable_params']:,} trainable parameters against {best['trainable_params']:,}"
+                    if cheap.get("trainable_params") and best.get("trainable_params") else "")
+            st.caption(f"the cheapest configuration tied with it: #{cheap['trial']} {cheap['value']:.4f} (n="
+                       f"{cheap['n']}) — {cheap['summary']}{size} (`export --best --prefer cheapest`)")
         if st.button(f"Open trial {best['trial']}", key="open_best"):
             dk.open_trial(best["trial"])
     rows = analysis.finalists_table(summary)
