@@ -28,6 +28,17 @@ def test_a_valid_config_builds():
     assert cfg.schema_version == SCHEMA_VERSION
 
 
+def test_a_layer_with_no_experts_or_rank_0_is_frozen_in_one_form():
+    by_rank = AllocationConfig(**_cfg(rank=[8, 0, 4]))
+    by_experts = AllocationConfig(**_cfg(experts=[4, 0, 4], top_k=[2, 1, 2], rank=[8, 8, 4]))
+    for cfg in (by_rank, by_experts):
+        assert (cfg.experts, cfg.top_k, cfg.rank) == ([4, 0, 4], [2, 0, 2], [8, 0, 4])
+        assert cfg.adapted_layers == [0, 2] and [cfg.adapts(j) for j in range(3)] == [True, False, True]
+        assert AllocationConfig.from_dict(cfg.to_dict()) == cfg
+    lora = AllocationConfig(method="lora", num_layers=3, experts=[1] * 3, top_k=[1] * 3, rank=[0, 0, 8])
+    assert (lora.experts, lora.top_k, lora.adapted_layers) == ([0, 0, 1], [0, 0, 1], [2])
+
+
 # (fields changed from the valid base, words the message must contain)
 INVALID = {
     "experts length": (dict(experts=[4, 4]), ["experts has 2 entries", "num_layers is 3"]),
@@ -35,8 +46,11 @@ INVALID = {
     "rank length": (dict(rank=[8]), ["rank has 1 entries"]),
     "top_k > experts": (dict(top_k=[2, 5, 2]), ["top_k[1] = 5", "4 experts"]),
     "top_k < 1": (dict(top_k=[2, 2, 0]), ["top_k[2] = 0"]),
-    "rank < 1": (dict(rank=[8, 0, 8]), ["rank[1] = 0", "rank must be >= 1"]),
-    "experts < 1": (dict(experts=[4, 0, 4], top_k=[2, 1, 2]), ["experts[1] = 0", "at least 1 expert"]),
+    "rank < 0": (dict(rank=[8, -1, 8]), ["rank[1] = -1", "0 (the layer stays frozen)"]),
+    "experts < 0": (dict(experts=[4, -2, 4], top_k=[2, 1, 2]), ["experts[1] = -2", "0 (the layer stays frozen)"]),
+    "every layer frozen": (dict(rank=[0, 0, 0]), ["nothing would train", "experts >= 1 and rank >= 1"]),
+    "lora frozen by experts": (dict(method="lora", experts=[1, 0, 1], top_k=[1, 1, 1], rank=[0, 0, 0]),
+                               ["nothing would train"]),
     "unknown target": (dict(targets=["q", "qq"]), ["unknown target 'qq'"]),
     "duplicate target": (dict(targets=["q", "v", "q"]), ["duplicates"]),
     "empty targets": (dict(targets=[]), ["targets is empty"]),

@@ -124,3 +124,49 @@ def test_bf16_forward_backward_is_finite(name, token_ids):
     assert torch.isfinite(loss)
     for p in adapter.trainable_parameters():
         assert p.dtype == torch.bfloat16 and torch.isfinite(p.grad.float()).all()
+
+
+def _frozen_middle(name: str) -> AllocationConfig:
+    """The case's allocation with layer 1 holding no adapter (rank 0)."""
+    alloc = CASES[name]()
+    rank = list(alloc.rank)
+    rank[1] = 0
+    return alloc.replace(rank=rank)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_frozen_layer_holds_no_adapter_and_the_others_train(name, token_ids):
+    alloc = _frozen_middle(name)
+    assert (alloc.experts[1], alloc.top_k[1], alloc.rank[1]) == (0, 0, 0) and alloc.adapted_layers == [0, 2]
+    model = tiny_llama()
+    frozen_block = {n: p.detach().clone() for n, p in model.model.layers[1].named_parameters()}
+    adapter = inject(model, alloc)
+    trained = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
+    in_layer = lambda j: {n for n in trained if f"layers.{j}." in n}  # noqa: E731
+    assert not in_layer(1), sorted(in_layer(1))[:3]
+    assert in_layer(0) and in_layer(2)
+    if adapter.layers:  # our layers: none sits in layer 1
+        assert {layer.layer_index for layer in adapter.layers.values()} == {0, 2}
+    model = adapter.model.train()
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(token_ids, labels=token_ids).loss + adapter.aux_loss()).backward()
+        opt.step()
+    block = dict((n.split("layers.1.", 1)[1], p) for n, p in adapter.model.named_parameters() if "layers.1." in n)
+    assert block.keys() == frozen_block.keys()  # nothing wrapped: the block's own parameter names
+    for n, p in block.items():
+        torch.testing.assert_close(p, frozen_block[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mola", "lora", "omoe"])
+def test_a_frozen_layer_survives_save_and_load(name, token_ids, tmp_path):
+    adapter = inject(tiny_llama(), _frozen_middle(name))
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    expected = adapter.model(token_ids).logits
+    adapter.save(tmp_path / "adapter")
+    loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded.model(token_ids).logits, expected, rtol=0, atol=1e-6)
+    assert loaded.allocation.rank == [adapter.allocation.rank[0], 0, adapter.allocation.rank[2]]

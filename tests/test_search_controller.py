@@ -8,7 +8,8 @@ import json
 import pytest
 
 from allocsearch.search.budget import Budget
-from allocsearch.search.controller import Controller
+from allocsearch.search.controller import NOTHING_TO_TRAIN, Controller
+from allocsearch.search.samplers import OUT_OF_MEMORY
 from allocsearch.search.space.space import SearchSpace
 from allocsearch.study.folder import CRASHED, NOT_STARTED, Study, StudyError, check_name
 
@@ -30,8 +31,8 @@ class Clock:
         return self.t
 
 
-def make(tmp_path, budget="10cpu-min", clock=None, name="s", sampler=None, on_event=None, **settings):
-    space = SearchSpace.from_dict(SPACE)
+def make(tmp_path, budget="10cpu-min", clock=None, name="s", sampler=None, on_event=None, space=None, **settings):
+    space = SearchSpace.from_dict(space or SPACE)
     base = {"name": name, "model": space.model, "data": space.data, "data_dir": None, "space": "test",
             "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
             "budget": Budget.parse(budget).to_dict(), "seed": 0, "storage": None, "priors": True,
@@ -259,3 +260,26 @@ def test_multi_objective_tells_every_value_and_status_shows_the_pareto_front(tmp
     assert [t.values for t in ctl.store.trials()] == [[0.8, 500], [0.7, 100], [0.6, 600]]
     summary = summarize(ctl.study.root)
     assert [t["values"] for t in summary["pareto"]] == [[0.8, 500], [0.7, 100]]  # 0.6 @ 600 is dominated
+
+
+def test_a_draw_that_freezes_every_layer_is_not_run_and_marked_infeasible(tmp_path):
+    """Placement: rank 0 leaves a layer group frozen; a draw with every group at 0 trains nothing, so it
+    is told NOT_RUN and infeasible (the sampler learns it) before it costs anything, and the search goes on."""
+    space = {**SPACE, "methods": {"lora": {"rank": {"groups": 2, "each": {"choice": [0, 2]}}}}}
+    clock = Clock()
+    ctl = make(tmp_path, clock=clock, space=space, priors=False, budget="60cpu-min")
+    launched = []
+    for _ in range(12):
+        n, config = run_one(ctl, clock, 10.0, final(objective=0.7))
+        launched.append(n)
+        ranks = config.spec["allocation"]["rank"]
+        assert any(ranks) and ranks[:2] in ([0, 0], [2, 2]) and ranks[2:] in ([0, 0], [2, 2])  # 2 groups of 2
+    skipped = [t for t in ctl.store.trials() if t.number not in launched]
+    assert skipped, "random draws over 2 groups x {0, 2} freeze everything about 1 time in 4"
+    spent = ctl.study.ledger.trial_spend()
+    for t in skipped:
+        assert t.state.name == "FAIL" and t.user_attrs["state"] == "not_run"
+        assert t.user_attrs["failure"] == NOTHING_TO_TRAIN and t.user_attrs["infeasible"] == 1.0
+        assert t.constraints == {OUT_OF_MEMORY: 1.0}  # what Optuna's samplers read
+        assert t.params["lora.rank_g0"] == t.params["lora.rank_g1"] == 0
+        assert not ctl.study.trial_dir(t.number).exists() and t.number not in spent

@@ -48,7 +48,7 @@ def check_trial(space: SearchSpace, params: dict, depth: int) -> list[int]:
     alloc = resolve_allocation(spec["allocation"], depth)
     TrainConfig.from_dict(spec["train"])
     TrialSpec.from_dict({**spec, "name": "t"})
-    assert all(1 <= k <= n for k, n in zip(alloc.top_k, alloc.experts))
+    assert all(1 <= k <= n or k == n == 0 for k, n in zip(alloc.top_k, alloc.experts))  # 0: a frozen layer
     return alloc.experts
 
 
@@ -178,6 +178,29 @@ def test_fixed_trial_and_groups_forms(tmp_path):
         space.trial_spec({k: v for k, v in params.items() if k != "mola.rank_g1"}, 8)
 
 
+def test_groups_that_may_hold_nothing_place_the_adapters(tmp_path):
+    """Placement: a group drawing experts 0 or rank 0 stays frozen; top-k's range still starts at 1."""
+    path = write(tmp_path, "p.yaml", BASE + "methods:\n  mola:\n    experts: {groups: 3, each: {choice: [0, 4]}}\n"
+                 "    top_k: {int: [1, 2]}\n    rank: 8\n  lora:\n    rank: {groups: 3, each: {choice: [0, 4, 12]}}\n")
+    space = load_space(path)
+    mola = {"method": "mola", "mola.experts_g0": 0, "mola.experts_g1": 0, "mola.experts_g2": 4, "mola.top_k": 2}
+    alloc = resolve_allocation(space.trial_spec(mola, 6)["allocation"], 6)
+    assert (alloc.experts, alloc.top_k, alloc.rank) == ([0] * 4 + [4] * 2, [0] * 4 + [2] * 2, [0] * 4 + [8] * 2)
+    lora = {"method": "lora", "lora.rank_g0": 12, "lora.rank_g1": 0, "lora.rank_g2": 4}
+    alloc = resolve_allocation(space.trial_spec(lora, 6)["allocation"], 6)
+    assert alloc.rank == [12, 12, 0, 0, 4, 4] and alloc.adapted_layers == [0, 1, 4, 5]
+    assert not space.trains_nothing(lora, 6)
+    nothing = {"method": "lora", "lora.rank_g0": 0, "lora.rank_g1": 0, "lora.rank_g2": 0}
+    assert space.trains_nothing(nothing, 6)
+    s = study()
+    drawn = [space.sample(s.ask(), 6) for _ in range(60)]
+    frozen = [p for p in drawn if space.trains_nothing(p, 6)]
+    assert frozen and len(frozen) < len(drawn)  # 1/8 of mola's draws and 1/27 of lora's freeze everything
+    for p in drawn:
+        if not space.trains_nothing(p, 6):
+            check_trial(space, p, 6)
+
+
 SMALL = BASE.replace("lr: 1.0e-3", "lr: {choice: [1.0e-3, 3.0e-3]}")
 
 
@@ -207,6 +230,8 @@ def test_grid_size_matches_hand_count_and_brute_force(tmp_path, methods, expecte
     ("methods: {mola: {top_k: {int: []}}}\n", "methods.mola.top_k", "empty"),
     ("methods: {mola: {rank: {int: [16, 4]}}}\n", "methods.mola.rank", "write [4, 16]"),
     ("methods: {mola: {rank: {int: [0, 8]}}}\n", "methods.mola.rank", "below 1"),
+    ("methods: {lora: {rank: {groups: 2, each: 0}}}\n", "methods.lora.rank.each", "nothing would train"),
+    ("methods: {mola: {experts: {groups: 2, each: {int: [-1, 2]}}}}\n", "methods.mola.experts.each", "below 0"),
     ("methods: {mola: {experts: {int: [1, 4]}, top_k: {int: [2, 4]}}}\n", "methods.mola.top_k", "above the expert"),
     ("methods: {mola: {top_k: {choice: [1, 2]}}}\n", "methods.mola.top_k", "{int: [low, high]}"),
     ("methods: {molla: {}}\n", "methods.molla", "unknown method"),

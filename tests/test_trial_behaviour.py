@@ -259,3 +259,16 @@ def test_a_stopped_trial_costs_per_step_actually_run(monkeypatch):
     assert r.seconds_per_step == pytest.approx(r.train_seconds / 2)
     assert r.tokens_per_second == pytest.approx(r.tokens / r.train_seconds)
     assert r.validation is not None and r.validation["n"] == 10  # the final evaluation still reads all of it
+
+
+def test_a_trial_with_frozen_layers_trains_only_the_adapted_ones(spec):
+    """Placement: layers 1-2 hold no adapter; the trial runs, counts only layers 0 and 3, and its expert
+    load covers only them."""
+    frozen = TrialSpec.from_dict({**spec.to_dict(), "allocation": {
+        "method": "mola", "num_layers": 4, "experts": [EXPERTS, 0, 0, EXPERTS], "top_k": [TOP_K, 0, 0, TOP_K],
+        "rank": [RANK, 0, 0, RANK], "dropout": 0.0}})
+    r = run_trial(frozen)
+    per_layer = sum(EXPERTS * RANK * (i + o) + EXPERTS * i for i, o in SHAPES.values())
+    assert r.status == "completed" and r.trainable_params == 2 * per_layer
+    assert r.losses[-1][1] < r.losses[0][1] + 1.0 and all(np.isfinite(v) for _, v in r.losses)
+    assert set(r.expert_load) == {0, 3}

@@ -11,6 +11,9 @@ Fields
     experts       experts per layer (LoRACoE: its composite experts E; LoRA/DoRA: 1)
     top_k         active experts per token per layer (== experts for dense / soft routing)
     rank          LoRA rank per expert per layer
+                  A layer with 0 experts or rank 0 holds no adapter: it stays frozen (written 0, 0, 0), so
+                  the budget can go to some layers only (AdaLoRA's placement ablation); at least one layer
+                  must hold one
     targets       which Linears of each block are adapted, by short name (q,k,v,o,gate,up,down for
                   Llama-style decoders; query,key,value,dense,intermediate,output for BERT) or by a
                   dotted path inside the block (e.g. "mlp.fc1")
@@ -96,6 +99,11 @@ class AllocationConfig:
         self.experts = _int_list("experts", self.experts)
         self.top_k = _int_list("top_k", self.top_k)
         self.rank = _int_list("rank", self.rank)
+        for j, (n, r) in enumerate(zip(self.experts, self.rank)):
+            if n == 0 or r == 0:  # a frozen layer, in one form (the lists may still be the wrong length)
+                self.experts[j] = self.rank[j] = 0
+                if j < len(self.top_k):
+                    self.top_k[j] = 0
         self.targets = list(self.targets)
         if self.moe_targets is not None:
             self.moe_targets = list(self.moe_targets)
@@ -123,14 +131,19 @@ class AllocationConfig:
                     f"give one value per layer"
                 )
         for j, (n, k, r) in enumerate(zip(self.experts, self.top_k, self.rank)):
-            if n < 1:
-                raise AllocationError(f"experts[{j}] = {n}: every layer needs at least 1 expert")
-            if r < 1:
-                raise AllocationError(f"rank[{j}] = {r}: rank must be >= 1")
+            if n < 0:
+                raise AllocationError(f"experts[{j}] = {n}: give 0 (the layer stays frozen) or more")
+            if r < 0:
+                raise AllocationError(f"rank[{j}] = {r}: give 0 (the layer stays frozen) or more")
+            if n == 0:
+                continue
             if not 1 <= k <= n:
                 raise AllocationError(
                     f"top_k[{j}] = {k} but layer {j} has {n} experts: top_k must be in 1..experts"
                 )
+        if not self.adapted_layers:
+            raise AllocationError("every layer has 0 experts or rank 0, so nothing would train: give at least "
+                                  "one layer experts >= 1 and rank >= 1")
         if not self.targets:
             raise AllocationError("targets is empty: name at least one module, e.g. q,v")
         if len(set(self.targets)) != len(self.targets):
@@ -176,6 +189,14 @@ class AllocationConfig:
     # ----------------------------------------------------------------------------------- queries
     def layer(self, j: int) -> dict[str, int]:
         return {"experts": self.experts[j], "top_k": self.top_k[j], "rank": self.rank[j]}
+
+    def adapts(self, j: int) -> bool:
+        """Whether layer ``j`` holds an adapter (False: it stays frozen)."""
+        return self.experts[j] > 0
+
+    @property
+    def adapted_layers(self) -> list[int]:
+        return [j for j, n in enumerate(self.experts) if n > 0]
 
     def is_moe_target(self, target: str) -> bool:
         return self.moe_targets is None or target in self.moe_targets

@@ -27,9 +27,9 @@ class PeftOptions:
     """LoRA / DoRA through ``peft`` itself: one expert per layer, nothing else to set."""
 
     def check(self, alloc: "AllocationConfig") -> None:
-        if any(n != 1 for n in alloc.experts) or any(k != 1 for k in alloc.top_k):
+        if any(n != k or n not in (0, 1) for n, k in zip(alloc.experts, alloc.top_k)):  # 0: a frozen layer
             _fail(f"method {alloc.method!r} is plain {alloc.method.upper()}: experts and top_k must be 1 "
-                  f"in every layer (use mola for several experts)")
+                  f"in every adapted layer (use mola for several experts)")
         if alloc.moe_targets is not None:
             _fail(f"moe_targets has no meaning for {alloc.method!r}: remove it")
 

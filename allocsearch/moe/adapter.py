@@ -43,7 +43,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def resolve_targets(model: nn.Module, allocation: AllocationConfig) -> list[tuple[int, str, str]]:
-    """``(layer index, target short name, full module path)`` for every Linear to wrap, checked."""
+    """``(layer index, target short name, full module path)`` for every Linear to wrap (the adapted layers'
+    targets), checked."""
     prefix, blocks = find_blocks(model)
     if len(blocks) != allocation.num_layers:
         raise AllocationError(f"the allocation is for {allocation.num_layers} layers but "
@@ -51,6 +52,8 @@ def resolve_targets(model: nn.Module, allocation: AllocationConfig) -> list[tupl
     aliases = FAMILY_TARGETS.get(model_family(model) or "", {})
     out = []
     for j, block in enumerate(blocks):
+        if not allocation.adapts(j):  # a frozen layer: nothing to wrap
+            continue
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         for t in allocation.targets:
             rel = aliases.get(t, t)

@@ -239,7 +239,7 @@ def inject_ffn_blocks(model: nn.Module, allocation: AllocationConfig, *, train_m
         if target not in FFN_BLOCK_TARGETS:
             layers[path] = replace_module(model, path, lambda base: LoRALinear(
                 base, experts=1, top_k=1, rank=allocation.rank[j], layer_index=j, target=target, **common))
-    for j in range(len(blocks)):
+    for j in allocation.adapted_layers:  # a frozen layer keeps its MLP
         path = f"{prefix}.{j}.mlp"
         layers[path] = replace_module(model, path, lambda mlp: block_cls(
             mlp, experts=allocation.experts[j], top_k=allocation.top_k[j], rank=allocation.rank[j],

@@ -53,7 +53,7 @@ def _inject_peft(model, allocation, targets, train_modules):
 
     names = [path for _, _, path in targets]
     ranks = {path: allocation.rank[j] for j, _, path in targets}
-    base_rank = allocation.rank[0]
+    base_rank = allocation.rank[allocation.adapted_layers[0]]
     config = LoraConfig(r=base_rank, lora_alpha=allocation.alpha, lora_dropout=allocation.dropout,
                         target_modules=names, use_dora=allocation.method == "dora", bias="none",
                         rank_pattern={k: v for k, v in ranks.items() if v != base_rank},

@@ -129,8 +129,13 @@ class Bookkeeper:
         self.store.enqueue(params, {Attr.RETRY_OF: number, Attr.OOM_RETRY: retry})
         return retry
 
-    def not_run(self, number: int, reason: str) -> None:
-        self.store.set_attrs(number, {Attr.STATE: State.NOT_RUN, Attr.FAILURE: reason})
+    def not_run(self, number: int, reason: str, *, infeasible: bool = False) -> None:
+        """A trial that never runs; ``infeasible``: its configuration cannot run at all (the samplers learn
+        to avoid it, as an out-of-memory one)."""
+        attrs = {Attr.STATE: State.NOT_RUN, Attr.FAILURE: reason, **({Attr.INFEASIBLE: 1.0} if infeasible else {})}
+        self.store.set_attrs(number, attrs)
+        if infeasible:
+            record_feasibility(self.store, number, 1.0)
         self.store.tell(number, State.NOT_RUN)
 
     def recover(self) -> dict[str, list[int]]:

@@ -49,6 +49,7 @@ CAP_SLACK_SECONDS = 2.0
 UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed
 DEFAULT_STARTUP_SECONDS = 3.0  # a Ray worker's start before its trial's clock starts, until one is seen
 _PHASE_OVER = object()  # ``_admit``: nothing more fits, the phase is over
+NOTHING_TO_TRAIN = "every layer group drew 0 experts or rank 0: nothing to train"
 
 
 class Controller:
@@ -164,6 +165,9 @@ class Controller:
             self.store.enqueue(params, {Attr.CONFIRM: first, Attr.SEED: seed})
         trial = self.store.ask()
         params = self.space.sample(trial, self.num_layers)
+        if self.space.trains_nothing(params, self.num_layers):  # every layer group drew 0: costs nothing
+            self.books.not_run(trial.number, NOTHING_TO_TRAIN, infeasible=True)
+            return None
         if self.study.settings.get("sampler") == "grid" and grid_repeats(self.store.ostudy, trial):
             self._phase_over(trial, "the grid is used up", lambda: "every point of the grid has run")
             return None

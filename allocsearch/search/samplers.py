@@ -2,8 +2,9 @@
 
 - ``tpe`` (default): multivariate, grouped, constant liar for parallel trials; ``nsga2`` for several
   objectives; ``random``; ``grid``: Optuna's ``BruteForceSampler`` over a finite space.
-- Trials that ran out of memory are infeasible (``user attr ``infeasible`` = 1``), and TPE and NSGA-II learn
-  to stay away from configurations that do not fit the device: Optuna >= 5 reads each ended trial's
+- Trials that ran out of memory, and draws that freeze every layer (nothing to train), are infeasible
+  (``user attr ``infeasible`` = 1``), and TPE and NSGA-II learn to stay away from configurations that
+  cannot run: Optuna >= 5 reads each ended trial's
   constraint (:func:`record_feasibility`, what ``Trial.set_constraint`` writes; ``constraints_func`` is
   deprecated there); Optuna 4 gets the constraints function :func:`infeasibility`.
 - The grid sampler calls ``Study.stop()`` when its grid is used up, which Optuna allows only inside
@@ -24,7 +25,8 @@ def infeasibility(trial) -> list[float]:
     return [float(trial.user_attrs.get(Attr.INFEASIBLE, 0.0))]
 
 
-OUT_OF_MEMORY = "out_of_memory"  # the constraint's name
+# the constraint's name: out of memory first, nothing to train since (one name, so resumed studies agree)
+OUT_OF_MEMORY = "out_of_memory"
 
 
 def reads_trial_constraints() -> bool:

@@ -237,7 +237,10 @@ class PerLayer:
             if not is_int(node["groups"]) or node["groups"] < 1:
                 raise Bad(f"{key}.groups", f"groups is {node['groups']!r}", "give a whole number >= 1")
             each = parse_value(f"{key}.each", node["each"])
-            check_count(f"{key}.each", each, what=what)
+            check_count(f"{key}.each", each, minimum=0, what=what)  # 0: the group's layers stay frozen
+            if max(extremes(each)) < 1:
+                raise Bad(f"{key}.each", f"every group gets {what} 0, so nothing would train",
+                          "allow at least one value >= 1")
             return cls(what, "groups", each, None, node["groups"])
         value = parse_value(key, node)
         check_count(key, value, what=what)
@@ -279,6 +282,9 @@ class PerLayer:
     def least_max(self) -> float:
         """A lower bound of the largest count any layer gets (what top-k's low must not exceed)."""
         low = min(extremes(self.value))
+        if self.form == "groups" and low == 0:  # a trial that trains has a group above 0
+            points = self.value.points() if isinstance(self.value, Dim) else None
+            low = min(v for v in points if v > 0) if points else 1
         return math.floor(low) if self.form == "shape" else low
 
     def max_table(self, prefix: str, num_layers: int) -> list[tuple[int, int]] | None:

@@ -144,6 +144,9 @@ class MethodSection:
                       "rename or drop one of them")
         depth = self.min_depth()
         corner = {n: first(v) for n, v in self.spots().items()}
+        for part in (self.experts, self.rank):  # a corner that trains: groups that may be 0 take their most
+            if part is not None and part.form == "groups":
+                corner.update({n: max(extremes(v)) for n, v in part.spots(self.prefix).items() if first(v) == 0})
         scopes = self.router_scope.values if isinstance(self.router_scope, Dim) else [self.router_scope]
         for scope in scopes:  # every routing scope must build with the fixed targets
             if scope is not None:
@@ -197,10 +200,16 @@ class MethodSection:
     def experts_of(self, params: dict, num_layers: int) -> list[int]:
         return self.experts.layers(params, self.prefix, num_layers) if self.experts else [1] * num_layers
 
+    def trains_nothing(self, params: dict, num_layers: int) -> bool:
+        """Whether these values leave every layer frozen (groups that may hold 0 experts or rank 0 all drew 0)."""
+        rank = self.rank.layers(params, self.prefix, num_layers)
+        return not any(n > 0 and r > 0 for n, r in zip(self.experts_of(params, num_layers), rank))
+
     def sample(self, trial, num_layers: int) -> dict:
         params: dict = {}
         for name, dim in self.dims().items():
-            cap = max(self.experts_of(params, num_layers)) if name == self.prefix + "top_k" else None
+            # top-k is capped at the largest experts of any layer (none when every group drew 0: not run)
+            cap = (max(self.experts_of(params, num_layers)) or None) if name == self.prefix + "top_k" else None
             params[name] = dim.suggest(trial, name, high=cap)
         return params
 

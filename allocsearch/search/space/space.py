@@ -296,6 +296,10 @@ class SearchSpace:
                              f"fix: use one of {', '.join(self.methods)}")
         return method
 
+    def trains_nothing(self, params: dict, num_layers: int) -> bool:
+        """Whether a sampled trial would leave every layer frozen: it is not run (``Controller._sample``)."""
+        return self.sections[self._method_of(params)].trains_nothing(params, num_layers)
+
     def trial_spec(self, params: dict, num_layers: int) -> dict:
         """``{model, allocation, data, train}`` for TrialSpec.from_dict (the caller adds ``name``)."""
         from allocsearch.allocation.config import AllocationConfig
