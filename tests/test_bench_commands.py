@@ -100,6 +100,16 @@ def test_the_plan_measures_the_priors_noise_and_each_sample_on_seed_0():
     assert label == "MoLA" and runs[0].params == Q
 
 
+def test_a_placement_space_is_probed_on_every_configuration_that_trains():
+    """3 groups x {0, 4}: 8 draws, one freezes every layer; asking for more finds exactly the other 7."""
+    from allocsearch.search.space.space import SearchSpace
+
+    space = SearchSpace.from_dict({**TINY, "methods": {"lora": {"rank": {"groups": 3, "each": {"choice": [0, 4]}}}}})
+    sampled = signal.distinct_samples(space, 3, 20)
+    ranks = sorted(tuple(p[f"lora.rank_g{g}"] for g in range(3)) for p in sampled)
+    assert ranks == sorted({(a, b, c) for a in (0, 4) for b in (0, 4) for c in (0, 4)} - {(0, 0, 0)})
+
+
 def test_noise_from_the_first_sample_runs_it_once_per_seed_also_on_every_seed():
     for every in (False, True):
         label, runs = signal.plan(SAMPLED, {"LoRA r8": P}, seeds=3, noise_from="first", every_seed=every)

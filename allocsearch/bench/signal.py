@@ -104,7 +104,7 @@ def verdict(rows: list[dict], every_seed: bool) -> dict:
 # ------------------------------------------------------------------------------------------ the plan
 def distinct_samples(space, layers: int, count: int) -> list[dict]:
     """``count`` distinct configurations drawn uniformly (RandomSampler, seed 0); fewer where a finite
-    space has fewer."""
+    space has fewer. A draw that freezes every layer (placement groups all at 0) trains nothing: skipped."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -112,7 +112,7 @@ def distinct_samples(space, layers: int, count: int) -> list[dict]:
     sampled: list[dict] = []
     for _ in range(50 * count):  # a finite space repeats draws
         params = space.sample(study.ask(), layers)
-        if params not in sampled:
+        if params not in sampled and not space.trains_nothing(params, layers):
             sampled.append(params)
         if len(sampled) == count:
             break

@@ -1,5 +1,5 @@
-"""``allocsearch bench signal`` and ``allocsearch bench live``: probes of a task and of the replay itself
-(logic in ``allocsearch.bench.signal`` and ``allocsearch.bench.live``)."""
+"""``allocsearch bench signal``, ``bench live`` and ``bench known-answer``: probes of a task, of the replay
+itself, and a task whose answer is known (logic in ``allocsearch.bench.signal``, ``.live``, ``.known_answer``)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from allocsearch.bench.known_answer import GROUPS, Construction
 from allocsearch.bench.signal import NOISE_FROM
 from allocsearch.cli.options import json_option, run_with_progress
 
@@ -170,3 +171,60 @@ def render_live(r: dict) -> str:
     lines.append(f"the replay {verdict}: {r['inside']} of {len(r['live'])} live searches inside its range "
                  f"(live studies in {r['workdir']})")
     return "\n".join(lines)
+
+
+_KA = Construction()
+
+
+@click.command("known-answer")
+@click.option("--out", required=True, help="A new folder for the model, the data, the space and the card.")
+@click.option("--group", type=click.Choice(GROUPS), default=_KA.group, show_default=True,
+              help="The layer group the damage (the answer) sits in: thirds of the model's layers.")
+@click.option("--model", default=_KA.model, show_default=True, help="A BERT-style encoder: the teacher.")
+@click.option("--targets", default=",".join(_KA.targets), show_default=True,
+              help="The damaged Linears of each layer of the group (short names), also the space's targets.")
+@click.option("--rank", type=int, default=_KA.rank, show_default=True, help="Rank of the damage.")
+@click.option("--scale", type=float, default=_KA.scale, show_default=True,
+              help="The damage's spectral norm as a fraction of each weight's.")
+@click.option("--space-rank", type=int, default=_KA.space_rank, show_default=True,
+              help="What a layer group holds in the written placement space: LoRA of this rank, or nothing.")
+@click.option("--steps", type=int, default=_KA.steps, show_default=True, help="Training steps of the space's trials.")
+@click.option("--lr", type=float, default=_KA.lr, show_default=True, help="The space's (fixed) learning rate.")
+@click.option("--sentences", type=int, default=_KA.sentences, show_default=True,
+              help="Sentences labelled for train + validation (a third).")
+@click.option("--test-sentences", type=int, default=_KA.test_sentences, show_default=True,
+              help="Sentences labelled for the test split.")
+@click.option("--seed", type=int, default=_KA.seed, show_default=True, help="Seeds the damage (and the head).")
+@click.option("--data-dir", default=None, help="A folder with glue_SST-2/ (default: the bundled sentences).")
+@json_option
+def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps, lr, sentences, test_sentences,
+                     seed, data_dir, as_json):
+    """Build a task whose best allocation is known: real sentences labelled by a teacher (the base model),
+    a student model folder whose layers in one group are damaged by a seeded low-rank perturbation that an
+    adapter there can undo exactly, and a placement space over the layer groups. Whether the right
+    placement wins, and by how much: train students with 'bench signal --every-seed' on the space.
+
+    \b
+    Examples:
+      allocsearch bench known-answer --out ka-top --group top
+      allocsearch bench known-answer --out ka-bottom --group bottom --scale 1.5
+      allocsearch bench signal --space ka-top/space.yaml --configs 8 --seeds 3 --every-seed --noise-from first
+      allocsearch start --space ka-top/space.yaml --budget 0.5cpu-h     # where does the search put the capacity?
+    """
+    from allocsearch.bench import known_answer
+
+    construction = Construction(model=model, group=group, targets=[t.strip() for t in targets.split(",") if t.strip()],
+                                rank=rank, scale=scale, seed=seed, sentences=sentences,
+                                test_sentences=test_sentences, steps=steps, lr=lr, space_rank=space_rank)
+    known_answer.check(construction)
+    card = run_with_progress("building", "building", lambda progress: known_answer.build(construction, out, data_dir))
+    if as_json:
+        click.echo(json.dumps(card, indent=2))
+        return
+    click.echo(f"wrote {out}/: model/ (layers {card['answer']['layers']} damaged: {len(card['damaged'])} Linears, "
+               f"rank {rank}, scale {scale}), data.jsonl, test.jsonl, space.yaml, card.json\n"
+               f"labels: {card['labels']['train_positive_share']:.0%} of train are 'b'; a head alone on the damaged "
+               f"model fits {card['head_alone_accuracy']:.3f} (on the teacher: {card['head_on_teacher_accuracy']:.3f}); "
+               f"the damage moves the pooled output by {card['pooled_change']:.0%}\n"
+               f"next: allocsearch bench signal --space {out}/space.yaml --configs 8 --seeds 3 --every-seed "
+               f"--noise-from first")

