@@ -192,6 +192,7 @@ def test_groups_that_may_hold_nothing_place_the_adapters(tmp_path):
     assert not space.trains_nothing(lora, 6)
     nothing = {"method": "lora", "lora.rank_g0": 0, "lora.rank_g1": 0, "lora.rank_g2": 0}
     assert space.trains_nothing(nothing, 6)
+    assert space.grid_size(6) == (7 * 2) + (27 - 1)  # mola: 7 placements x top-k 1..2; lora: 3^3 - 1
     s = study()
     drawn = [space.sample(s.ask(), 6) for _ in range(60)]
     frozen = [p for p in drawn if space.trains_nothing(p, 6)]

@@ -96,6 +96,7 @@ def _requeue_unfinished(study) -> None:
     the front of the queue: the grid sampler alone would count them as run."""
     from optuna.trial import TrialState
 
+    from allocsearch.search.controller import NOTHING_TO_TRAIN
     from allocsearch.study.records import Attr
     from allocsearch.study.storage import TrialStore
 
@@ -104,6 +105,8 @@ def _requeue_unfinished(study) -> None:
     done = [t.params for t in trials if t.state == TrialState.COMPLETE]
     queued = [t.params for t in trials if t.state == TrialState.WAITING]
     for t in trials:
+        if t.user_attrs.get(Attr.FAILURE) == NOTHING_TO_TRAIN:
+            continue  # not a point of the grid: it trains nothing
         if t.state in (TrialState.PRUNED, TrialState.FAIL) and t.params and t.params not in done + queued:
             store.enqueue(t.params, {Attr.RETRY_OF: t.number})
             queued.append(t.params)

@@ -3,6 +3,7 @@ give, and the papers' settings (priors) written as parameters of the space. Torc
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -220,6 +221,7 @@ class MethodSection:
             return None
         total = sum(n * (len(self.top_k.points(high=m)) if isinstance(self.top_k, Dim) else 1) for n, m in table)
         skip = set(self.experts.spots(self.prefix)) if self.experts else set()
+        rest = 1  # every dimension but the experts, the ranks and top-k
         for name, dim in self.dims().items():
             if name in skip or name == self.prefix + "top_k":
                 continue
@@ -227,7 +229,27 @@ class MethodSection:
             if points is None:
                 return None
             total *= len(points)
-        return total
+            if name not in self.rank.spots(self.prefix):
+                rest *= len(points)
+        # draws that train nothing are not run: not points of the grid
+        return total - self._frozen_draws(num_layers) * rest
+
+    def _frozen_draws(self, num_layers: int) -> int:
+        """How many (experts, rank, top-k) draws the count above holds that leave every layer frozen (0
+        unless a groups form allows 0); top-k counted as above, capped at the draw's largest experts."""
+        parts = [p for p in (self.experts, self.rank) if p is not None]
+        if not any(p.form == "groups" and 0 in extremes(p.value) for p in parts):
+            return 0
+        spots = {n: v for p in parts for n, v in p.spots(self.prefix).items()}
+        names = [n for n, v in spots.items() if isinstance(v, Dim)]
+        values = [spots[n].points() for n in names]
+        count = 0
+        for combo in itertools.product(*values):
+            params = dict(zip(names, combo))
+            if self.trains_nothing(params, num_layers):
+                top = max(self.experts_of(params, num_layers))
+                count += len(self.top_k.points(high=top)) if isinstance(self.top_k, Dim) else 1
+        return count
 
     # ----------------------------------------------------------------------------------- trials
     def allocation(self, params: dict, num_layers: int) -> dict:
