@@ -162,3 +162,25 @@ def test_the_dashboard_names_the_cheapest_beside_the_best(tmp_path):
     at = clean(open_app(tmp_path, study=ctl.study.name))
     assert f"the cheapest configuration tied with it: #{cheap['trial']}" in shown(at)
     assert "300,000 trainable parameters against 2,400,000" in shown(at)
+
+
+def test_a_trials_configuration_score_is_its_mean_over_every_seed_it_completed():
+    from allocsearch.study.choice import configuration_score
+
+    rows = study([TrialRecord(10, "pruned", None, BIG, seed=3, steps=4), TrialRecord(11, "failed", None, {})])
+    # trial 4 confirms trial 0: both name the configuration's 3 completed seeds; the pruned run counts for nothing
+    for number in (0, 4, 7, 10):
+        value, n = configuration_score(rows, number)
+        assert (round(value, 6), n) == (round((0.84 + 0.85 + 0.83) / 3, 6), 3)
+    assert configuration_score(rows, 2) == (0.835, 1)
+    assert configuration_score(rows, 11) is None  # no parameters
+    assert configuration_score(rows, 99) is None  # no such trial
+    assert configuration_score([TrialRecord(0, "pruned", None, BIG, seed=0, steps=4)], 0) is None  # none completed
+
+
+def test_the_best_reads_as_a_mean_of_seeds_or_one_seed():
+    best = best_of(study(), 0.01)
+    assert best.label() == f"{(0.84 + 0.85 + 0.83) / 3:.4f} (mean of 3 seeds)"
+    one = best_of([run(0, TINY, 0, 0.8123456)], 0.01)
+    assert one.label() == "0.8123 (1 seed)"
+    assert best.to_dict()["params"] == BIG and best.to_dict()["n"] == 3

@@ -48,8 +48,9 @@ def test_the_labels_are_balanced_and_the_head_alone_does_worse_than_on_the_teach
     out, card = built
     rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
-    assert len(rows) == 200 and len(test) == 50
-    assert sum(r["label"] == "b" for r in rows) == 100 and card["labels"]["train_positive_share"] == 0.5
+    # 20% of the sentences nearest the threshold left out (as many of each label): 160 of 200
+    assert len(rows) == card["sentences"]["train"] == 160 and len(test) == card["sentences"]["test"] < 50
+    assert sum(r["label"] == "b" for r in rows) == 80 and card["labels"]["train_positive_share"] == 0.5
     assert {r["label"] for r in rows + test} == {"a", "b"} and all(r["text"] for r in rows)
     assert 0.0 < card["pooled_change"] and card["head_alone_accuracy"] < card["head_on_teacher_accuracy"]
 
@@ -60,7 +61,7 @@ def test_the_written_space_places_lora_over_the_groups_of_the_written_model(buil
     assert space.model == str((out / "model").resolve())
     assert [d["name"] for d in space.dimensions(6)] == ["lora.rank_g0", "lora.rank_g1", "lora.rank_g2"]
     task = space.data["tasks"][0]
-    assert (task["train"], task["validation"], task["test"]) == (134, 66, 50)
+    assert (task["train"], task["validation"], task["test"]) == (107, 53, card["sentences"]["test"])
     spec = space.trial_spec({"lora.rank_g0": 8, "lora.rank_g1": 0, "lora.rank_g2": 0}, 6)
     assert spec["allocation"]["rank"] == [8, 8, 0, 0, 0, 0] and spec["allocation"]["targets"] == ["query", "value"]
     assert spec["train"]["steps"] == 20 and json.loads((out / "card.json").read_text()) == card
@@ -72,6 +73,7 @@ def test_the_written_space_places_lora_over_the_groups_of_the_written_model(buil
     (["--rank", "16"], "rank >= the damage's"),
     (["--scale", "0"], "--scale"),
     (["--sentences", "10"], "--sentences"),
+    (["--margin", "0.9"], "--margin"),
     (["--model", "tiny-llama"], "BERT-style encoder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):

@@ -6,7 +6,8 @@ The construction (a teacher-student task carried by a local model folder):
    a folder of the full data sets) are labelled by the teacher: ``label = [w . pool_T(x) > median]``, where
    ``pool_T`` is the teacher's pooled output (what a BERT classifier reads) and ``w`` is the direction the
    damage below moves most (the top right singular vector of ``pool_T - pool_S`` over the sentences). The
-   median threshold balances the labels exactly.
+   median threshold balances the labels exactly; the ``margin`` share of sentences nearest it is left out
+   (a label a hair from the threshold is noise to every student alike).
 2. The student's starting model is the teacher with the Linears of one layer group damaged by a seeded
    rank-``r`` perturbation, ``W <- W + scale * ||W||_2 * U V^T / ||U V^T||_2`` (U, V Gaussian). It is saved
    as a model folder: ``--model <out>/model`` is the users' own-model path.
@@ -49,7 +50,8 @@ class Construction:
     rank: int = 4  # rank of the damage
     scale: float = 1.0  # its spectral norm as a fraction of each weight's
     seed: int = 0
-    sentences: int = 3000  # from the train file (a third becomes the validation split)
+    sentences: int = 3000  # read from the train file (a third of those kept becomes the validation split)
+    margin: float = 0.2  # the share of sentences nearest the threshold left out (no label a hair from it)
     test_sentences: int = 872  # from the test file (SST-2's dev)
     steps: int = 150
     lr: float = 3.0e-3
@@ -70,6 +72,8 @@ def check(c: Construction) -> None:
     if c.rank < 1 or c.space_rank < c.rank:
         raise KnownAnswerError(f"--rank {c.rank} with a space rank of {c.space_rank}: an adapter undoes the damage "
                                f"only with rank >= the damage's; fix: a rank in 1..{c.space_rank}")
+    if not 0 <= c.margin <= 0.8:
+        raise KnownAnswerError(f"--margin {c.margin}; fix: a share in [0, 0.8], e.g. 0.2")
     if not 0 < c.scale <= 10:
         raise KnownAnswerError(f"--scale {c.scale}; fix: a value in (0, 10], e.g. 1.0")
     if c.sentences < 200 or c.test_sentences < 50:
@@ -136,8 +140,21 @@ def build(c: Construction, out: str | Path, data_dir: str | None = None) -> dict
     moved = teacher - student
     direction = torch.linalg.svd(moved - moved.mean(0), full_matrices=False).Vh[0]
     score = teacher @ direction
-    threshold = score[: len(train_text)].median()
+    n_train = len(train_text)
+    threshold = score[:n_train].median()
     labels = (score > threshold).long()
+    # leave out the margin share of each label's train sentences nearest the threshold (the labels stay
+    # balanced), and the test sentences inside the same cuts
+    distance = (score - threshold).abs()
+    cuts = [torch.quantile(distance[:n_train][labels[:n_train] == y], c.margin) if c.margin else -1.0
+            for y in (0, 1)]
+    keep = [i for i in range(len(score)) if distance[i] > cuts[int(labels[i])]]
+    keep_train = _balanced([i for i in keep if i < n_train], labels)
+    keep_test = [i for i in keep if i >= n_train]
+    train_text = [train_text[i] for i in keep_train]
+    test_text = [test_text[i - n_train] for i in keep_test]
+    rows = torch.tensor(keep_train + keep_test)
+    teacher, student, labels = teacher[rows], student[rows], labels[rows]
     n_train = len(train_text)
     head_alone = _head_accuracy(student[:n_train], labels[:n_train], c.seed)
     head_teacher = _head_accuracy(teacher[:n_train], labels[:n_train], c.seed)
@@ -151,16 +168,25 @@ def build(c: Construction, out: str | Path, data_dir: str | None = None) -> dict
     write("data.jsonl", train_text, labels[:n_train])
     write("test.jsonl", test_text, labels[n_train:])
     card = {"construction": asdict(c), "answer": {"group": c.group, "layers": layers}, "damaged": damaged,
+            "sentences": {"train": n_train, "test": len(test_text)},
             "labels": {"train_positive_share": float(labels[:n_train].float().mean()),
                        "test_positive_share": float(labels[n_train:].float().mean())},
             "head_alone_accuracy": head_alone, "head_on_teacher_accuracy": head_teacher,
             "pooled_change": float(moved.norm(dim=1).mean() / teacher.norm(dim=1).mean())}
-    write_text_atomic(out / "space.yaml", _space(c, final.resolve(), n_train))
+    write_text_atomic(out / "space.yaml", _space(c, final.resolve(), n_train, len(test_text)))
     write_text_atomic(out / "card.json", json.dumps(card, indent=2))
     if final.exists():
         final.rmdir()  # empty (checked above)
     out.rename(final)
     return card
+
+
+def _balanced(rows: list[int], labels) -> list[int]:
+    """``rows`` with as many of each label (the first ones of the larger class dropped from the end)."""
+    by = [[i for i in rows if int(labels[i]) == y] for y in (0, 1)]
+    n = min(len(by[0]), len(by[1]))
+    kept = set(by[0][:n] + by[1][:n])
+    return [i for i in rows if i in kept]
 
 
 def _pooled(model, tok, texts: list[str], batch: int = 64):
@@ -200,7 +226,7 @@ def _head_accuracy(x, y, seed: int) -> float:
         return float(((head(z[held]).squeeze(1) > 0).long() == y[held]).float().mean())
 
 
-def _space(c: Construction, out: Path, n_train: int) -> str:
+def _space(c: Construction, out: Path, n_train: int, n_test: int) -> str:
     validation = n_train // 3
     return f"""# A known-answer placement space (allocsearch bench known-answer): the damage sits in the {c.group}
 # layer group; each of {c.groups} groups holds LoRA r{c.space_rank} on {', '.join(c.targets)} or nothing.
@@ -211,7 +237,7 @@ data:
   tasks:
     - {{name: known-answer, path: {json.dumps(str(out / "data.jsonl"))}, test_path: {json.dumps(str(out / "test.jsonl"))},
        format: classification,
-       labels: [{', '.join(LABELS)}], train: {n_train - validation}, validation: {validation}, test: {c.test_sentences}}}
+       labels: [{', '.join(LABELS)}], train: {n_train - validation}, validation: {validation}, test: {n_test}}}
 objective: validation_macro_balanced_accuracy
 priors: false
 train: {{steps: {c.steps}, batch_size: 16, max_length: 64, eval_every: {max(1, c.steps // 4)}, eval_examples: {validation},
