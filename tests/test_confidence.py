@@ -2,6 +2,7 @@
 repeated configurations (mean, CI, ties, the winner) and the confirmation race."""
 from __future__ import annotations
 
+import math
 import random
 import statistics
 
@@ -390,3 +391,28 @@ def test_status_says_why_single_seed_scores_were_not_confirmed():
     assert "re-runs the finalists before the search ends" in line(confirm=0.2, running=True)
     assert "ran no confirmation run: a resume with a larger --budget" in line(confirm=0.2, running=False)
     assert "confirmation was off: --confirm 0.2" in line(confirm=0.0, running=True)
+
+
+def test_the_tabulated_quantiles_are_scipys():
+    """t's 97.5% quantile per degree of freedom (1.96 beyond the table) and chi^2's median / df (tabulated to
+    5, Wilson-Hilferty beyond), against scipy where scipy is installed."""
+    stats = pytest.importorskip("scipy.stats")
+    from allocsearch.study.confidence import _T95, _chi2_median_over_df, t95
+
+    for df in range(1, len(_T95) + 1):
+        assert t95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
+    assert t95(len(_T95) + 1) == 1.96 and t95(0) == 1.96
+    for df in range(1, 40):
+        assert _chi2_median_over_df(df) == pytest.approx(stats.chi2.median(df) / df, rel=2e-3), df
+
+
+def test_an_estimate_as_a_dict():
+    from allocsearch.study.confidence import Estimate, t95
+
+    e = Estimate(key="k", params={"r": 8}, values={2: 0.8, 0: 0.7}, trials={2: 9, 0: 4})
+    d = e.to_dict()
+    assert d == {"params": {"r": 8}, "n": 2, "mean": pytest.approx(0.75), "std": pytest.approx(e.std),
+                 "ci95": pytest.approx(t95(1) * e.std / math.sqrt(2)), "seeds": [0, 2], "trials": [4, 9],
+                 "values": [0.7, 0.8]}
+    one = Estimate(key="k", params={}, values={0: 0.7}, trials={0: 1})
+    assert one.to_dict()["ci95"] is None and one.to_dict(noise=0.01)["ci95"] == pytest.approx(one.half_width(0.01))
