@@ -13,7 +13,7 @@ from allocsearch.bench.known_answer import Construction, build, group_layers
 from allocsearch.search.space.space import load_space
 from allocsearch.training.models import load_model
 
-SMALL = dict(sentences=200, test_sentences=50, steps=20)
+SMALL = dict(sentences=200, test_sentences=50, steps=20, margin=0.2)
 
 
 @pytest.fixture(scope="module")
