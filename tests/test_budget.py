@@ -379,3 +379,73 @@ def test_budget_module_is_pure_python():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------ admission at its edges
+def _keeper(minutes=2, unit="cpu", **kw):  # whole minutes: budgets are written in minutes, exact in seconds
+    return BudgetKeeper(Budget.parse(f"{minutes}{unit}-min"), 0.0, **kw)
+
+
+def test_admission_at_exactly_the_margin_and_exactly_the_first_checkpoint():
+    assert _keeper(margin=1.25, room=2.5).admit(0, 96.0, 10.0, running=0) == 120.0  # 96 x 1.25 == 120 free
+    assert _keeper(margin=1.25, room=2.5).admit(0, 48.0, 10.0, running=0) == 120.0  # min(free, 48 x 2.5)
+    assert _keeper(margin=1.25, room=2.0).admit(0, 30.0, 10.0, running=0) == 60.0  # room, not margin
+    k = _keeper()
+    k.finish(9, 119.5)  # 0.5 free: a first checkpoint of exactly 0.5 fits, cut there
+    assert k.free() == 0.5 and k.admit(0, 10.0, 0.5, running=0) == 0.5
+    k = _keeper()
+    k.finish(9, 119.5)
+    assert k.admit(0, 10.0, 0.6, running=0) is None  # its first checkpoint does not fit
+    assert k.admit(0, 10.0, 0.5, running=0, whole=True) is None  # a whole run never starts cut
+
+
+def test_one_running_trial_whose_reservation_would_make_room_means_wait():
+    k = _keeper(margin=1.2, room=2.5)
+    assert k.admit(0, 36.0, 5.0, running=0) == 90.0  # reserves 90 of 120
+    k.update(0, 10.0)  # it used 10 of its 90: 80 may come back
+    # 30 free: 36 x 1.2 does not fit now but would with what trial 0 gives back: wait, with one running
+    assert k.admit(1, 36.0, 5.0, running=1) is None
+    assert k.admit(1, 36.0, 5.0, running=0) == 30.0  # nothing running to wait for: cut at its checkpoints
+    k = _keeper(margin=1.2, room=1.2)
+    assert k.admit(0, 60.0, 5.0, running=0) == 72.0
+    k.update(0, 72.0)  # used all of its cap: nothing comes back; 48 free < 60 x 1.2: admitted, cut
+    assert k.admit(1, 60.0, 5.0, running=1) == 48.0
+
+
+def test_admission_refuses_bad_numbers_and_an_admitted_trial_twice():
+    k = _keeper()
+    with pytest.raises(ValueError, match="predicted must be > 0"):
+        k.admit(0, 0.0, 1.0, running=0)
+    with pytest.raises(ValueError, match="predicted must be > 0"):
+        k.admit(0, 1.0, -1.0, running=0)
+    assert k.admit(0, 1.0, 0.0, running=0) == 2.5  # a first checkpoint at 0 is allowed
+    with pytest.raises(ValueError, match="trial 0 is already admitted"):
+        k.admit(0, 1.0, 1.0, running=1)
+    assert k.in_flight() == 0.0 and k.reserved() == 2.5
+    k.update(0, 1.5)
+    assert k.in_flight() == 1.5
+
+
+def test_wall_budgets_admit_until_the_deadline_and_hold_no_reservations():
+    clock = [0.0]
+    k = BudgetKeeper(Budget.parse("2min"), 0.0, clock=lambda: clock[0])
+    assert k.admit(0, 30.0, 5.0, running=0) == 120.0 and k.reserved() == 0.0
+    k.update(0, 20.0)
+    assert k.in_flight() == 0.0  # wall budgets count the clock, not the trials
+    clock[0] = 119.0
+    assert k.admit(1, 30.0, 1.0, running=1) == 1.0  # its first checkpoint fits exactly
+    assert k.admit(2, 30.0, 1.0, running=2, whole=True) is None  # a whole run of 30 does not
+    clock[0] = 120.0
+    assert k.admit(3, 1.0, 0.0, running=2) is None and k.free() == 0.0
+
+
+def test_exhausted_below_half_a_percent():
+    k = _keeper(minutes=20)  # 1200 s: 0.5% is 6 s
+    k.finish(0, 1194.0)  # exactly 6 left: not yet
+    assert k.remaining() == 6.0 and not k.exhausted()
+    k.finish(1, 0.01)
+    assert k.exhausted()
+    with pytest.raises(ValueError, match="margin must be >= 1"):
+        _keeper(margin=0.9)
+    with pytest.raises(ValueError, match="room >= margin"):
+        _keeper(margin=1.5, room=1.4)
