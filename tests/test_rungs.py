@@ -66,8 +66,10 @@ def test_a_rung_is_trusted_once_its_rho_reaches_the_threshold_exactly():
 
 def test_checkpoints_are_judged_in_step_order_not_text_order():
     rungs = Rungs(16, 4)
-    # "16" sorts before "4" and "8" as text; by step the 4 goes to rung 4, 8 to rung 8, 16 to rung 16
     assert rungs.judged_at({"16": 0.9, "4": 0.5, "8": 0.7}) == {4: 0.5, 8: 0.7, 16: 0.9}
+    # by step, 9 is judged first (at rung 8, the highest it reached), then 10 at the highest left (4);
+    # as text "10" would come first and take rung 8
+    assert rungs.judged_at({"10": 0.7, "9": 0.5}) == {8: 0.5, 4: 0.7}
 
 
 def test_agreement_needs_two_completed_trials_per_rung():
@@ -79,3 +81,6 @@ def test_agreement_needs_two_completed_trials_per_rung():
     assert [r["step"] for r in got] == [2, 4] and [r["n"] for r in got] == [2, 2]
     assert got[0]["rho"] == pytest.approx(1.0) and got[1]["rho"] == pytest.approx(-1.0)
     assert agreement(rows[:1])[0]["rho"] is None and agreement([]) == []
+    # trials that did not say their steps end at the last checkpoint: only the rungs before it count
+    unknown = [done(0, {2: 0.5, 4: 0.6}, 0.7, steps=None), done(1, {2: 0.6, 4: 0.5}, 0.8, steps=None)]
+    assert [r["step"] for r in agreement(unknown)] == [2]
