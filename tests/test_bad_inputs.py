@@ -114,7 +114,7 @@ ALLOC = [  # (arguments after `alloc`, text of the one error line)
     (["--method", "mola", "--layers", "abc"], "'abc' is not a valid integer"),
     (["--method", "mola", "--layers", "4", "--experts", "2,3"], "--experts has 2 values for 4 layers"),
     (["--method", "mola", "--shape", "hourglass", "--total-experts", "0"], "total_experts=0"),
-    (["--method", "mola", "--rank", "0", "--layers", "2"], "rank[0] = 0"),
+    (["--method", "mola", "--rank", "0", "--layers", "2"], "nothing would train"),
     (["--method", "mola", "--targets", "zz"], "unknown target 'zz'"),
     (["--method", "mola", "--alpha", "-1"], "alpha must be > 0"),
     (["--check", "missing.yaml"], "missing.yaml does not exist"),
