@@ -64,15 +64,21 @@ def test_gradients_reach_every_trainable_parameter_and_nothing_else(name, token_
             assert p.grad is None and not p.requires_grad, f"frozen parameter {n} got a gradient"
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_save_load_round_trip(name, token_ids, tmp_path):
-    adapter = inject(tiny_llama(), CASES[name]())
+def _saved_and_loaded(adapter, token_ids, tmp_path):
+    """(the adapter's logits after a random nudge of every trainable weight, the adapter saved and loaded
+    into a fresh model)."""
     with torch.no_grad():  # make the adapter non-trivial
         for p in adapter.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.05)
     expected = adapter.model(token_ids).logits
     adapter.save(tmp_path / "adapter")
-    loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
+    return expected, load_adapter(tiny_llama(), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_save_load_round_trip(name, token_ids, tmp_path):
+    adapter = inject(tiny_llama(), CASES[name]())
+    expected, loaded = _saved_and_loaded(adapter, token_ids, tmp_path)
     torch.testing.assert_close(loaded.model(token_ids).logits, expected, rtol=0, atol=1e-6)
     assert loaded.allocation.to_dict() == adapter.allocation.to_dict()
 
@@ -162,11 +168,6 @@ def test_a_frozen_layer_holds_no_adapter_and_the_others_train(name, token_ids):
 @pytest.mark.parametrize("name", ["mola", "lora", "omoe"])
 def test_a_frozen_layer_survives_save_and_load(name, token_ids, tmp_path):
     adapter = inject(tiny_llama(), _frozen_middle(name))
-    with torch.no_grad():
-        for p in adapter.trainable_parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    expected = adapter.model(token_ids).logits
-    adapter.save(tmp_path / "adapter")
-    loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
+    expected, loaded = _saved_and_loaded(adapter, token_ids, tmp_path)
     torch.testing.assert_close(loaded.model(token_ids).logits, expected, rtol=0, atol=1e-6)
     assert loaded.allocation.rank == [adapter.allocation.rank[0], 0, adapter.allocation.rank[2]]
