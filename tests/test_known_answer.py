@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_cli import _isolated, assert_one_error_line, run_main  # noqa: F401 - _isolated is an autouse fixture
 
-from allocsearch.bench.known_answer import Construction, build, group_layers
+from allocsearch.allocation.shapes import group_layers
+from allocsearch.bench.known_answer import Construction, build
 from allocsearch.search.space.space import load_space
 from allocsearch.training.models import load_model
 
@@ -89,3 +90,22 @@ def test_an_existing_folder_is_never_overwritten(built, capsys):
     code, _, err = run_main(["bench", "known-answer", "--out", out], capsys)
     assert_one_error_line(code, err, "not an empty folder")
     assert (out / "card.json").read_text() == before
+
+
+def test_the_labels_are_the_teachers_along_the_direction_the_damage_moves_most(tmp_path):
+    """Recomputed here from the base model (the teacher) and the saved student: with no margin, every label
+    is [teacher's pooled output . d > its train median], d the top direction of teacher - student."""
+    from allocsearch.bench.known_answer import _pooled
+
+    out = tmp_path / "ka"
+    build(Construction(group="top", rank=2, scale=1.0, **{**SMALL, "margin": 0.0}), out)
+    rows = [json.loads(line) for name in ("data.jsonl", "test.jsonl") for line in (out / name).read_text().splitlines()]
+    texts, n_train = [r["text"] for r in rows], 200
+    base = load_model("minilm-l6", device="cpu", dtype="fp32", seed=0)
+    student = load_model(str(out / "model"), device="cpu", dtype="fp32")
+    teacher_pool = _pooled(base.model, base.tokenizer, texts)
+    student_pool = _pooled(student.model, student.tokenizer, texts)
+    moved = teacher_pool - student_pool
+    score = teacher_pool @ torch.linalg.svd(moved - moved.mean(0), full_matrices=False).Vh[0]
+    expected = ["b" if s > score[:n_train].median() else "a" for s in score]
+    assert [r["label"] for r in rows] == expected

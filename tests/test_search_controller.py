@@ -283,3 +283,8 @@ def test_a_draw_that_freezes_every_layer_is_not_run_and_marked_infeasible(tmp_pa
         assert t.constraints == {OUT_OF_MEMORY: 1.0}  # what Optuna's samplers read
         assert t.params["lora.rank_g0"] == t.params["lora.rank_g1"] == 0
         assert not ctl.study.trial_dir(t.number).exists() and t.number not in spent
+    # a recording's next part re-queues the grid points that ran and failed, never these (they train nothing)
+    from allocsearch.bench.record import _requeue_unfinished
+
+    _requeue_unfinished(ctl.study)
+    assert not [t for t in ctl.store.trials() if t.state.name == "WAITING"]

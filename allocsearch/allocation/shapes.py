@@ -32,6 +32,13 @@ def group_sizes(num_layers: int, groups: int) -> list[int]:
     return [base + (1 if g < extra else 0) for g in range(groups)]
 
 
+def group_layers(num_layers: int, groups: int, group: int) -> list[int]:
+    """The layer indices of contiguous group ``group`` of ``group_sizes(num_layers, groups)``."""
+    sizes = group_sizes(num_layers, groups)
+    start = sum(sizes[:group])
+    return list(range(start, start + sizes[group]))
+
+
 def _round_to_total(weights: list[float], total: int, minimum: int = 1) -> list[int]:
     """Integers proportional to ``weights`` summing exactly to ``total`` (largest remainder), each at
     least ``minimum``: a layer rounded below it takes one from the layer furthest above its share."""

@@ -58,14 +58,6 @@ class Construction:
     space_rank: int = 8  # what a group holds in the placement space (0 or this)
 
 
-def group_layers(num_layers: int, groups: int, group: int) -> list[int]:
-    from allocsearch.allocation.shapes import group_sizes
-
-    sizes = group_sizes(num_layers, groups)
-    start = sum(sizes[:group])
-    return list(range(start, start + sizes[group]))
-
-
 def check(c: Construction) -> None:
     if c.group not in GROUPS:
         raise KnownAnswerError(f"--group {c.group!r}; fix: use one of {', '.join(GROUPS)}")
@@ -100,6 +92,8 @@ def build(c: Construction, out: str | Path, data_dir: str | None = None) -> dict
     """Build the task into ``out`` (see the module); returns the card."""
     import torch
 
+    from allocsearch.allocation.config import AllocationConfig
+    from allocsearch.allocation.shapes import group_layers
     from allocsearch.fileio import write_text_atomic
     from allocsearch.moe.adapter import resolve_targets
     from allocsearch.training.models import load_model
@@ -120,8 +114,6 @@ def build(c: Construction, out: str | Path, data_dir: str | None = None) -> dict
     model, tok = loaded.model.eval(), loaded.tokenizer
     teacher = _pooled(model, tok, train_text + test_text)
     layers = group_layers(loaded.num_layers, c.groups, GROUPS.index(c.group))
-    from allocsearch.allocation.config import AllocationConfig
-
     probe = AllocationConfig.uniform("lora", loaded.num_layers, rank=1, targets=list(c.targets))
     gen = torch.Generator().manual_seed(c.seed)
     damaged = []
@@ -249,4 +241,4 @@ methods:
 """
 
 
-__all__ = ["Construction", "GROUPS", "KnownAnswerError", "build", "check", "group_layers", "read_sentences"]
+__all__ = ["Construction", "GROUPS", "KnownAnswerError", "build", "check", "read_sentences"]

@@ -11,7 +11,7 @@ from allocsearch.allocation.config import ROUTER_SCOPES, AllocationConfig, Alloc
 from allocsearch.allocation.methods import METHOD_NAMES, PRESETS, get_method
 from allocsearch.search.space.dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
                                           is_int, parse_value, to_node)
-from allocsearch.allocation.shapes import SHAPES, group_sizes, shape_experts
+from allocsearch.allocation.shapes import SHAPES, group_layers, shape_experts
 
 SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "router_scope", "options",
                 "train")
@@ -269,9 +269,7 @@ class MethodSection:
             top_k = [min(int(get(p + "top_k")), n) for n in experts]
         options = {k: get(p + k) for k in self.options}
         if self.placement_groups:
-            sizes = group_sizes(num_layers, self.placement_groups)
-            g = int(get(p + "placement"))
-            options["placement"] = list(range(sum(sizes[:g]), sum(sizes[:g + 1])))
+            options["placement"] = group_layers(num_layers, self.placement_groups, int(get(p + "placement")))
         scope = {"router_scope": get(p + "router_scope")} if self.router_scope is not None else {}
         return {"method": self.name, "num_layers": num_layers, "experts": experts, "top_k": top_k,
                 "rank": self.rank.layers(params, p, num_layers), "alpha": float(get(p + "alpha")),

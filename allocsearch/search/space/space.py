@@ -21,7 +21,7 @@ from allocsearch.allocation.config import ffn_block_misfit, model_family
 from allocsearch.search.space.dims import Bad, Dim, SpaceError, extremes, first, fmt, middle_rate, parse_value
 from allocsearch.search.space.methods import MethodSection, paper_priors
 from allocsearch.search.space.models import MODEL_DEPTHS, model_depth
-from allocsearch.allocation.shapes import group_sizes
+from allocsearch.allocation.shapes import group_layers
 from allocsearch.training.scoring import OBJECTIVE_METRIC
 
 VERSION = 1
@@ -337,9 +337,9 @@ class SearchSpace:
             layers = {}
             for part in (s.experts, s.rank):
                 if part is not None and part.form == "groups":
-                    sizes = group_sizes(num_layers, part.groups)
                     for g, name in enumerate(part.spots(s.prefix)):
-                        layers[name] = f" (layers {sum(sizes[:g])}-{sum(sizes[:g + 1]) - 1})"
+                        members = group_layers(num_layers, part.groups, g)
+                        layers[name] = f" (layers {members[0]}-{members[-1]})"
             for name, dim in s.dims().items():
                 domain = str(dim) + layers.get(name, "")
                 if name == f"{m}.top_k":
