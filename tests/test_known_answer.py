@@ -75,6 +75,7 @@ def test_the_written_space_places_lora_over_the_groups_of_the_written_model(buil
     (["--scale", "0"], "--scale"),
     (["--sentences", "10"], "--sentences"),
     (["--margin", "0.9"], "--margin"),
+    (["--along", "outputs"], "--along"),
     (["--model", "tiny-llama"], "BERT-style encoder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
@@ -109,3 +110,36 @@ def test_the_labels_are_the_teachers_along_the_direction_the_damage_moves_most(t
     score = teacher_pool @ torch.linalg.svd(moved - moved.mean(0), full_matrices=False).Vh[0]
     expected = ["b" if s > score[:n_train].median() else "a" for s in score]
     assert [r["label"] for r in rows] == expected
+
+
+def test_along_inputs_the_damage_reads_the_directions_each_linears_inputs_vary_most_along(tmp_path):
+    """--along inputs: each damaged weight's row space (what it reads) is the span of the top-r right singular
+    vectors of that Linear's inputs over the first 256 sentences read on the undamaged model, recomputed
+    here with hooks of our own."""
+    from allocsearch.bench.known_answer import read_sentences
+
+    out = tmp_path / "ka"
+    card = build(Construction(group="middle", rank=2, scale=0.5, along="inputs", **SMALL), out)
+    assert card["construction"]["along"] == "inputs"
+    base = load_model("minilm-l6", device="cpu", dtype="fp32", seed=0)
+    base.model.eval()  # no dropout: the inputs the builder saw
+    damaged = _weights(load_model(str(out / "model"), device="cpu", dtype="fp32").model)
+    texts = read_sentences(None)[0][:min(256, SMALL["sentences"])]  # the first 256 of the sentences it read
+    seen: dict[str, list] = {}
+    hooks = [base.model.get_submodule(p).register_forward_hook(
+        lambda m, args, o, p=p: seen.setdefault(p, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for p in card["damaged"]]
+    enc = base.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    keep = enc["attention_mask"].reshape(-1).bool()
+    with torch.no_grad():
+        base.model.bert(**enc)
+    for h in hooks:
+        h.remove()
+    weights = _weights(base.model)
+    assert len(card["damaged"]) == 4
+    for path in card["damaged"]:
+        top = torch.linalg.svd(torch.cat(seen[path])[keep], full_matrices=False).Vh[:2]  # 2 x d_in
+        delta = damaged[f"{path}.weight"] - weights[f"{path}.weight"]
+        reads = torch.linalg.svd(delta, full_matrices=False).Vh[:2]
+        # the same 2-d subspace: projecting one basis onto the other keeps all of it
+        assert torch.linalg.matrix_norm(reads @ top.T) ** 2 == pytest.approx(2.0, abs=1e-3)

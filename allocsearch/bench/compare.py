@@ -17,7 +17,9 @@ over the replay seeds:
   mean 0.72 against 0.83) among them, so a search scored higher the more it exported such configurations;
   with the pooled noise 22 are;
 - ``spent_share``: what the search spent, as a share of its budget (what it left unused: the rest);
-- ``confirm_share``: what the confirmation runs spent, as a share of the budget.
+- ``confirm_share``: what the confirmation runs spent, as a share of the budget;
+- on a known-answer table (its card names the answer's layer group): ``placed``, how often the export puts
+  strictly the most rank units in that group, and ``holds``, how often it has an adapter there at all.
 """
 from __future__ import annotations
 
@@ -26,12 +28,15 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+from allocsearch.bench.placement import holds_any, holds_most
+from allocsearch.bench.peers import replay_peer
 from allocsearch.bench.replay import STRATEGIES, Trace, replay
 from allocsearch.bench.table import Table
 from allocsearch.study.confidence import beyond_noise
 from allocsearch.errors import AllocsearchError
 
 CURVE_POINTS = 40
+GOAL_SHARE = 0.25  # the issues' goals are read at this share of the grid (the nearest replayed budget)
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -51,12 +56,23 @@ def parse_budgets(text: str) -> list[float]:
 
 
 def parse_strategies(text: str) -> list[str]:
+    """Built-in strategies and peers (``optuna:tpe-hb``, ``ray:asha``, ...: ``allocsearch.bench.peers``)."""
+    from allocsearch.bench.peers import PEERS, check_installed
+
     names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [n for n in names if n not in STRATEGIES]
+    bad = [n for n in names if n not in STRATEGIES and n not in PEERS]
     if bad or not names:
         raise AllocsearchError(f"--strategies: {', '.join(bad) or '(none)'} unknown; use some of "
-                               f"{', '.join(STRATEGIES)}")
+                               f"{', '.join([*STRATEGIES, *PEERS])}")
+    for n in names:
+        if n in PEERS:
+            check_installed(n)
     return names
+
+
+def confirm_reserve(name: str) -> float:
+    """The share of the budget a strategy keeps for its confirmation runs (peers: none)."""
+    return STRATEGIES[name]["confirm"] if name in STRATEGIES else 0.0
 
 
 def run(table: Table, strategies: list[str], budgets: list[float], seeds: int, *, max_concurrent: int = 1,
@@ -74,16 +90,20 @@ def run(table: Table, strategies: list[str], budgets: list[float], seeds: int, *
                 for seed in range(seeds):
                     if progress:
                         progress(done, total, f"{name} at {share:.0%} of the grid, seed {seed}")
-                    traces.setdefault((name, share), []).append(
-                        replay(table, name, budget_seconds=share * grid, seed=seed, max_concurrent=max_concurrent,
-                               workdir=work))
+                    if name in STRATEGIES:
+                        trace = replay(table, name, budget_seconds=share * grid, seed=seed,
+                                       max_concurrent=max_concurrent, workdir=work)
+                    else:
+                        trace = replay_peer(table, name, budget_seconds=share * grid, seed=seed,
+                                            max_concurrent=max_concurrent)
+                    traces.setdefault((name, share), []).append(trace)
                     done += 1
     scorer = _Scorer(table)
     rows = [scorer.row(name, share, ts) for (name, share), ts in traces.items()]
     top = max(budgets)
     curves = {name: scorer.curve(traces[(name, top)], top * grid) for name in strategies}
     return {"rows": rows, "curves": curves, "table": table.summary(), "budgets": budgets, "seeds": seeds,
-            "strategies": strategies, "curve_budget": top}
+            "strategies": strategies, "curve_budget": top, "known_answer": table.card.get("known_answer")}
 
 
 class _Scorer:
@@ -93,6 +113,7 @@ class _Scorer:
         self.by_key = {e.key: e for e in ests}
         self.best, self.noise = ests[0], table.noise()
         self.median = statistics.median(e.mean for e in ests)
+        self.answer = table.card.get("known_answer")
         self.test = table.truth("test") if all(r.test is not None for by in table.runs.values()
                                                for r in by.values()) else None
 
@@ -109,6 +130,13 @@ class _Scorer:
 
     def hit(self, key: str | None) -> bool:
         return key is not None and (key == self.best.key or not beyond_noise(self.best, self.by_key[key], self.noise))
+
+    def placed(self, traces: list[Trace], rule) -> float | None:
+        """The share of ``traces`` whose export satisfies ``rule(params, answer)``; None off known-answer tables."""
+        if not self.answer:
+            return None
+        return statistics.fmean(t.final is not None and rule(self.by_key[t.final].params, self.answer)
+                                for t in traces)
 
     def to_noise(self, trace: Trace) -> float:
         for spent, key, _ in trace.points:
@@ -129,11 +157,12 @@ class _Scorer:
                 "reached": sum(math.isfinite(r) for r in reach) / len(reach),
                 "hit": statistics.fmean(self.hit(t.final) for t in traces),
                 "argmax_hit": statistics.fmean(self.hit(t.argmax) for t in traces),
+                "placed": self.placed(traces, holds_most), "holds": self.placed(traces, holds_any),
                 "trials": statistics.fmean(t.trials for t in traces),
                 "spent_share": statistics.fmean(t.spent / t.budget for t in traces),
                 "trainable": _mean_or_none([self.trainable(t.final) for t in traces]),
                 "confirm_share": statistics.fmean(t.confirm_seconds / t.budget for t in traces),
-                "confirm_reserve": STRATEGIES[name]["confirm"],
+                "confirm_reserve": confirm_reserve(name),
                 "confirm_over": max(max(0.0, t.confirm_seconds - t.confirm_given) / t.budget for t in traces)}
 
     def curve(self, traces: list[Trace], budget: float) -> dict:
@@ -198,6 +227,19 @@ def goals(result: dict) -> list[tuple[str, bool, str]]:
         out.append(("the confirmation phase costs at most what it was given (its reserve + what the search "
                     "phase left)", over <= 0.005, f"spent up to {spent:.1%} of the budget on average at a budget; "
                     f"largest overspend {over:.1%}"))
+    at = min(result["budgets"], key=lambda b: abs(b - GOAL_SHARE))  # the budget nearest 25% of the grid
+    d, p = rows.get(("default", at)), rows.get(("priors-only", at))
+    if d and p:
+        gap, se = d["quality"][0] - p["quality"][0], math.hypot(d["quality"][1], p["quality"][1])
+        out.append((f"default beats priors-only by >= 2 standard errors at {at:.0%} of the grid, and hits >= 90%",
+                    gap >= 2 * se > 0 and d["hit"] >= 0.9,
+                    f"{d['quality'][0]:.4f} vs {p['quality'][0]:.4f}: {gap:+.4f} = "
+                    f"{gap / se if se else math.inf:+.1f} SE; hit {d['hit']:.0%}"))
+    answer = result.get("known_answer")
+    if d and answer:
+        out.append((f"known answer ({answer['group']} group): default's export puts the most rank in it in >= 90% of "
+                    f"replays at {at:.0%} of the grid", d["placed"] >= 0.9,
+                    f"{d['placed']:.0%} (an adapter there at all: {d['holds']:.0%})"))
     return out
 
 

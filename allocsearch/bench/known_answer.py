@@ -33,6 +33,7 @@ from pathlib import Path
 from allocsearch.errors import AllocsearchError
 
 GROUPS = ("bottom", "middle", "top")
+ALONG = ("random", "inputs")
 LABELS = ("a", "b")
 
 
@@ -56,6 +57,7 @@ class Construction:
     steps: int = 150
     lr: float = 3.0e-3
     space_rank: int = 8  # what a group holds in the placement space (0 or this)
+    along: str = "random"  # the damage's input directions: random, or the Linear's top principal inputs
 
 
 def check(c: Construction) -> None:
@@ -64,6 +66,8 @@ def check(c: Construction) -> None:
     if c.rank < 1 or c.space_rank < c.rank:
         raise KnownAnswerError(f"--rank {c.rank} with a space rank of {c.space_rank}: an adapter undoes the damage "
                                f"only with rank >= the damage's; fix: a rank in 1..{c.space_rank}")
+    if c.along not in ALONG:
+        raise KnownAnswerError(f"--along {c.along!r}; fix: use one of {', '.join(ALONG)}")
     if not 0 <= c.margin <= 0.8:
         raise KnownAnswerError(f"--margin {c.margin}; fix: a share in [0, 0.8], e.g. 0.2")
     if not 0 < c.scale <= 10:
@@ -116,13 +120,14 @@ def build(c: Construction, out: str | Path, data_dir: str | None = None) -> dict
     layers = group_layers(loaded.num_layers, c.groups, GROUPS.index(c.group))
     probe = AllocationConfig.uniform("lora", loaded.num_layers, rank=1, targets=list(c.targets))
     gen = torch.Generator().manual_seed(c.seed)
+    paths = [path for j, target, path in resolve_targets(model, probe) if j in layers]
+    inputs = _principal_inputs(model, tok, train_text[:256], paths, c.rank) if c.along == "inputs" else {}
     damaged = []
     with torch.no_grad():
-        for j, target, path in resolve_targets(model, probe):
-            if j not in layers:
-                continue
+        for path in paths:
             w = model.get_submodule(path).weight
             u, v = torch.randn(w.shape[0], c.rank, generator=gen), torch.randn(w.shape[1], c.rank, generator=gen)
+            v = inputs.get(path, v)  # "inputs": V spans the directions its inputs vary most along
             delta = u @ v.T
             delta *= c.scale * torch.linalg.matrix_norm(w, ord=2) / torch.linalg.matrix_norm(delta, ord=2)
             w.add_(delta)
@@ -179,6 +184,27 @@ def _balanced(rows: list[int], labels) -> list[int]:
     n = min(len(by[0]), len(by[1]))
     kept = set(by[0][:n] + by[1][:n])
     return [i for i in rows if i in kept]
+
+
+def _principal_inputs(model, tok, texts: list[str], paths: list[str], k: int) -> dict:
+    """For each Linear at ``paths``: its inputs' top ``k`` right singular vectors (d_in x k) over the tokens
+    of ``texts`` (padding left out), on the undamaged model."""
+    import torch
+
+    seen: dict[str, list] = {path: [] for path in paths}
+    mask = {}
+    hooks = [model.get_submodule(path).register_forward_hook(
+        lambda mod, args, out, path=path: seen[path].append(args[0][mask["m"]])) for path in paths]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), 64):
+                enc = tok(texts[i:i + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
+                mask["m"] = enc["attention_mask"].bool()
+                model.bert(**enc)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {path: torch.linalg.svd(torch.cat(xs), full_matrices=False).Vh[:k].T for path, xs in seen.items()}
 
 
 def _pooled(model, tok, texts: list[str], batch: int = 64):
@@ -241,4 +267,4 @@ methods:
 """
 
 
-__all__ = ["Construction", "GROUPS", "KnownAnswerError", "build", "check", "read_sentences"]
+__all__ = ["Construction", "ALONG", "GROUPS", "KnownAnswerError", "build", "check", "read_sentences"]

@@ -85,10 +85,31 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "spent_device_seconds": study.ledger.spent(Budget.from_dict(study.settings["budget"]).unit),
             "end_reason": outcome.end_reason}
+    answer = known_answer_of(space.model)
+    if answer:
+        card["known_answer"] = answer
     folder = Path(out) if out else Path("benchmarks") / name
     write(folder, rows, card, yaml.safe_dump(table_space, sort_keys=False))
     return {"study": str(study.root), "table": str(folder), "runs": runs, "expected": expected,
             "complete": runs == expected}
+
+
+def known_answer_of(model: str) -> dict | None:
+    """The answer of a known-answer model folder (``bench known-answer`` writes ``<out>/model`` beside
+    ``<out>/card.json``): its group, the group's index and the layer groups, the layers and the construction;
+    None for any other model."""
+    from allocsearch.bench.known_answer import GROUPS
+
+    card_file = Path(model).expanduser().parent / "card.json"
+    if not Path(model).expanduser().is_dir() or not card_file.is_file():
+        return None
+    try:
+        card = json.loads(card_file.read_text())
+        answer, construction = card["answer"], card["construction"]
+        return {**answer, "index": GROUPS.index(answer["group"]), "groups": int(construction["groups"]),
+                "construction": construction}
+    except (ValueError, KeyError, TypeError):
+        return None  # not a known-answer card
 
 
 def _requeue_unfinished(study) -> None:
@@ -148,4 +169,4 @@ def _commit() -> str | None:
         return None
 
 
-__all__ = ["record", "recording_space", "table_rows"]
+__all__ = ["known_answer_of", "record", "recording_space", "table_rows"]

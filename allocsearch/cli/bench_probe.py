@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from allocsearch.bench.known_answer import GROUPS, Construction
+from allocsearch.bench.known_answer import ALONG, GROUPS, Construction
 from allocsearch.bench.signal import NOISE_FROM
 from allocsearch.cli.options import json_option, run_with_progress
 
@@ -196,11 +196,13 @@ _KA = Construction()
               help="Sentences labelled for the test split.")
 @click.option("--margin", type=float, default=_KA.margin, show_default=True,
               help="The share of sentences nearest the label threshold left out.")
+@click.option("--along", type=click.Choice(ALONG), default=_KA.along, show_default=True,
+              help="The damage's input directions: random, or the ones each Linear's inputs vary most along.")
 @click.option("--seed", type=int, default=_KA.seed, show_default=True, help="Seeds the damage (and the head).")
 @click.option("--data-dir", default=None, help="A folder with glue_SST-2/ (default: the bundled sentences).")
 @json_option
 def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps, lr, sentences, test_sentences,
-                     margin, seed, data_dir, as_json):
+                     margin, along, seed, data_dir, as_json):
     """Build a task whose best allocation is known: real sentences labelled by a teacher (the base model),
     a student model folder whose layers in one group are damaged by a seeded low-rank perturbation that an
     adapter there can undo exactly, and a placement space over the layer groups. Whether the right
@@ -218,7 +220,7 @@ def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps,
     construction = Construction(model=model, group=group, targets=[t.strip() for t in targets.split(",") if t.strip()],
                                 rank=rank, scale=scale, seed=seed, sentences=sentences,
                                 test_sentences=test_sentences, margin=margin, steps=steps, lr=lr,
-                                space_rank=space_rank)
+                                space_rank=space_rank, along=along)
     known_answer.check(construction)
     card = run_with_progress("building", "building", lambda progress: known_answer.build(construction, out, data_dir))
     if as_json:

@@ -116,8 +116,9 @@ def render(result: dict) -> None:
     table = RichTable(title=f"replayed searches, mean +- standard error over {result['seeds']} seeds")
     # true quality / test: the export's mean over the table's seeds; regret: 0 best, 1 median; to noise: spend
     # until the export is within seed noise of the best (median); hit: the export is the true best or tied
+    answer = result.get("known_answer")
     for col in ("strategy", "budget", "true quality", "test", "regret", "to noise", "of grid", "hit",
-                "argmax hit", "trials", "spent", "confirm"):
+                "argmax hit", "trials", "spent", "confirm") + (("placed", "holds") if answer else ()):
         table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
     for r in sorted(result["rows"], key=lambda r: (r["budget"], result["strategies"].index(r["strategy"]))):
         reach = r["to_noise_seconds"]
@@ -127,14 +128,16 @@ def render(result: dict) -> None:
                       f"{reach / 3600:.2f} h" if math.isfinite(reach) else "never",
                       f"{r['to_noise_share']:.0%}" if math.isfinite(reach) else "",
                       f"{r['hit']:.0%}", f"{r['argmax_hit']:.0%}", f"{r['trials']:.1f}", f"{r['spent_share']:.1%}",
-                      f"{r['confirm_share']:.0%}" if r["confirm_reserve"] else "")
+                      f"{r['confirm_share']:.0%}" if r["confirm_reserve"] else "",
+                      *((f"{r['placed']:.0%}", f"{r['holds']:.0%}") if answer else ()))
     console.print(table)
     console.print("true quality, test: the export's mean over the table's seeds (validation, test); regret: "
                   "normalised, 0 = the best configuration, 1 = the median; to noise: device-hours until the export "
                   "is within the seed noise of the best (median over seeds), and that as a share of the grid; hit: "
                   "the export is the true best or statistically tied with it (argmax hit: the same for the "
                   "single-seed argmax before confirmation); spent: the budget used; confirm: the confirmation runs' share "
-                  "of the budget")
+                  "of the budget" + (f"; placed / holds: the export puts the most rank in the known answer's "
+                                     f"{answer['group']} group / has an adapter there" if answer else ""))
     for c in result["cheapest"]:
         console.print(f"--prefer cheapest at {c['budget']:.0%}: {c['params_saved']:.0%} fewer trainable parameters "
                       f"than default's export, true quality given up {c['quality_given_up']:+.4f} +- {c['se']:.4f}")

@@ -1,0 +1,95 @@
+"""SMAC3 as a peer (``smac:mf``): its ``MultiFidelityFacade`` (a random forest over configurations, Hyperband
+over training steps: BOHB's scheme) driven by ask and tell, as SMAC's users write the loop.
+
+The search space: SMAC reads a ``ConfigSpace``; this one is built from the table's configurations (every
+parameter a categorical over the values the table holds; a method's parameters active only under that
+method), which is the table's finite space. The fidelity: SMAC asks for a configuration at a budget in steps
+(``min_budget`` = the first checkpoint, ``max_budget`` = the trial's steps); the trial runs to the first
+checkpoint at or past it and is told ``1 - score`` (SMAC minimises a cost). A configuration SMAC promotes
+to a larger budget starts again from step 0, as SMAC's Hyperband does (no checkpoint is resumed). It
+exports SMAC's incumbent. A draw that trains nothing is told crashed.
+"""
+from __future__ import annotations
+
+import tempfile
+
+from allocsearch.study.confidence import config_key
+
+
+class SmacAgent:
+    def __init__(self, plan: dict, space, layers: int, table, seed: int):
+        from smac import MultiFidelityFacade, Scenario
+
+        runs = [r for by in table.runs.values() for r in by.values()]
+        first = min((c[0] for r in runs for c in r.checkpoints), default=None)
+        steps = max(r.steps for r in runs)
+        self.cs, self.values = _config_space([next(iter(by.values())).params for by in table.runs.values()], seed)
+        self.tmp = tempfile.TemporaryDirectory(prefix="as-smac-")
+        scenario = Scenario(self.cs, deterministic=True, n_trials=10 ** 9, seed=seed, min_budget=first or steps,
+                            max_budget=steps, output_directory=self.tmp.name, name=f"peer-{seed}")
+        intensifier = MultiFidelityFacade.get_intensifier(scenario)
+        self.smac = MultiFidelityFacade(scenario, lambda config, seed=0, budget=None: 0.0,  # ask and tell only
+                                        intensifier=intensifier, overwrite=True, logging_level=40)
+        self.budgets: dict[int, float] = {}
+
+    def suggest(self, trial_id: str):
+        from smac.main.exceptions import ConfigurationSpaceExhaustedException
+
+        try:
+            info = self.smac.ask()
+        except ConfigurationSpaceExhaustedException:
+            return None  # every configuration at every budget it wants has run: SMAC stops here
+        return info, self._params(info.config)
+
+    def _params(self, config) -> dict:
+        return {k: self.values[k][self.values[k].index(v)] if k in self.values else v
+                for k, v in dict(config).items()}
+
+    def report(self, info, step: int, value: float) -> bool:
+        return step < (info.budget or 0)  # on to the first checkpoint at or past its budget
+
+    def complete(self, info, step: int, value: float) -> None:
+        from smac.runhistory.dataclasses import TrialValue
+
+        self.smac.tell(info, TrialValue(cost=1.0 - value), save=False)
+
+    stopped = complete  # its budget reached: a complete run at that fidelity
+
+    def cut(self, info, step: int | None, value: float | None) -> None:
+        pass  # killed at the deadline: SMAC hears nothing more
+
+    def fail(self, info) -> None:
+        from smac.runhistory.dataclasses import TrialValue
+        from smac.runhistory.enumerations import StatusType
+
+        self.smac.tell(info, TrialValue(cost=1.0, status=StatusType.CRASHED), save=False)
+
+    def best(self) -> str | None:
+        incumbents = self.smac.intensifier.get_incumbents()
+        return config_key(self._params(incumbents[0])) if incumbents else None
+
+
+def _config_space(configs: list[dict], seed: int):
+    """A ConfigSpace over the table's configurations: a categorical per parameter over its values; under a
+    ``method`` parameter, each ``<method>.x`` active only when ``method`` is that method."""
+    from ConfigSpace import Categorical, ConfigurationSpace, EqualsCondition
+
+    values: dict[str, list] = {}
+    for params in configs:
+        for k, v in params.items():
+            if v not in values.setdefault(k, []):
+                values[k].append(v)
+    cs = ConfigurationSpace(seed=seed)
+    hps = {k: Categorical(k, [_native(v) for v in vs]) for k, vs in values.items()}
+    cs.add(list(hps.values()))
+    if "method" in hps:
+        cs.add([EqualsCondition(hp, hps["method"], k.split(".", 1)[0]) for k, hp in hps.items()
+                if "." in k and k.split(".", 1)[0] in values["method"]])
+    return cs, values
+
+
+def _native(v):
+    return v if isinstance(v, (int, float, str)) else str(v)
+
+
+__all__ = ["SmacAgent"]

@@ -1,0 +1,91 @@
+"""The field's optimizers (Optuna alone, Ray Tune's ASHA, Tune + OptunaSearch) replayed on a recorded table:
+their own objects, fed as their loops feed them, on the simulated clock and budget of the built-in
+strategies (synthetic tables whose truth is known)."""
+from __future__ import annotations
+
+import pytest
+from test_bench_placement import ka_table
+from test_bench_replay import make_table
+
+from allocsearch.bench import compare, peers
+from allocsearch.bench.peers import PEERS, replay_peer
+from allocsearch.errors import AllocsearchError
+from allocsearch.study.confidence import config_key
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    return make_table(tmp_path_factory.mktemp("table"))
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_a_peer_spends_its_budget_exactly_and_exports_a_configuration_it_ran(table, name):
+    budget = 0.3 * table.grid_seconds()
+    trace = replay_peer(table, name, budget_seconds=budget, seed=0, max_concurrent=2)
+    assert trace.spent == pytest.approx(budget, rel=1e-9)  # cut at the budget, never past it
+    ran = {key for key, _, _ in trace.runs}
+    assert trace.final in ran and trace.trials == len(trace.runs)
+    spends = [p[0] for p in trace.points]
+    assert spends == sorted(spends) and spends[-1] <= budget + 1e-9
+    again = replay_peer(table, name, budget_seconds=budget, seed=0, max_concurrent=2)
+    assert again.runs == trace.runs and again.final == trace.final  # seeded: the same replay
+
+
+@pytest.mark.parametrize("name, stops", [("optuna:tpe", False), ("optuna:tpe-hb", True), ("optuna:tpe-sh", True),
+                                         ("ray:asha", True), ("ray:tpe-asha", True), ("smac:mf", True)])
+def test_pruners_and_schedulers_stop_trials_and_plain_tpe_does_not(table, name, stops, monkeypatch):
+    stopped = []
+    original = peers._Loop._close
+
+    def spy(self, i, completed, stopped_=False, **kw):
+        stopped.append(kw.get("stopped", stopped_))
+        return original(self, i, completed, kw.get("stopped", stopped_))
+
+    monkeypatch.setattr(peers._Loop, "_close", spy)
+    replay_peer(table, name, budget_seconds=2.0 * table.grid_seconds(), seed=1)
+    assert any(stopped) is stops
+
+
+def test_a_tune_peer_exports_the_best_last_result_stopped_trials_included(table):
+    """get_best_result(scope="last"): the highest last reported score of any trial, a stopped one too; an
+    Optuna peer's best_trial counts completed trials only."""
+    from allocsearch.search.space.space import SearchSpace
+
+    space = SearchSpace.from_dict(table.space)
+    tune = peers._TuneAgent(PEERS["ray:tpe-asha"], space, 4, table, seed=0)
+    a, pa = tune.suggest("0")
+    b, pb = tune.suggest("1")
+    assert tune.report(a, 2, 0.9)  # the first result at the grace period: ASHA lets it on
+    tune.stopped(a, 2, 0.9)  # then stopped (by the budget or a rung)
+    tune.complete(b, 8, 0.8)
+    assert tune.best() == config_key(pa) != config_key(pb)
+    states = sorted(t.state.name for t in tune.searcher._ot_study.trials)
+    assert states == ["COMPLETE", "COMPLETE"]  # Tune tells OptunaSearch a stopped trial completed
+    optuna_peer = peers._OptunaAgent(PEERS["optuna:tpe-hb"], space, 4, table, seed=0)
+    a, pa = optuna_peer.suggest("0")
+    b, pb = optuna_peer.suggest("1")
+    optuna_peer.report(a, 2, 0.9)
+    optuna_peer.stopped(a, 2, 0.9)
+    optuna_peer.complete(b, 8, 0.8)
+    assert optuna_peer.best() == config_key(pb)
+
+
+def test_draws_that_train_nothing_are_not_trials_and_cost_nothing(tmp_path):
+    table = ka_table(tmp_path / "ka", (-0.03, 0.2, -0.03))
+    for name in PEERS:
+        trace = replay_peer(table, name, budget_seconds=table.grid_seconds(), seed=0)
+        assert trace.runs and all(key in table.runs for key, _, _ in trace.runs)
+
+
+def test_peers_are_strategies_of_bench_search_and_a_missing_package_is_one_line(table, monkeypatch):
+    assert compare.parse_strategies("default,optuna:tpe-hb,ray:asha") == ["default", "optuna:tpe-hb", "ray:asha"]
+    with pytest.raises(AllocsearchError, match="hyperopt:tpe unknown"):
+        compare.parse_strategies("default,hyperopt:tpe")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "ray.tune" else real(n, *a))
+    with pytest.raises(peers.PeerError, match=r"ray.tune is not installed; fix: pip install 'allocsearch\[peers\]'"):
+        compare.parse_strategies("ray:asha")
+    result = compare.run(table, ["optuna:tpe", "default"], [0.25], 2)
+    assert {r["strategy"]: r["confirm_reserve"] for r in result["rows"]} == {"optuna:tpe": 0.0, "default": 0.2}
