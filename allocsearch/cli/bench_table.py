@@ -1,6 +1,6 @@
-"""``allocsearch bench record`` and ``allocsearch bench search``: record a table of real trials, then
-replay search strategies on it on a simulated clock (logic in ``allocsearch.bench.record / replay /
-compare``)."""
+"""``allocsearch bench record``, ``bench search`` and ``bench suite``: record a table of real trials, then
+replay search strategies (the field's optimizers too) on one table or on every table, on a simulated clock
+(logic in ``allocsearch.bench.record / replay / compare / peers / suite``)."""
 from __future__ import annotations
 
 import json
@@ -143,4 +143,105 @@ def render(result: dict) -> None:
                       f"than default's export, true quality given up {c['quality_given_up']:+.4f} +- {c['se']:.4f}")
     for goal, met, numbers in result["goals"]:
         console.print(f"[{'green' if met else 'red'}]{'met' if met else 'NOT met'}[/]: {goal}: {numbers}")
+    console.print(f"plot: {result['plot']}")
+
+
+SUITE_STRATEGIES = "default,random,grid,tpe-no-priors,priors-only,optuna:tpe,optuna:tpe-hb,ray:asha,ray:tpe-asha,smac:mf"
+
+
+@click.command("suite")
+@click.option("--tables", default="benchmarks", show_default=True,
+              help="Table folders, comma-separated, or one folder holding them (every subfolder with a table.csv).")
+@click.option("--strategies", default=SUITE_STRATEGIES, show_default=True,
+              help="Built-in strategies and peers (optuna:tpe-sh, ... ; peers need pip install 'allocsearch[peers]').")
+@click.option("--seeds", default=20, show_default=True, help="Replays per table, strategy and budget.")
+@click.option("--budgets", default="10%,25%,50%", show_default=True, help="Shares of each table's grid.")
+@click.option("--plot", default=None, help="Where to draw the PNG (default: <folder>/suite.png).")
+@click.option("--out", default=None, help="Also write the whole result as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def suite_cmd(tables, strategies, seeds, budgets, plot, out, as_json):
+    """Replay every strategy, the field's optimizers included, on every recorded table, and report as a
+    benchmark suite: per table and averaged, the export's true quality, normalised regret, hit rate, each
+    strategy's average rank across tables, and the goals.
+
+    \b
+    Examples:
+      allocsearch bench suite                                   # every table under benchmarks/
+      allocsearch bench suite --tables benchmarks/ka-top,benchmarks/ka-middle --strategies default,optuna:tpe-hb
+      allocsearch bench suite --seeds 100 --out suite.json
+    """
+    from pathlib import Path
+
+    from allocsearch.bench import compare, suite
+    from allocsearch.bench.table import Table
+    from allocsearch.cli.options import run_with_progress
+
+    names, shares = compare.parse_strategies(strategies), compare.parse_budgets(budgets)
+    if seeds < 1:
+        raise AllocsearchError(f"--seeds {seeds}: replay at least once per table, strategy and budget, e.g. --seeds 20")
+    folders = _table_folders(tables)
+    loaded = {f.name: Table.load(f) for f in folders}
+    if out is not None and not Path(out).expanduser().resolve().parent.is_dir():
+        raise AllocsearchError(f"--out {out}: its folder does not exist; fix: create it or give another path")
+    result = run_with_progress("replaying", "replaying", lambda progress: suite.run(
+        loaded, names, shares, seeds, progress=progress))
+    result["plot"] = str(suite.draw(result, plot or Path(folders[0]).parent / "suite.png"))
+    if out is not None:
+        from allocsearch.fileio import write_text_atomic
+
+        write_text_atomic(Path(out).expanduser(), json.dumps(result, indent=2, default=_finite))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=_finite))
+        return
+    render_suite(result)
+
+
+def _table_folders(text: str) -> list:
+    from pathlib import Path
+
+    parts = [Path(p.strip()).expanduser() for p in text.split(",") if p.strip()]
+    if len(parts) == 1 and parts[0].is_dir() and not (parts[0] / "table.csv").is_file():
+        parts = sorted(p for p in parts[0].iterdir() if (p / "table.csv").is_file())
+        if not parts:
+            raise AllocsearchError(f"--tables {text}: no subfolder with a table.csv; fix: record one with "
+                                   f"'allocsearch bench record' or name the table folders")
+    for p in parts:
+        if not (p / "table.csv").is_file():
+            raise AllocsearchError(f"--tables: {p} has no table.csv; fix: name folders written by 'bench record'")
+    return parts
+
+
+def render_suite(result: dict) -> None:
+    import shutil
+
+    console = Console(width=max(160, shutil.get_terminal_size((160, 40)).columns))
+    for name, r in result["tables"].items():
+        t = r["table"]
+        ratio = f"{r['ratio']:.1f}" if r["ratio"] is not None else "-"
+        answer = f"; known answer: {r['known_answer']['group']} group" if r.get("known_answer") else ""
+        table = RichTable(title=f"{name}: {t['configurations']} configurations x {len(t['seeds'])} seeds, seed noise "
+                                f"{t['noise']:.4f}, allocation ratio {ratio}{answer}")
+        table.add_column("strategy", no_wrap=True)
+        for b in result["budgets"]:
+            table.add_column(f"{b:.0%}: quality / regret / hit" + (" / placed" if r.get("known_answer") else ""),
+                             justify="right", no_wrap=True)
+        rows = {(x["strategy"], x["budget"]): x for x in r["rows"]}
+        for s in result["strategies"]:
+            cells = []
+            for b in result["budgets"]:
+                x = rows[(s, b)]
+                cells.append(f"{x['quality'][0]:.4f}+-{x['quality'][1]:.4f} / {x['regret'][0]:.2f} / {x['hit']:.0%}"
+                             + (f" / {x['placed']:.0%}" if r.get("known_answer") else ""))
+            table.add_row(s, *cells)
+        console.print(table)
+    ranks = RichTable(title=f"average rank across {len(result['tables'])} tables (by mean regret; 1 = best)")
+    ranks.add_column("strategy", no_wrap=True)
+    for b in result["budgets"]:
+        ranks.add_column(f"{b:.0%}", justify="right")
+    for s in sorted(result["strategies"], key=lambda s: result["ranks"][result["budgets"][-1]][s]):
+        ranks.add_row(s, *(f"{result['ranks'][b][s]:.2f}" for b in result["budgets"]))
+    console.print(ranks)
+    for goal, met, numbers in result["goals"]:
+        word, colour = ("nothing to judge", "yellow") if met is None else (("met", "green") if met else ("NOT met", "red"))
+        console.print(f"[{colour}]{word}[/]: {goal}: {numbers}")
     console.print(f"plot: {result['plot']}")
