@@ -132,6 +132,19 @@ def test_priors_leave_out_values_outside_the_space(tmp_path):
     assert "left out" in r.output and "not used" in r.output
 
 
+def test_a_rectangle_prior_fills_any_number_of_expert_groups_and_shapes_need_four(tmp_path):
+    """Experts in 3 groups: MoLA 5555 is 5 in each (it raised "cannot split 3 layers into 4 groups" when the
+    model had fewer layers than the shapes' 4 groups), the 4-group shapes cannot be written."""
+    path = write(tmp_path, "s.yaml", BASE + "methods:\n  mola: {experts: {groups: 3, each: {choice: [1, 5, 8]}}, "
+                 "top_k: 1, rank: 8}\n")
+    space = load_space(path)
+    for layers in (3, 6):
+        report = {label: (params, notes) for label, params, notes in space.prior_report(layers)}
+        assert report["MoLA 5555"][0] == {"mola.experts_g0": 5, "mola.experts_g1": 5,
+                                          "mola.experts_g2": 5}
+        assert report["MoLA 8642"][0] is None and "triangle shape cannot be written" in report["MoLA 8642"][1][0]
+
+
 @pytest.mark.parametrize("lr, expected", [
     ("{choice: [7.0e-4, 1.4e-3, 2.8e-3]}", 1.4e-3),     # the list's middle rate on a log scale
     ("{choice: [4.0e-3, 1.0e-3, 2.0e-3]}", 2.0e-3),     # in any order

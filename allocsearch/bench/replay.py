@@ -13,6 +13,7 @@ the table has).
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import random
@@ -86,8 +87,10 @@ class _Clock:
 
 
 def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max_concurrent: int = 1,
-           workdir: str | Path | None = None) -> Trace:
-    """Run one search of ``strategy`` with ``budget_seconds`` device-seconds against the table."""
+           workdir: str | Path | None = None, keep: str | Path | None = None) -> Trace:
+    """Run one search of ``strategy`` with ``budget_seconds`` device-seconds against the table; its study
+    lives in memory in a temporary folder, or with ``keep`` in a study folder there with the live
+    search's storage (``allocsearch.bench.scale`` measures it)."""
     from allocsearch.search.budget import Budget
     from allocsearch.search.controller import Controller
     from allocsearch.search.ray.executor import make_scheduler
@@ -103,7 +106,8 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
     unit = table.card.get("budget_unit") or "cpu"
     settings = {"name": f"replay-{strategy}-{seed}", "model": space.model, "data": space.data, "data_dir": None,
                 "space": "table", "space_fingerprint": space.fingerprint(), "objectives": ["accuracy"],
-                "budget": Budget.of_seconds(budget_seconds, unit).to_dict(), "seed": seed, "storage": MEMORY,
+                "budget": Budget.of_seconds(budget_seconds, unit).to_dict(), "seed": seed,
+                "storage": MEMORY if keep is None else None,
                 "priors": plan["priors"] and space.use_priors, "num_layers": layers, "scheduler": plan["scheduler"],
                 "cpus_per_trial": cpus, "gpus_per_trial": 0.0, "max_failures": 5, "sampler": plan["sampler"],
                 "confirm": plan["confirm"], "max_seeds": len(table.seeds), "mlflow": False,
@@ -112,7 +116,9 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
                 # 0.8169 / 0.8170, inside one standard error)
                 "noise": EXECUTION_DEFAULTS["noise"],
                 "noise_aware_stopping": bool(plan.get("noise_aware")), "prefer": plan.get("prefer", "best")}
-    with tempfile.TemporaryDirectory(prefix="as-replay-", dir=workdir) as tmp:
+    folder = contextlib.nullcontext(str(keep)) if keep is not None else \
+        tempfile.TemporaryDirectory(prefix="as-replay-", dir=workdir)
+    with folder as tmp:
         study = Study.create(tmp, settings, json.dumps(table.space))
         clock = _Clock()
         trace = Trace(strategy, seed, budget_seconds)

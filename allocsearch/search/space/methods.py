@@ -313,7 +313,9 @@ class MethodSection:
                 wants.update({p + "shape": shape, p + "per_layer": avg})
             elif form == "uniform" and shape == "rectangle":
                 wants[p + "experts"] = avg
-            elif form == "groups" and (shape == "rectangle" or self.experts.groups >= len(SHAPES[shape])):
+            elif form == "groups" and shape == "rectangle":  # the same count in every group, however many
+                wants.update({f"{p}experts_g{g}": avg for g in range(self.experts.groups)})
+            elif form == "groups" and self.experts.groups >= len(SHAPES[shape]):
                 counts = shape_experts(shape, self.experts.groups, avg * self.experts.groups)
                 wants.update({f"{p}experts_g{g}": c for g, c in enumerate(counts)})
             else:
