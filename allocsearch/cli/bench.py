@@ -166,7 +166,7 @@ def trial_bench(methods, model, steps, warmup, rounds, batch_size, max_length, t
 
 def _attach_table_commands() -> None:
     """``bench record`` / ``search`` (recorded tables) and ``signal`` / ``live`` (probes) live in their own modules."""
-    from allocsearch.cli.bench_probe import known_answer_cmd, live_cmd, signal_cmd
+    from allocsearch.cli.bench_probe import known_answer_cmd, live_cmd, scale_cmd, signal_cmd
     from allocsearch.cli.bench_table import record_cmd, search_cmd, suite_cmd
 
     bench.add_command(record_cmd, "record")
@@ -175,6 +175,7 @@ def _attach_table_commands() -> None:
     bench.add_command(signal_cmd, "signal")
     bench.add_command(live_cmd, "live")
     bench.add_command(known_answer_cmd, "known-answer")
+    bench.add_command(scale_cmd, "scale")
 
 
 _attach_table_commands()

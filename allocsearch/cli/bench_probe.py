@@ -233,3 +233,53 @@ def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps,
                f"the damage moves the pooled output by {card['pooled_change']:.0%}\n"
                f"next: allocsearch bench signal --space {out}/space.yaml --configs 8 --seeds 3 --every-seed "
                f"--noise-from first")
+
+
+@click.command("scale")
+@click.option("--trials", default="100,1000,5000", show_default=True,
+              help="Study sizes (trials of whole-trial budget), comma-separated.")
+@click.option("--workdir", required=True, help="A new folder: each size's study is kept there (its size is measured).")
+@click.option("--out", default=None, help="Also write the curve as JSON here.")
+@json_option
+def scale_cmd(trials, workdir, out, as_json):
+    """The controller at the scale of a 64 GPU-hour study of short trials: replayed studies of N trials on a
+    synthetic table (6,144 configurations) with the live storage; per N the controller's seconds per trial
+    (propose: ask, sampling, admission; complete: tell, ledger, records, the best), the study folder's size,
+    and the load times of status and of the dashboard's data.
+
+    \b
+    Examples:
+      allocsearch bench scale --workdir /tmp/scale
+      allocsearch bench scale --workdir /tmp/scale --trials 100,1000 --out scale.json
+    """
+    from allocsearch.bench import scale
+    from allocsearch.errors import AllocsearchError
+
+    try:
+        sizes = [int(t) for t in trials.split(",") if t.strip()]
+    except ValueError:
+        raise AllocsearchError(f"--trials {trials!r}: write whole numbers separated by commas, e.g. 100,1000") from None
+    if not sizes or min(sizes) < 10:
+        raise AllocsearchError(f"--trials {trials!r}: give sizes of at least 10 trials, e.g. 100,1000,5000")
+    root = Path(workdir).expanduser()
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise AllocsearchError(f"--workdir {workdir} exists and is not empty; fix: give a new folder")
+    rows = []
+    for n in sizes:
+        click.echo(f"replaying a study of {n} trials ...", err=True)
+        rows.append({"budget_trials": n, **scale.measure(n, root / f"n{n}")})
+        if out is not None:
+            from allocsearch.fileio import write_text_atomic
+
+            write_text_atomic(Path(out).expanduser(), json.dumps(rows, indent=2))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'trials':>7} {'s/trial':>8} {'propose':>8} {'complete':>9} {'overhead':>9} {'folder MB':>10} "
+               f"{'summarize s':>12} {'dashboard s':>12} {'status cmd s':>13}")
+    for r in rows:
+        click.echo(f"{r['trials']:>7} {r['seconds_per_trial']:>8.3f} {r['propose_per_trial']:>8.3f} "
+                   f"{r['complete_per_trial']:>9.3f} {r['overhead_share']:>9.2%} {r['folder_mb']:>10.1f} "
+                   f"{r['summarize_s']:>12.2f} {r['dashboard_data_s']:>12.2f} {r['status_command_s']:>13.2f}")
+    click.echo(f"overhead: the controller's seconds per trial as a share of a {scale.TRIAL_SECONDS:.0f} s trial "
+               f"(goal at 5,000: under 1%); status cmd: 'allocsearch status' as a user runs it (goal: under 2 s)")
