@@ -61,30 +61,39 @@ def best_of(records: Iterable[TrialRecord], noise: float | None = None, prefer: 
     if win is None:
         return None
     key = win.key
+    means = {e.key: e for e in estimates(records)}
+    runs = _runs_by_key(records)
     if prefer == "cheapest":
         ev = evidence(records, noise)
         tied = [win.key] + [config_key(t["params"]) for t in ev["tied"] if t["n"] > 1]  # confirmed ties
         # fewest parameters, then the fastest step; among equals the winner, then the better mean
-        key = min(tied, key=lambda k: _cost(records, k) + (k != win.key, -_mean(records, k)))
-        if not _saves(_cost(records, key), _cost(records, win.key)):
+        key = min(tied, key=lambda k: _cost(runs.get(k, [])) + (k != win.key, -means[k].mean))
+        if not _saves(_cost(runs.get(key, [])), _cost(runs.get(win.key, []))):
             key = win.key  # a few percent smaller is not worth a worse mean
-    return _best(records, key, prefer)
+    return _best(records, means[key], _cost(runs.get(key, [])), prefer)
 
 
-def _best(records: list[TrialRecord], key: str, prefer: str) -> Best:
-    est = next(e for e in estimates(records) if e.key == key)
+def _best(records: list[TrialRecord], est, cost: tuple[float, float], prefer: str) -> Best:
     first = next(r for r in records if r.number == est.first_trial())
-    trainable, step = _cost(records, key)
+    trainable, step = cost
     return Best(trial=first.number, value=est.mean, n=est.n, trials=sorted(est.trials.values()),
                 params=dict(est.params), summary=first.summary, experts=first.experts,
                 trainable_params=None if trainable == float("inf") else int(trainable),
                 step_seconds=None if step == float("inf") else step, prefer=prefer)
 
 
-def _cost(records: list[TrialRecord], key: str) -> tuple[float, float]:
+def _runs_by_key(records: list[TrialRecord]) -> dict[str, list[TrialRecord]]:
+    """Completed runs by configuration (one pass: a study of thousands of trials reads this per status)."""
+    out: dict[str, list[TrialRecord]] = {}
+    for r in records:
+        if r.completed and r.params:
+            out.setdefault(config_key(r.params), []).append(r)
+    return out
+
+
+def _cost(runs: list[TrialRecord]) -> tuple[float, float]:
     """(trainable parameters, mean seconds per training step) of a configuration's completed runs; inf where
     unknown (never preferred for being cheap)."""
-    runs = [r for r in records if r.completed and r.params and config_key(r.params) == key]
     trainable = next((r.trainable_params for r in runs if r.trainable_params), None)
     steps = [r.train_seconds / r.steps for r in runs if r.train_seconds and r.steps]
     return (float(trainable) if trainable else float("inf"),
@@ -98,10 +107,6 @@ def _saves(cost: tuple[float, float], than: tuple[float, float]) -> bool:
     if params < params0:
         return params <= (1 - MIN_SAVING) * params0
     return params == params0 and step <= (1 - MIN_SAVING) * step0
-
-
-def _mean(records: list[TrialRecord], key: str) -> float:
-    return next(e.mean for e in estimates(records) if e.key == key)
 
 
 def configuration_score(records: Iterable[TrialRecord], number: int) -> tuple[float, int] | None:
