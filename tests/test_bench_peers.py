@@ -73,8 +73,22 @@ def test_a_tune_peer_exports_the_best_last_result_stopped_trials_included(table)
 def test_draws_that_train_nothing_are_not_trials_and_cost_nothing(tmp_path):
     table = ka_table(tmp_path / "ka", (-0.03, 0.2, -0.03))
     for name in PEERS:
-        trace = replay_peer(table, name, budget_seconds=table.grid_seconds(), seed=0)
-        assert trace.runs and all(key in table.runs for key, _, _ in trace.runs)
+        for seed in range(5):
+            trace = replay_peer(table, name, budget_seconds=table.grid_seconds(), seed=seed)
+            assert trace.runs and all(key in table.runs for key, _, _ in trace.runs)
+            assert all(exported is None or exported in table.runs for _, exported, _ in trace.points)
+
+
+def test_smac_never_exports_a_draw_that_trains_nothing_on_a_recorded_known_answer_table():
+    """SMAC's incumbent was the all-frozen draw (told crashed, nothing else at the top budget yet) on seed 3
+    at 10% of benchmarks/ka-middle's grid."""
+    from pathlib import Path
+
+    from allocsearch.bench.table import Table
+
+    table = Table.load(Path(__file__).resolve().parents[1] / "benchmarks" / "ka-middle")
+    trace = replay_peer(table, "smac:mf", budget_seconds=0.1 * table.grid_seconds(), seed=3, max_concurrent=2)
+    assert trace.points and all(e is None or e in table.runs for _, e, _ in trace.points)
 
 
 def test_peers_are_strategies_of_bench_search_and_a_missing_package_is_one_line(table, monkeypatch):

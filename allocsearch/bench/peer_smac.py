@@ -30,7 +30,7 @@ class SmacAgent:
         intensifier = MultiFidelityFacade.get_intensifier(scenario)
         self.smac = MultiFidelityFacade(scenario, lambda config, seed=0, budget=None: 0.0,  # ask and tell only
                                         intensifier=intensifier, overwrite=True, logging_level=40)
-        self.budgets: dict[int, float] = {}
+        self.space, self.layers = space, layers
 
     def suggest(self, trial_id: str):
         from smac.main.exceptions import ConfigurationSpaceExhaustedException
@@ -65,8 +65,13 @@ class SmacAgent:
         self.smac.tell(info, TrialValue(cost=1.0, status=StatusType.CRASHED), save=False)
 
     def best(self) -> str | None:
-        incumbents = self.smac.intensifier.get_incumbents()
-        return config_key(self._params(incumbents[0])) if incumbents else None
+        """SMAC's incumbent; one that trains nothing (told crashed, it can lead before anything else reached
+        the top budget) is no export."""
+        for config in self.smac.intensifier.get_incumbents():
+            params = self._params(config)
+            if not self.space.trains_nothing(params, self.layers):
+                return config_key(params)
+        return None
 
 
 def _config_space(configs: list[dict], seed: int):
