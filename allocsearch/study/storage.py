@@ -21,8 +21,9 @@ _MEMORY_STORAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a r
 class TrialStore:
     """One study's Optuna storage."""
 
-    def __init__(self, ostudy):
+    def __init__(self, ostudy, sqlite_path: Path | None = None):
         self.ostudy = ostudy  # the optuna.Study: ask() and enqueue_trial() are its public API
+        self.sqlite_path = sqlite_path  # a reader's sqlite file: trials() reads it with plain SQL (see there)
 
     # ----------------------------------------------------------------------------------------- opening
     @classmethod
@@ -53,7 +54,8 @@ class TrialStore:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            return cls(optuna.load_study(study_name=study.name, storage=url))
+            return cls(optuna.load_study(study_name=study.name, storage=url),
+                       Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None)
         except KeyError:
             return None  # the database exists, the study is not in it yet
         except Exception as exc:  # noqa: BLE001 - a corrupt or unreachable storage is one line
@@ -62,7 +64,14 @@ class TrialStore:
 
     # ----------------------------------------------------------------------------------------- reading
     def trials(self, states=None) -> list:
-        """The study's ``FrozenTrial`` s (``states``: Optuna ``TrialState`` s to keep), not copied."""
+        """The study's ``FrozenTrial`` s (``states``: Optuna ``TrialState`` s to keep), not copied. A reader
+        of an sqlite study reads them with plain SQL where the schema is the one this code knows: Optuna's
+        ORM read takes about 1 s per 1,000 trials (``allocsearch bench scale``), ``status`` and the dashboard
+        read every trial; the same ``FrozenTrial`` s (tests/test_storage_read.py compares them field by field)."""
+        if self.sqlite_path is not None:
+            trials = _sqlite_trials(self.sqlite_path, self.ostudy.study_name)
+            if trials is not None:
+                return trials if states is None else [t for t in trials if t.state in states]
         return self.ostudy.get_trials(deepcopy=False, states=states)
 
     def trial(self, number: int):
@@ -139,6 +148,76 @@ def _check_sqlite(path: Path, name: str) -> None:
         what = "empty" if not head else "not an sqlite database"
         raise StudyError(f"the Optuna storage of study {name!r} ({path}) is {what}; fix: restore optuna.db "
                          f"from a backup or start a new study with another --study name")
+
+
+# Optuna's RDB schema the plain-SQL read knows (optuna/storages/_rdb: models.SCHEMA_VERSION, the alembic head)
+_KNOWN_SCHEMA = (12, "v3.2.0.a")
+
+
+def _sqlite_trials(path: Path, study_name: str) -> list | None:
+    """Every trial of the study, as Optuna builds them (``RDBStorage._build_frozen_trial_from_trial_model``),
+    from six queries on a read-only connection; None where the schema is another (read through Optuna)."""
+    import datetime
+    import json
+    import sqlite3
+
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    special = {"INF_POS": float("inf"), "INF_NEG": float("-inf"), "NAN": float("nan")}
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        version = con.execute("SELECT schema_version FROM version_info").fetchone()
+        head = con.execute("SELECT version_num FROM alembic_version").fetchone()
+        if (version and version[0], head and head[0]) != _KNOWN_SCHEMA:
+            return None
+        row = con.execute("SELECT study_id FROM studies WHERE study_name = ?", (study_name,)).fetchone()
+        if row is None:
+            return []
+        sid = (row[0],)
+        of_study = "trial_id IN (SELECT trial_id FROM trials WHERE study_id = ?)"
+        trials = {tid: {"number": n, "state": st, "start": t0, "end": t1, "values": {}, "params": [], "user": {},
+                        "system": {}, "inter": {}}
+                  for tid, n, st, t0, t1 in con.execute("SELECT trial_id, number, state, datetime_start, "
+                                                        "datetime_complete FROM trials WHERE study_id = ?", sid)}
+        for tid, objective, value, kind in con.execute(
+                f"SELECT trial_id, objective, value, value_type FROM trial_values WHERE {of_study}", sid):
+            trials[tid]["values"][objective] = value if kind == "FINITE" else special[kind]
+        for tid, _, name, value, dist in con.execute(f"SELECT trial_id, param_id, param_name, param_value, "
+                                                     f"distribution_json FROM trial_params WHERE {of_study} "
+                                                     f"ORDER BY param_id", sid):
+            trials[tid]["params"].append((name, value, dist))
+        for table, key in (("trial_user_attributes", "user"), ("trial_system_attributes", "system")):
+            for tid, k, v in con.execute(f"SELECT trial_id, key, value_json FROM {table} WHERE {of_study}", sid):
+                trials[tid][key][k] = json.loads(v)
+        for tid, step, value, kind in con.execute(f"SELECT trial_id, step, intermediate_value, intermediate_value_type "
+                                                  f"FROM trial_intermediate_values WHERE {of_study}", sid):
+            trials[tid]["inter"][step] = value if kind == "FINITE" else special[kind]
+    except sqlite3.Error:
+        return None  # a table this code expects is not there: Optuna reads it
+    finally:
+        con.close()
+    dists: dict[str, object] = {}  # one parse per distinct distribution
+
+    def when(text):
+        return datetime.datetime.fromisoformat(text) if text else None
+
+    out = []
+    for tid, t in trials.items():
+        for _, _, d in t["params"]:
+            if d not in dists:
+                dists[d] = json_to_distribution(d)
+        values = [t["values"][i] for i in sorted(t["values"])] if t["values"] else None
+        out.append(FrozenTrial(
+            number=t["number"], state=TrialState[t["state"]], value=None, values=values,
+            datetime_start=when(t["start"]), datetime_complete=when(t["end"]),
+            params={n: dists[d].to_external_repr(v) for n, v, d in t["params"]},
+            distributions={n: dists[d] for n, _, d in t["params"]},
+            user_attrs=t["user"], system_attrs=t["system"], intermediate_values=t["inter"], trial_id=tid))
+    return sorted(out, key=lambda t: t.number)
 
 
 __all__ = ["TrialStore"]
