@@ -100,3 +100,24 @@ def test_the_goals_name_the_known_answer_and_the_priors_only_comparison(tmp_path
                             f"{default_25['placed']:.0%} (an adapter there at all: {default_25['holds']:.0%})")
     assert "at 25% of the grid" in known
     assert not any("priors-only" in g for g in goals)  # not replayed: no comparison printed
+
+
+def test_a_table_with_its_model_config_replays_without_the_model_folder(tmp_path):
+    """A known-answer table ships its model's config.json (the cost model and the depth read it); its space's
+    relative model resolves against the table's folder, wherever the table is."""
+    import yaml
+
+    folder = tmp_path / "ka"
+    table = ka_table(folder, (-0.03, 0.2, -0.03))
+    (folder / "model").mkdir()
+    (folder / "model" / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 6,
+                                                               "hidden_size": 384, "intermediate_size": 1536,
+                                                               "num_attention_heads": 12, "vocab_size": 30522}))
+    (folder / "space.yaml").write_text(yaml.safe_dump({**SPACE, "model": "model"}))
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    loaded = Table.load(moved)
+    assert loaded.space["model"] == str((moved / "model").resolve()) and loaded.num_layers == 6
+    assert table.num_layers == 4  # tiny-llama's, from the registry (no card entry, no folder)
+    result = compare.run(loaded, ["default"], [0.5], 2)
+    assert result["rows"][0]["trials"] >= 1

@@ -77,10 +77,10 @@ class _Running:
 
 def replay_peer(table: Table, name: str, *, budget_seconds: float, seed: int, max_concurrent: int = 1) -> Trace:
     """Run peer ``name`` once against the table with ``budget_seconds`` device-seconds."""
-    from allocsearch.search.space.space import SearchSpace, model_depth
+    from allocsearch.search.space.space import SearchSpace
 
     space = SearchSpace.from_dict(table.space, source="table")
-    layers = model_depth(space.model)
+    layers = table.num_layers
     family = PEERS[name]["family"]
     if family == "smac":
         from allocsearch.bench.peer_smac import SmacAgent as agent_class

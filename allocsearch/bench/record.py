@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -74,9 +75,10 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
     study = Study.open(work, name)
     rows = table_rows(study)
     space = SearchSpace.from_dict(table_space)
-    expected = space.grid_size(model_depth(space.model)) * len(seeds)
+    layers = model_depth(space.model)
+    expected = space.grid_size(layers) * len(seeds)
     runs = len({(r["config"], r["seed"]) for r in rows})
-    card = {"name": name, "task": space.data, "model": space.model, "train": space.train,
+    card = {"name": name, "task": space.data, "model": space.model, "num_layers": layers, "train": space.train,
             "space": str(Path(space_path)), "seeds": sorted(seeds), "configurations": expected // len(seeds),
             "runs": runs, "complete": runs == expected, "objective": "validation macro balanced accuracy",
             "cpus_per_trial": study.settings["cpus_per_trial"], "gpus_per_trial": study.settings["gpus_per_trial"],
@@ -86,9 +88,12 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
             "spent_device_seconds": study.ledger.spent(Budget.from_dict(study.settings["budget"]).unit),
             "end_reason": outcome.end_reason}
     answer = known_answer_of(space.model)
-    if answer:
-        card["known_answer"] = answer
     folder = Path(out) if out else Path("benchmarks") / name
+    if answer:  # the model folder stays on this machine: its config.json travels with the table (the replay's
+        card["known_answer"] = answer  # cost model and depth read it), the table's space points at it
+        (folder / "model").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(space.model).expanduser() / "config.json", folder / "model" / "config.json")
+        table_space = {**table_space, "model": "model"}
     write(folder, rows, card, yaml.safe_dump(table_space, sort_keys=False))
     return {"study": str(study.root), "table": str(folder), "runs": runs, "expected": expected,
             "complete": runs == expected}

@@ -96,12 +96,12 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
     from allocsearch.search.ray.executor import make_scheduler
     from allocsearch.search.samplers import make_sampler
     from allocsearch.study.settings import EXECUTION_DEFAULTS
-    from allocsearch.search.space.space import SearchSpace, model_depth
+    from allocsearch.search.space.space import SearchSpace
     from allocsearch.study.folder import MEMORY, Study
 
     plan = STRATEGIES[strategy]
     space = SearchSpace.from_dict(table.space, source="table")
-    layers = model_depth(space.model)
+    layers = table.num_layers
     cpus = float(table.card.get("cpus_per_trial") or 1.0)
     unit = table.card.get("budget_unit") or "cpu"
     settings = {"name": f"replay-{strategy}-{seed}", "model": space.model, "data": space.data, "data_dir": None,

@@ -71,6 +71,11 @@ class Table:
 
         card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").is_file() else {}
         space = yaml.safe_load((folder / "space.yaml").read_text()) if (folder / "space.yaml").is_file() else None
+        if space and isinstance(space.get("model"), str) and (folder / space["model"]).is_dir() \
+                and not Path(space["model"]).is_absolute():
+            # a model folder shipped with the table (a known-answer model's config.json: the cost model and the
+            # depth read it) resolves against the table's folder
+            space["model"] = str((folder / space["model"]).resolve())
         runs: dict[tuple[str, int], Run] = {}
         try:
             with open(path, newline="", encoding="utf-8") as fh:
@@ -90,6 +95,16 @@ class Table:
         for run in runs.values():
             run.checkpoints.sort()
         return cls([r for r in runs.values() if r.final is not None], card, space)
+
+    @property
+    def num_layers(self) -> int:
+        """The model's depth the space is resolved at: the card's (a table replays without its model, e.g. a
+        known-answer model folder on the machine that recorded it), else the model's config."""
+        if self.card.get("num_layers"):
+            return int(self.card["num_layers"])
+        from allocsearch.search.space.space import model_depth
+
+        return model_depth((self.space or {}).get("model", ""))
 
     def run(self, params: dict, seed_index: int) -> Run:
         """The recorded run of ``params`` on the table's ``seed_index``-th seed."""
