@@ -48,7 +48,7 @@ def test_bench_suite_replays_every_table_and_prints_the_goals(tmp_path, capsys):
         assert r["signal"] == (r["ratio"] >= suite.SIGNAL_RATIO)
     assert result["tables"]["ka"]["signal"] and not result["tables"]["synthetic"]["signal"]  # ratio 1.6
     goals = {g: met for g, met, _ in result["goals"]}
-    assert any(g.startswith("ka (known answer: middle)") for g in goals)
+    assert any(g.startswith("ka known answer (middle group)") for g in goals)
     peer_goal = next(g for g in goals if g.startswith("tables with signal: default's regret at or below every peer's "
                                                       "at 25%"))
     rows = {(r["strategy"], r["budget"]): r for r in result["tables"]["ka"]["rows"]}  # a known-answer table

@@ -237,10 +237,16 @@ def goals(result: dict) -> list[tuple[str, bool, str]]:
                     f"{gap / se if se else math.inf:+.1f} SE; hit {d['hit']:.0%}"))
     answer = result.get("known_answer")
     if d and answer:
-        out.append((f"known answer ({answer['group']} group): default's export puts the most rank in it in >= 90% of "
-                    f"replays at {at:.0%} of the grid", d["placed"] >= 0.9,
-                    f"{d['placed']:.0%} (an adapter there at all: {d['holds']:.0%})"))
+        out.append(placement_goal(answer, d))
     return out
 
 
-__all__ = ["cheapest_effect", "goals", "parse_budgets", "parse_strategies", "run"]
+def placement_goal(answer: dict, row: dict, table: str = "") -> tuple[str, bool, str]:
+    """The known-answer goal on default's ``row`` at a budget: the most rank in the answer's group in >= 90%."""
+    where = f"{table} " if table else ""
+    return (f"{where}known answer ({answer['group']} group): default's export puts the most rank in it in >= 90% "
+            f"of replays at {row['budget']:.0%} of the grid", row["placed"] >= 0.9,
+            f"{row['placed']:.0%} (an adapter there at all: {row['holds']:.0%})")
+
+
+__all__ = ["cheapest_effect", "goals", "parse_budgets", "parse_strategies", "placement_goal", "run"]

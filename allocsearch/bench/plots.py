@@ -1,5 +1,6 @@
-"""The benchmark's figure (PNG): the anytime curve of the exported configuration's true quality per
-strategy (mean +- standard error over replay seeds) and the normalised regret at each budget."""
+"""The benchmark's figures (PNG): for one table, the anytime curve of the exported configuration's true quality
+per strategy (mean +- standard error over replay seeds) and the normalised regret at each budget; for the
+suite, each strategy's average rank by budget and the regret per table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,6 +40,40 @@ def draw(result: dict, path: str | Path, title: str = "") -> Path:
     right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves cross
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def draw_suite(suite: dict, path: str | Path) -> Path:
+    """Average rank per strategy by budget (left); normalised regret per table at 25% of the grid (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14.5, 4.8))
+    budgets = suite["budgets"]
+    for s in suite["strategies"]:
+        left.plot([b * 100 for b in budgets], [suite["ranks"][b][s] for b in budgets], marker="o", label=s)
+    left.set_xlabel("budget (% of each table's grid)")
+    left.set_ylabel("average rank across tables (1 = lowest regret)")
+    left.invert_yaxis()
+    left.set_title(f"{len(suite['tables'])} tables, {suite['seeds']} replays each")
+    at = min(budgets, key=lambda b: abs(b - 0.25))
+    names, width = list(suite["tables"]), 0.8 / max(len(suite["strategies"]), 1)
+    for j, s in enumerate(suite["strategies"]):
+        rows = [next(r for r in suite["tables"][n]["rows"] if r["strategy"] == s and r["budget"] == at) for n in names]
+        right.bar([i + j * width for i in range(len(names))], [r["regret"][0] for r in rows], width,
+                  yerr=[r["regret"][1] for r in rows], label=s)
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
+    right.set_ylabel("normalised regret (0 best, 1 median)")
+    right.set_title(f"per table at {at:.0%} of the grid")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,4 +82,4 @@ def draw(result: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
-__all__ = ["draw"]
+__all__ = ["draw", "draw_suite"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 from typing import Callable
 
 from allocsearch.bench import compare
@@ -104,43 +103,8 @@ def goals(suite: dict) -> list[tuple[str, bool | None, str]]:
         answer = result.get("known_answer")
         row = next((r for r in result["rows"] if r["strategy"] == "default" and r["budget"] == 0.25), None)
         if answer and row:
-            out.append((f"{name} (known answer: {answer['group']}): default's export puts the most rank there in "
-                        f">= 90% of replays at 25% of the grid", row["placed"] >= 0.9,
-                        f"{row['placed']:.0%} (an adapter there at all: {row['holds']:.0%})"))
+            out.append(compare.placement_goal(answer, row, name))
     return out
 
 
-def draw(suite: dict, path: str | Path) -> Path:
-    """Average rank per strategy by budget (left); normalised regret per table at 25% of the grid (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14.5, 4.8))
-    budgets = suite["budgets"]
-    for s in suite["strategies"]:
-        left.plot([b * 100 for b in budgets], [suite["ranks"][b][s] for b in budgets], marker="o", label=s)
-    left.set_xlabel("budget (% of each table's grid)")
-    left.set_ylabel("average rank across tables (1 = lowest regret)")
-    left.invert_yaxis()
-    left.set_title(f"{len(suite['tables'])} tables, {suite['seeds']} replays each")
-    at = min(budgets, key=lambda b: abs(b - 0.25))
-    names, width = list(suite["tables"]), 0.8 / max(len(suite["strategies"]), 1)
-    for j, s in enumerate(suite["strategies"]):
-        rows = [next(r for r in suite["tables"][n]["rows"] if r["strategy"] == s and r["budget"] == at) for n in names]
-        right.bar([i + j * width for i in range(len(names))], [r["regret"][0] for r in rows], width,
-                  yerr=[r["regret"][1] for r in rows], label=s)
-    right.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
-    right.set_ylabel("normalised regret (0 best, 1 median)")
-    right.set_title(f"per table at {at:.0%} of the grid")
-    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-__all__ = ["SIGNAL_RATIO", "allocation_ratio", "average_ranks", "draw", "goals", "run"]
+__all__ = ["SIGNAL_RATIO", "allocation_ratio", "average_ranks", "goals", "run"]

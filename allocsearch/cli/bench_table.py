@@ -173,6 +173,7 @@ def suite_cmd(tables, strategies, seeds, budgets, plot, out, as_json):
     from pathlib import Path
 
     from allocsearch.bench import compare, suite
+    from allocsearch.bench.plots import draw_suite
     from allocsearch.bench.table import Table
     from allocsearch.cli.options import run_with_progress
 
@@ -185,7 +186,7 @@ def suite_cmd(tables, strategies, seeds, budgets, plot, out, as_json):
         raise AllocsearchError(f"--out {out}: its folder does not exist; fix: create it or give another path")
     result = run_with_progress("replaying", "replaying", lambda progress: suite.run(
         loaded, names, shares, seeds, progress=progress))
-    result["plot"] = str(suite.draw(result, plot or Path(folders[0]).parent / "suite.png"))
+    result["plot"] = str(draw_suite(result, plot or Path(folders[0]).parent / "suite.png"))
     if out is not None:
         from allocsearch.fileio import write_text_atomic
 
