@@ -83,3 +83,19 @@ def test_the_goals_on_a_table_with_signal_name_the_peer_that_beats_default():
     assert goals["tables with signal: default's regret at or below every peer's at 50% of the grid"][0] is True
     priors = goals["tables with signal: default's regret below priors-only's by >= 2 standard errors at 25% and 50%"]
     assert priors[0] is False and "real at 25%: +0.30 (+21.2 SE)" in priors[1] and "at 50%: +0.01 (+0.7 SE)" in priors[1]
+
+
+def test_a_strategy_missing_on_a_table_is_ranked_on_the_tables_it_ran_on(tmp_path, capsys):
+    """priors-only is not replayed on a space without priors (a known-answer one): it would export nothing,
+    which the regret scores as the median configuration."""
+    rows = lambda regrets: {"rows": [{"strategy": s, "budget": 0.25, "regret": (v, 0.0)}  # noqa: E731
+                                     for s, v in regrets.items()]}
+    per = {"a": rows({"x": 0.1, "p": 0.5}), "b": rows({"x": 0.3})}
+    assert suite.average_ranks(per, ["x", "p"], [0.25])[0.25] == {"x": 1.0, "p": 2.0}
+    make_table(tmp_path / "tables" / "synthetic")
+    ka_table(tmp_path / "tables" / "ka", (-0.03, 0.2, -0.03))
+    code, out, err = run_cli(capsys, "bench", "suite", "--tables", str(tmp_path / "tables"), "--seeds", "1",
+                             "--budgets", "50%", "--strategies", "default,priors-only", "--json")
+    result = json.loads(out)
+    assert {r["strategy"] for r in result["tables"]["ka"]["rows"]} == {"default"}
+    assert {r["strategy"] for r in result["tables"]["synthetic"]["rows"]} == {"default", "priors-only"}

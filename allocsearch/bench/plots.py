@@ -61,9 +61,10 @@ def draw_suite(suite: dict, path: str | Path) -> Path:
     at = min(budgets, key=lambda b: abs(b - 0.25))
     names, width = list(suite["tables"]), 0.8 / max(len(suite["strategies"]), 1)
     for j, s in enumerate(suite["strategies"]):
-        rows = [next(r for r in suite["tables"][n]["rows"] if r["strategy"] == s and r["budget"] == at) for n in names]
-        right.bar([i + j * width for i in range(len(names))], [r["regret"][0] for r in rows], width,
-                  yerr=[r["regret"][1] for r in rows], label=s)
+        rows = [next((r for r in suite["tables"][n]["rows"] if r["strategy"] == s and r["budget"] == at), None)
+                for n in names]  # None: not replayed on that table
+        right.bar([i + j * width for i in range(len(names))], [r["regret"][0] if r else 0.0 for r in rows], width,
+                  yerr=[r["regret"][1] if r else 0.0 for r in rows], label=s)
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
     right.set_ylabel("normalised regret (0 best, 1 median)")
     right.set_title(f"per table at {at:.0%} of the grid")

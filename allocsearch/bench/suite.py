@@ -7,7 +7,8 @@ A table **with signal**: the allocations at its best configuration's training se
 spread, as the standard deviation of their true means, at least ``SIGNAL_RATIO`` times the table's seed
 noise. The goals (the issues'): on the tables with signal, default's regret at or below every peer's at 25%
 and 50% of the grid, and below priors-only's by >= 2 standard errors where the table's space uses the
-papers' priors; on the known-answer tables, default's export puts the most rank in the answer's group in
+papers' priors (priors-only is not replayed where the space has none: it would export nothing); on the
+known-answer tables, default's export puts the most rank in the answer's group in
 >= 90% of replays at 25% of the grid.
 """
 from __future__ import annotations
@@ -41,11 +42,13 @@ def run(tables: dict[str, Table], strategies: list[str], budgets: list[float], s
     for i, (name, table) in enumerate(tables.items()):
         step = (lambda done, total, what, name=name, i=i: progress(  # noqa: E731
             i * total + done, len(tables) * total, f"{name}: {what}")) if progress else None
-        result = compare.run(table, strategies, budgets, seeds,
+        priors = bool((table.space or {}).get("priors", True))
+        # priors-only on a space without priors (a known-answer placement space) would export nothing
+        here = [s for s in strategies if priors or s != "priors-only"]
+        result = compare.run(table, here, budgets, seeds,
                              max_concurrent=int(table.card.get("max_concurrent") or 1), progress=step)
         ratio = allocation_ratio(table)
-        result.update(ratio=ratio, signal=ratio is not None and ratio >= SIGNAL_RATIO,
-                      priors=bool((table.space or {}).get("priors", True)))
+        result.update(ratio=ratio, signal=ratio is not None and ratio >= SIGNAL_RATIO, priors=priors)
         per[name] = result
     out = {"tables": per, "strategies": strategies, "budgets": budgets, "seeds": seeds,
            "ranks": average_ranks(per, strategies, budgets)}
@@ -54,17 +57,18 @@ def run(tables: dict[str, Table], strategies: list[str], budgets: list[float], s
 
 
 def average_ranks(per: dict[str, dict], strategies: list[str], budgets: list[float]) -> dict:
-    """{budget: {strategy: its rank by mean regret, averaged over the tables}} (1 = best)."""
+    """{budget: {strategy: its rank by mean regret among the strategies replayed on a table, averaged over
+    the tables it was replayed on}} (1 = best)."""
     out = {}
     for b in budgets:
-        sums = dict.fromkeys(strategies, 0.0)
+        ranks: dict[str, list[float]] = {s: [] for s in strategies}
         for result in per.values():
             regret = {r["strategy"]: r["regret"][0] for r in result["rows"] if r["budget"] == b}
-            for s in strategies:
+            for s in regret:
                 below = sum(v < regret[s] for v in regret.values())
                 ties = sum(v == regret[s] for v in regret.values())
-                sums[s] += below + (ties + 1) / 2  # the mean of the ranks the ties share
-        out[b] = {s: total / len(per) for s, total in sums.items()}
+                ranks[s].append(below + (ties + 1) / 2)  # the mean of the ranks the ties share
+        out[b] = {s: statistics.fmean(r) if r else None for s, r in ranks.items()}
     return out
 
 

@@ -227,7 +227,7 @@ def render_suite(result: dict) -> None:
             table.add_column(f"{b:.0%}: quality / regret / hit" + (" / placed" if r.get("known_answer") else ""),
                              justify="right", no_wrap=True)
         rows = {(x["strategy"], x["budget"]): x for x in r["rows"]}
-        for s in result["strategies"]:
+        for s in [s for s in result["strategies"] if (s, result["budgets"][0]) in rows]:
             cells = []
             for b in result["budgets"]:
                 x = rows[(s, b)]
@@ -239,8 +239,10 @@ def render_suite(result: dict) -> None:
     ranks.add_column("strategy", no_wrap=True)
     for b in result["budgets"]:
         ranks.add_column(f"{b:.0%}", justify="right")
-    for s in sorted(result["strategies"], key=lambda s: result["ranks"][result["budgets"][-1]][s]):
-        ranks.add_row(s, *(f"{result['ranks'][b][s]:.2f}" for b in result["budgets"]))
+    last = result["ranks"][result["budgets"][-1]]
+    for s in sorted(result["strategies"], key=lambda s: (last[s] is None, last[s] or 0.0)):
+        ranks.add_row(s, *("-" if result["ranks"][b][s] is None else f"{result['ranks'][b][s]:.2f}"
+                           for b in result["budgets"]))
     console.print(ranks)
     for goal, met, numbers in result["goals"]:
         word, colour = ("nothing to judge", "yellow") if met is None else (("met", "green") if met else ("NOT met", "red"))
