@@ -372,3 +372,16 @@ def test_a_resumed_sampler_does_not_replay_the_draws_of_the_sessions_before(name
             study.tell(t, 0.5)
     assert len(set(drawn)) == len(drawn)
     assert session_seed(0, 0) == 0 and len({session_seed(0, s) for s in range(50)}) == 50
+
+
+def test_a_records_dict_is_asdicts_and_owns_its_containers():
+    from dataclasses import asdict
+
+    from allocsearch.study.records import TrialRecord
+
+    r = TrialRecord(number=1, state="completed", objective=0.5, params={"lr": 1e-3}, values=[0.5],
+                    experts=[2, 4], intermediate={25: 0.4})
+    d = r.to_dict()
+    assert d == asdict(r)
+    d["params"]["lr"], d["values"][0], d["intermediate"][25] = 9.0, 9.0, 9.0
+    assert r.params == {"lr": 1e-3} and r.values == [0.5] and r.intermediate == {25: 0.4}

@@ -18,7 +18,7 @@ What the controller stores on an Optuna trial beyond its params and values are u
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 
@@ -131,7 +131,13 @@ class TrialRecord:
         return self.state == State.COMPLETED and self.objective is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields, containers copied one level (``dataclasses.asdict`` deep-copies: 1 s of ``status`` on a
+        study of 5,000 trials, ``allocsearch bench scale``)."""
+        return {f.name: _shallow(getattr(self, f.name)) for f in fields(self)}
+
+
+def _shallow(value):
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
 
 
 def records_of(trials: Iterable, spend: dict[int, float] | None = None) -> list[TrialRecord]:
