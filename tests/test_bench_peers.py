@@ -103,3 +103,18 @@ def test_peers_are_strategies_of_bench_search_and_a_missing_package_is_one_line(
         compare.parse_strategies("ray:asha")
     result = compare.run(table, ["optuna:tpe", "default"], [0.25], 2)
     assert {r["strategy"]: r["confirm_reserve"] for r in result["rows"]} == {"optuna:tpe": 0.0, "default": 0.2}
+
+
+def test_smac_running_out_of_configurations_ends_its_search_without_an_error(table, monkeypatch):
+    """SMAC's ask raised StopIteration (its trial generator ended) in a 100-replay suite: the peer stops
+    starting trials there, as on ConfigurationSpaceExhaustedException."""
+    from allocsearch.bench.peer_smac import SmacAgent
+    from allocsearch.search.space.space import SearchSpace
+
+    agent = SmacAgent(PEERS["smac:mf"], SearchSpace.from_dict(table.space), 4, table, seed=0)
+
+    def ended():
+        raise StopIteration
+
+    monkeypatch.setattr(agent.smac, "ask", ended)
+    assert agent.suggest("0") is None

@@ -37,8 +37,8 @@ class SmacAgent:
 
         try:
             info = self.smac.ask()
-        except ConfigurationSpaceExhaustedException:
-            return None  # every configuration at every budget it wants has run: SMAC stops here
+        except (ConfigurationSpaceExhaustedException, StopIteration):
+            return None  # every configuration at every budget it wants has run (or its generator ended)
         return info, self._params(info.config)
 
     def _params(self, config) -> dict:
