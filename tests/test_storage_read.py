@@ -64,3 +64,15 @@ def test_an_unknown_schema_is_read_through_optuna(study, monkeypatch):
     store = TrialStore.read(st)
     assert storage_mod._sqlite_trials(store.sqlite_path, "s") is None
     assert [t.number for t in store.trials()] == [t.number for t in o.get_trials()]
+
+
+def test_a_reader_of_trials_never_loads_optunas_study_and_a_missing_study_is_none(study, tmp_path):
+    """optuna.load_study costs about 1 s (status on 5,316 trials: 2.3 s -> 1.7 s without it): a reader that
+    only reads trials does not load it; one that needs it (a trial by number) does, on first use."""
+    st, o = study
+    store = TrialStore.read(st)
+    assert len(store.trials()) == 7 and store._ostudy is None
+    assert store.trial(0).number == 0 and store._ostudy is not None
+    other = Study.create(tmp_path / "w2", {"name": "other", "objectives": ["accuracy"]}, "version: 1\n")
+    (other.root / "optuna.db").write_bytes((st.root / "optuna.db").read_bytes())  # a database without "other"
+    assert other.storage_url.endswith("optuna.db") and TrialStore.read(other) is None

@@ -21,9 +21,18 @@ _MEMORY_STORAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a r
 class TrialStore:
     """One study's Optuna storage."""
 
-    def __init__(self, ostudy, sqlite_path: Path | None = None):
-        self.ostudy = ostudy  # the optuna.Study: ask() and enqueue_trial() are its public API
+    def __init__(self, ostudy=None, sqlite_path: Path | None = None, name: str | None = None, load=None):
+        self._ostudy, self._load = ostudy, load  # a reader of sqlite loads Optuna's study only when it needs it
         self.sqlite_path = sqlite_path  # a reader's sqlite file: trials() reads it with plain SQL (see there)
+        self.name = name or ostudy.study_name
+
+    @property
+    def ostudy(self):
+        """The optuna.Study: ask() and enqueue_trial() are its public API (loaded on first use by a reader
+        that reads its trials with plain SQL: ``optuna.load_study`` costs about 1 s, ``status`` pays it)."""
+        if self._ostudy is None:
+            self._ostudy = self._load()
+        return self._ostudy
 
     # ----------------------------------------------------------------------------------------- opening
     @classmethod
@@ -45,22 +54,19 @@ class TrialStore:
         be read (not an sqlite file, an empty file, unreachable) is a one-line ``StudyError``; nothing is
         created or written."""
         url = study.storage_url
+        path = None
         if url.startswith("sqlite:///"):
             path = Path(url[len("sqlite:///"):])
             if not path.exists():
                 return None
             _check_sqlite(path, study.name)
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
-            return cls(optuna.load_study(study_name=study.name, storage=url),
-                       Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None)
-        except KeyError:
-            return None  # the database exists, the study is not in it yet
-        except Exception as exc:  # noqa: BLE001 - a corrupt or unreachable storage is one line
-            raise StudyError(f"cannot read the Optuna storage of study {study.name!r} ({type(exc).__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0][:120]}); fix: check {url}") from None
+            found = _sqlite_has_study(path, study.name)  # None: a schema this code does not know, or unreadable
+            if found is False:
+                return None  # the database exists, the study is not in it yet
+            if found:
+                return cls(None, path, study.name, load=lambda: _load_study(study.name, url))
+        ostudy = _load_study(study.name, url)
+        return None if ostudy is None else cls(ostudy, path)
 
     # ----------------------------------------------------------------------------------------- reading
     def trials(self, states=None) -> list:
@@ -69,7 +75,7 @@ class TrialStore:
         ORM read takes about 1 s per 1,000 trials (``allocsearch bench scale``), ``status`` and the dashboard
         read every trial; the same ``FrozenTrial`` s (tests/test_storage_read.py compares them field by field)."""
         if self.sqlite_path is not None:
-            trials = _sqlite_trials(self.sqlite_path, self.ostudy.study_name)
+            trials = _sqlite_trials(self.sqlite_path, self.name)
             if trials is not None:
                 return trials if states is None else [t for t in trials if t.state in states]
         return self.ostudy.get_trials(deepcopy=False, states=states)
@@ -150,6 +156,43 @@ def _check_sqlite(path: Path, name: str) -> None:
                          f"from a backup or start a new study with another --study name")
 
 
+def _load_study(name: str, url: str):
+    """``optuna.load_study`` for a reader: None where the study is not in the storage yet; a storage that cannot
+    be read is a one-line ``StudyError``."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return None  # the database exists, the study is not in it yet
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unreachable storage is one line
+        raise StudyError(f"cannot read the Optuna storage of study {name!r} ({type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:120]}); fix: check {url}") from None
+
+
+def _sqlite_has_study(path: Path, name: str) -> bool | None:
+    """Whether the sqlite file holds the study, where its schema is the known one; None otherwise."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            if not _known_schema(con):
+                return None
+            return con.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None  # Optuna reads it (and says what is wrong in one line)
+
+
+def _known_schema(con) -> bool:
+    version = con.execute("SELECT schema_version FROM version_info").fetchone()
+    head = con.execute("SELECT version_num FROM alembic_version").fetchone()
+    return (version and version[0], head and head[0]) == _KNOWN_SCHEMA
+
+
 # Optuna's RDB schema the plain-SQL read knows (optuna/storages/_rdb: models.SCHEMA_VERSION, the alembic head)
 _KNOWN_SCHEMA = (12, "v3.2.0.a")
 
@@ -170,9 +213,7 @@ def _sqlite_trials(path: Path, study_name: str) -> list | None:
     except sqlite3.Error:
         return None
     try:
-        version = con.execute("SELECT schema_version FROM version_info").fetchone()
-        head = con.execute("SELECT version_num FROM alembic_version").fetchone()
-        if (version and version[0], head and head[0]) != _KNOWN_SCHEMA:
+        if not _known_schema(con):
             return None
         row = con.execute("SELECT study_id FROM studies WHERE study_name = ?", (study_name,)).fetchone()
         if row is None:
