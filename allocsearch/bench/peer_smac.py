@@ -20,12 +20,10 @@ class SmacAgent:
     def __init__(self, plan: dict, space, layers: int, table, seed: int):
         from smac import MultiFidelityFacade, Scenario
 
-        runs = [r for by in table.runs.values() for r in by.values()]
-        first = min((c[0] for r in runs for c in r.checkpoints), default=None)
-        steps = max(r.steps for r in runs)
+        first, steps = table.fidelity()
         self.cs, self.values = _config_space([next(iter(by.values())).params for by in table.runs.values()], seed)
         self.tmp = tempfile.TemporaryDirectory(prefix="as-smac-")
-        scenario = Scenario(self.cs, deterministic=True, n_trials=10 ** 9, seed=seed, min_budget=first or steps,
+        scenario = Scenario(self.cs, deterministic=True, n_trials=10 ** 9, seed=seed, min_budget=first,
                             max_budget=steps, output_directory=self.tmp.name, name=f"peer-{seed}")
         intensifier = MultiFidelityFacade.get_intensifier(scenario)
         self.smac = MultiFidelityFacade(scenario, lambda config, seed=0, budget=None: 0.0,  # ask and tell only

@@ -29,7 +29,7 @@ import heapq
 import random
 from dataclasses import dataclass
 
-from allocsearch.bench.replay import Trace
+from allocsearch.bench.replay import SeedDraws, Trace
 from allocsearch.errors import AllocsearchError
 from allocsearch.bench.table import Table
 from allocsearch.study.confidence import config_key
@@ -48,6 +48,7 @@ METRIC = "objective"
 
 class PeerError(AllocsearchError):
     """A peer that cannot run here; one line with the fix."""
+
 
 MAX_MISSES = 1000  # draws in a row that train nothing before a peer is given up
 
@@ -94,9 +95,9 @@ def replay_peer(table: Table, name: str, *, budget_seconds: float, seed: int, ma
 
 class _Loop:
     def __init__(self, table, agent, trace, rng, slots, cpus, trains_nothing):
-        self.table, self.agent, self.trace, self.rng, self.slots, self.cpus = table, agent, trace, rng, slots, cpus
+        self.table, self.agent, self.trace, self.slots, self.cpus = table, agent, trace, slots, cpus
         self.trains_nothing = trains_nothing
-        self.perm: dict[str, list[int]] = {}
+        self.seeds = SeedDraws(table, rng)
         self.drawn: dict[str, int] = {}
         self.running: dict[int, _Running] = {}
         self.events: list = []  # (wall time, trial id, checkpoint index; len = the end)
@@ -141,10 +142,8 @@ class _Loop:
                     raise RuntimeError(f"{self.trace.strategy} drew {misses} configurations in a row that train "
                                        f"nothing")
                 continue
-            seeds = len(self.table.seeds)
-            perm = self.perm.setdefault(key, self.rng.sample(range(seeds), seeds))
             nth = self.drawn[key] = self.drawn.get(key, -1) + 1
-            run = self.table.run(params, perm[nth % seeds])
+            run = self.seeds.run(key, params, nth)
             self.running[self.next_id] = _Running(handle, key, run, self.now)
             self.trace.runs.append((key, run.seed, False))
             self._queue(self.next_id, 0)
@@ -240,9 +239,7 @@ class _TuneAgent:
     def __init__(self, plan: dict, space, layers: int, table: Table, seed: int):
         from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-        first = min(c[0] for by in table.runs.values() for r in by.values() for c in r.checkpoints) \
-            if any(r.checkpoints for by in table.runs.values() for r in by.values()) else 1
-        steps = max(r.steps for by in table.runs.values() for r in by.values())
+        first, steps = table.fidelity()
         self.scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=steps, grace_period=first)
         self.stop = TrialScheduler.STOP
         self.space, self.layers = space, layers

@@ -78,6 +78,20 @@ class Trace:
         return self.points[-1][2] if self.points else None
 
 
+class SeedDraws:
+    """Which of the table's seeds answers a configuration's s-th run: ``perm[s]``, ``perm`` a random permutation
+    of the table's seed indices per configuration, drawn from the replay's generator (see the module)."""
+
+    def __init__(self, table: Table, rng: random.Random):
+        self.table, self.rng = table, rng
+        self.perm: dict[str, list[int]] = {}
+
+    def run(self, key: str, params: dict, s: int):
+        n = len(self.table.seeds)
+        perm = self.perm.setdefault(key, self.rng.sample(range(n), n))
+        return self.table.run(params, perm[s % n])
+
+
 class _Clock:
     def __init__(self):
         self.t = 0.0
@@ -151,8 +165,8 @@ class _Loop:
 
         self.table, self.ctl, self.clock, self.scheduler, self.trace = table, ctl, clock, scheduler, trace
         self.stop = TrialScheduler.STOP
-        self.rng, self.slots, self.only_priors = rng, slots, only_priors
-        self.perm: dict[str, list[int]] = {}
+        self.slots, self.only_priors = slots, only_priors
+        self.seeds = SeedDraws(table, rng)
         self.events: list = []  # (time, number, index into the run's checkpoints; len = the end)
         self.running: dict[int, dict] = {}
         self.done = False
@@ -181,8 +195,7 @@ class _Loop:
 
     def _start(self, launch: Launch) -> None:
         number, info = launch.number, self.ctl.running[launch.number]
-        perm = self.perm.setdefault(info.key, self.rng.sample(range(len(self.table.seeds)), len(self.table.seeds)))
-        run = self.table.run(info.params, perm[info.seed % len(perm)])
+        run = self.seeds.run(info.key, info.params, info.seed)
         self.ctl.on_start(number)
         start = self.clock.t
         self.running[number] = {"run": run, "start": start, "devices": launch.devices, "last": None,
@@ -253,4 +266,4 @@ class _Loop:
                                   config_key(argmax.params) if argmax else None))
 
 
-__all__ = ["STRATEGIES", "Trace", "replay"]
+__all__ = ["STRATEGIES", "SeedDraws", "Trace", "replay"]

@@ -106,6 +106,13 @@ class Table:
 
         return model_depth((self.space or {}).get("model", ""))
 
+    def fidelity(self) -> tuple[int, int]:
+        """(the first checkpoint's step, the trials' steps): a multi-fidelity optimizer's smallest and largest
+        resource (the first is the steps where no run has a checkpoint)."""
+        runs = [r for by in self.runs.values() for r in by.values()]
+        steps = max(r.steps for r in runs)
+        return min((c[0] for r in runs for c in r.checkpoints), default=steps), steps
+
     def run(self, params: dict, seed_index: int) -> Run:
         """The recorded run of ``params`` on the table's ``seed_index``-th seed."""
         by = self.runs.get(config_key(params))
