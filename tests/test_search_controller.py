@@ -8,7 +8,8 @@ import json
 import pytest
 
 from allocsearch.search.budget import Budget
-from allocsearch.search.controller import NOTHING_TO_TRAIN, Controller
+from allocsearch.search.controller import Controller
+from allocsearch.study.records import NOTHING_TO_TRAIN
 from allocsearch.search.samplers import OUT_OF_MEMORY
 from allocsearch.search.space.space import SearchSpace
 from allocsearch.study.folder import CRASHED, NOT_STARTED, Study, StudyError, check_name

@@ -122,8 +122,7 @@ def _requeue_unfinished(study) -> None:
     the front of the queue: the grid sampler alone would count them as run."""
     from optuna.trial import TrialState
 
-    from allocsearch.search.controller import NOTHING_TO_TRAIN
-    from allocsearch.study.records import Attr
+    from allocsearch.study.records import NOTHING_TO_TRAIN, Attr
     from allocsearch.study.storage import TrialStore
 
     store = TrialStore.open(study)

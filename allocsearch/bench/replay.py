@@ -35,6 +35,9 @@ STRATEGIES = {
     "default-no-confirm": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.0, "noise_aware": True},
     "default-plain-asha": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2, "noise_aware": False},
     "tpe-no-priors": {"sampler": "tpe", "priors": False, "scheduler": "asha", "confirm": 0.2, "noise_aware": True},
+    # the default as it was before its random start drew without replacement (``samplers.FreshStart``)
+    "default-optuna-start": {"sampler": "tpe", "priors": True, "scheduler": "asha", "confirm": 0.2,
+                             "noise_aware": True, "fresh_start": False},
     "priors-only": {"sampler": "random", "priors": True, "scheduler": "none", "confirm": 0.0, "only_priors": True},
     "random": {"sampler": "random", "priors": False, "scheduler": "none", "confirm": 0.0},
     "random-asha": {"sampler": "random", "priors": False, "scheduler": "asha", "confirm": 0.0, "noise_aware": False},
@@ -141,8 +144,9 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
             if kind == "confirming":
                 trace.confirm_given = data["reserve"]
 
-        ctl = Controller(study, space, num_layers=layers, sampler=make_sampler(plan["sampler"], seed), clock=clock,
-                         on_event=on_event)
+        finite = plan.get("fresh_start", True) and space.grid_size(layers) is not None
+        sampler = make_sampler(plan["sampler"], seed, finite=finite)
+        ctl = Controller(study, space, num_layers=layers, sampler=sampler, clock=clock, on_event=on_event)
         scheduler = make_scheduler(ctl.schedule(plan["scheduler"]))  # the very scheduler Tune runs live
         _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
         ctl.close()

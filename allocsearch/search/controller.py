@@ -39,7 +39,7 @@ from allocsearch.study.choice import best_of
 from allocsearch.study.confidence import config_key, estimates, noise_of
 from allocsearch.study.folder import Study, directions, metric_names, trial_name
 from allocsearch.study.ledger import device_seconds
-from allocsearch.study.records import Attr, State
+from allocsearch.study.records import NOTHING_TO_TRAIN, Attr, State
 from allocsearch.study.settings import Execution
 from allocsearch.study.storage import TrialStore
 from allocsearch.training.config import TrainConfig
@@ -49,7 +49,6 @@ CAP_SLACK_SECONDS = 2.0
 UNSEEN_FACTOR = 1.6  # prediction headroom before two trials have been observed
 DEFAULT_STARTUP_SECONDS = 3.0  # a Ray worker's start before its trial's clock starts, until one is seen
 _PHASE_OVER = object()  # ``_admit``: nothing more fits, the phase is over
-NOTHING_TO_TRAIN = "every layer group drew 0 experts or rank 0: nothing to train"
 
 
 class Controller:

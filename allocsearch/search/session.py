@@ -184,8 +184,9 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
             listeners = [x for x in (make(study) for make in subscribers) if x is not None]
             on_event = _fan_out(on_event, *(x.event for x in listeners))
             controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
-                                    sampler=make_sampler(s["sampler"], session_seed(int(s["seed"]),
-                                                                                    study.ledger.next_session())))
+                                    sampler=make_sampler(s["sampler"],
+                                                         session_seed(int(s["seed"]), study.ledger.next_session()),
+                                                         finite=space.grid_size(num_layers) is not None))
             if on_event:
                 on_event("study", study=study.name, root=str(study.root), budget=s["budget"],
                          spent=controller.spent(), recovered=controller.recovered)

@@ -61,6 +61,10 @@ class Attr:
     RECOVERED = "recovered"  # told what its results.json measured after a controller crash
 
 
+# the ``failure`` of a draw that freezes every layer: not run, not a point of a grid (nothing to train)
+NOTHING_TO_TRAIN = "every layer group drew 0 experts or rank 0: nothing to train"
+
+
 # our state -> Optuna's TrialState name
 _TO_OPTUNA = {State.COMPLETED: "COMPLETE", State.PRUNED: "PRUNED", State.OOM: "PRUNED", State.FAILED: "FAIL",
               State.CRASHED: "FAIL", State.NOT_RUN: "FAIL", State.RUNNING: "RUNNING", State.QUEUED: "WAITING"}
@@ -146,4 +150,4 @@ def records_of(trials: Iterable, spend: dict[int, float] | None = None) -> list[
     return [TrialRecord.of(t, spend.get(t.number, 0.0)) for t in trials]
 
 
-__all__ = ["Attr", "State", "TrialRecord", "optuna_state", "records_of", "state_of"]
+__all__ = ["NOTHING_TO_TRAIN", "Attr", "State", "TrialRecord", "optuna_state", "records_of", "state_of"]
