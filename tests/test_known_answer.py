@@ -77,6 +77,9 @@ def test_the_written_space_places_lora_over_the_groups_of_the_written_model(buil
     (["--margin", "0.9"], "--margin"),
     (["--along", "outputs"], "--along"),
     (["--model", "tiny-llama"], "BERT-style encoder"),
+    (["--split", "7/2"], "--split 7/2"),
+    (["--split", "2/2"], "below the damage's rank 4"),
+    (["--split", "six"], "TOTAL/STEP"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
     out = tmp_path / "ka"
@@ -143,3 +146,19 @@ def test_along_inputs_the_damage_reads_the_directions_each_linears_inputs_vary_m
         reads = torch.linalg.svd(delta, full_matrices=False).Vh[:2]
         # the same 2-d subspace: projecting one basis onto the other keeps all of it
         assert torch.linalg.matrix_norm(reads @ top.T) ** 2 == pytest.approx(2.0, abs=1e-3)
+
+
+def test_a_split_space_places_one_rank_budget_with_the_uniform_prior(built, tmp_path):
+    """--split 6/2: every way of putting 6 rank units (multiples of 2) on the groups, at alpha 2 x the damage's
+    rank; priors on, the papers' uniform rank written as the even split 2/2/2 (the baseline a search must beat)."""
+    from allocsearch.bench.known_answer import _space
+
+    out, card = built
+    c = Construction(group="bottom", rank=2, scale=0.8, split="6/2", **SMALL)
+    path = tmp_path / "space.yaml"
+    path.write_text(_space(c, out, 160, 50), encoding="utf-8")
+    space = load_space(path)
+    assert [d["name"] for d in space.dimensions(6)] == ["lora.rank_split"] and space.grid_size(6) == 10
+    assert [params for _, params in space.priors(6)] == [{"lora.rank_split": "2/2/2"}]
+    spec = space.trial_spec({"lora.rank_split": "4/0/2"}, 6)
+    assert spec["allocation"]["rank"] == [4, 4, 0, 0, 2, 2] and spec["allocation"]["alpha"] == 4

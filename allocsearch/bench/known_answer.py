@@ -57,6 +57,7 @@ class Construction:
     steps: int = 150
     lr: float = 3.0e-3
     space_rank: int = 8  # what a group holds in the placement space (0 or this)
+    split: str = ""  # "TOTAL/STEP": the space splits a fixed rank total over the groups instead (one budget)
     along: str = "random"  # the damage's input directions: random, or the Linear's top principal inputs
 
 
@@ -66,6 +67,11 @@ def check(c: Construction) -> None:
     if c.rank < 1 or c.space_rank < c.rank:
         raise KnownAnswerError(f"--rank {c.rank} with a space rank of {c.space_rank}: an adapter undoes the damage "
                                f"only with rank >= the damage's; fix: a rank in 1..{c.space_rank}")
+    if c.split:
+        total, step = split_of(c.split)
+        if total < c.rank:
+            raise KnownAnswerError(f"--split {c.split}: a total below the damage's rank {c.rank} cannot undo it; "
+                                   f"fix: a total of at least {c.rank}")
     if c.along not in ALONG:
         raise KnownAnswerError(f"--along {c.along!r}; fix: use one of {', '.join(ALONG)}")
     if not 0 <= c.margin <= 0.8:
@@ -244,10 +250,31 @@ def _head_accuracy(x, y, seed: int) -> float:
         return float(((head(z[held]).squeeze(1) > 0).long() == y[held]).float().mean())
 
 
+def split_of(text: str) -> tuple[int, int]:
+    """``--split TOTAL/STEP`` as two whole numbers, TOTAL a multiple of STEP."""
+    try:
+        total, step = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise KnownAnswerError(f"--split {text!r}; fix: write TOTAL/STEP, e.g. 6/2") from None
+    if step < 1 or total < step or total % step:
+        raise KnownAnswerError(f"--split {text}: the total must be a positive multiple of the step; fix: e.g. 6/2")
+    return total, step
+
+
 def _space(c: Construction, out: Path, n_train: int, n_test: int) -> str:
     validation = n_train // 3
+    if c.split:
+        total, step = split_of(c.split)
+        holds = f"a share of {total} rank units in\n# multiples of {step} (one budget, every placement of it; priors on: the papers' uniform rank is the\n# even split)"
+        # alpha = 2 x the damage's rank: the smallest adapter that undoes it scales by 2, as r8 does at alpha 16
+        rank = f"{{groups: {c.groups}, total: {total}, step: {step}}}\n    alpha: {2 * c.rank}"
+        priors = "true"
+    else:
+        holds = f"LoRA r{c.space_rank} or nothing"
+        priors = "false"  # LoRA r8 would be r8 in every group: the largest placement, the answer's group in it
+        rank = f"{{groups: {c.groups}, each: {{choice: [0, {c.space_rank}]}}}}"
     return f"""# A known-answer placement space (allocsearch bench known-answer): the damage sits in the {c.group}
-# layer group; each of {c.groups} groups holds LoRA r{c.space_rank} on {', '.join(c.targets)} or nothing.
+# layer group; each of {c.groups} groups holds {holds} on {', '.join(c.targets)}.
 version: 1
 model: {json.dumps(str(out / "model"))}
 data:
@@ -257,12 +284,12 @@ data:
        format: classification,
        labels: [{', '.join(LABELS)}], train: {n_train - validation}, validation: {validation}, test: {n_test}}}
 objective: validation_macro_balanced_accuracy
-priors: false
+priors: {priors}
 train: {{steps: {c.steps}, batch_size: 16, max_length: 64, eval_every: {max(1, c.steps // 4)}, eval_examples: {validation},
         warmup_ratio: 0.06, lr: {c.lr}}}
 methods:
   lora:
-    rank: {{groups: {c.groups}, each: {{choice: [0, {c.space_rank}]}}}}
+    rank: {rank}
     targets: [{', '.join(c.targets)}]
 """
 

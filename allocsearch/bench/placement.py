@@ -4,7 +4,8 @@ expert count times its rank), and whether the group the table's construction nam
 A known-answer table (``allocsearch bench known-answer`` then ``bench record``) carries its answer in its
 card: ``known_answer = {"group": "middle", "index": 1, "groups": 3, "layers": [2, 3], ...}``. A
 configuration of its space names each group's rank as ``<method>.rank_g<i>`` (and, for an MoE, its experts
-as ``<method>.experts_g<i>``); a uniform ``<method>.rank`` / ``<method>.experts`` counts for every group.
+as ``<method>.experts_g<i>``), or all groups' at once as a split of a fixed total, ``<method>.rank_split =
+"0/2/4"``; a uniform ``<method>.rank`` / ``<method>.experts`` counts for every group.
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ def group_capacity(params: dict, groups: int) -> list[float]:
     m = methods.pop()
 
     def per_group(what: str, default: float) -> list[float]:
+        split = params.get(f"{m}.{what}_split")
+        if split is not None:
+            values = [float(v) for v in str(split).split("/")]
+            if len(values) != groups:
+                raise ValueError(f"{m}.{what}_split = {split!r} has {len(values)} groups, the answer {groups}")
+            return values
         uniform = params.get(f"{m}.{what}", default)
         return [float(params.get(f"{m}.{what}_g{g}", uniform)) for g in range(groups)]
 

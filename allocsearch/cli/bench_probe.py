@@ -188,6 +188,9 @@ _KA = Construction()
               help="The damage's spectral norm as a fraction of each weight's.")
 @click.option("--space-rank", type=int, default=_KA.space_rank, show_default=True,
               help="What a layer group holds in the written placement space: LoRA of this rank, or nothing.")
+@click.option("--split", default="", metavar="TOTAL/STEP",
+              help="Write a fixed-budget space instead: TOTAL rank units split over the groups in multiples of "
+                   "STEP (every placement the same trainable budget), e.g. 6/2.")
 @click.option("--steps", type=int, default=_KA.steps, show_default=True, help="Training steps of the space's trials.")
 @click.option("--lr", type=float, default=_KA.lr, show_default=True, help="The space's (fixed) learning rate.")
 @click.option("--sentences", type=int, default=_KA.sentences, show_default=True,
@@ -201,8 +204,8 @@ _KA = Construction()
 @click.option("--seed", type=int, default=_KA.seed, show_default=True, help="Seeds the damage (and the head).")
 @click.option("--data-dir", default=None, help="A folder with glue_SST-2/ (default: the bundled sentences).")
 @json_option
-def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps, lr, sentences, test_sentences,
-                     margin, along, seed, data_dir, as_json):
+def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, split, steps, lr, sentences,
+                     test_sentences, margin, along, seed, data_dir, as_json):
     """Build a task whose best allocation is known: real sentences labelled by a teacher (the base model),
     a student model folder whose layers in one group are damaged by a seeded low-rank perturbation that an
     adapter there can undo exactly, and a placement space over the layer groups. Whether the right
@@ -212,6 +215,7 @@ def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps,
     Examples:
       allocsearch bench known-answer --out ka-top --group top
       allocsearch bench known-answer --out ka-bottom --group bottom --scale 1.5
+      allocsearch bench known-answer --out ka-top-split --group top --split 6/2   # one budget, 10 placements
       allocsearch bench signal --space ka-top/space.yaml --configs 8 --seeds 3 --every-seed --noise-from first
       allocsearch start --space ka-top/space.yaml --budget 0.5cpu-h     # where does the search put the capacity?
     """
@@ -220,7 +224,7 @@ def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps,
     construction = Construction(model=model, group=group, targets=[t.strip() for t in targets.split(",") if t.strip()],
                                 rank=rank, scale=scale, seed=seed, sentences=sentences,
                                 test_sentences=test_sentences, margin=margin, steps=steps, lr=lr,
-                                space_rank=space_rank, along=along)
+                                space_rank=space_rank, split=split, along=along)
     known_answer.check(construction)
     card = run_with_progress("building", "building", lambda progress: known_answer.build(construction, out, data_dir))
     if as_json:
@@ -231,8 +235,8 @@ def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, steps,
                f"labels: {card['labels']['train_positive_share']:.0%} of train are 'b'; a head alone on the damaged "
                f"model fits {card['head_alone_accuracy']:.3f} (on the teacher: {card['head_on_teacher_accuracy']:.3f}); "
                f"the damage moves the pooled output by {card['pooled_change']:.0%}\n"
-               f"next: allocsearch bench signal --space {out}/space.yaml --configs 8 --seeds 3 --every-seed "
-               f"--noise-from first")
+               f"next: allocsearch bench signal --space {out}/space.yaml --configs {11 if split else 8} --seeds 3 "
+               f"--every-seed --noise-from first")
 
 
 @click.command("scale")

@@ -2,11 +2,14 @@
 
 A dimension is written ``{choice: [a, b]}``, ``{int: [low, high]}`` (``step``, ``log``) or
 ``{float: [low, high]}`` (``step`` or ``log``); any other value is fixed. Per-layer counts are one value
-for every layer, a MoLA shape family (``{shape, per_layer}``) or G contiguous groups (``{groups, each}``).
+for every layer, a MoLA shape family (``{shape, per_layer}``), G contiguous groups (``{groups, each}``) or
+a fixed total split over G groups (``{groups, total, step}``: every way of writing ``total`` as G multiples
+of ``step``, 0 allowed, one categorical dimension such as ``lora.rank_split = "0/8/16"``).
 Torch-free; optuna is reached only through the trial object handed in.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -204,15 +207,36 @@ def check_number(key: str, value, low: float, high: float | None = None, low_ope
             raise Bad(key, f"value {fmt(v)} is outside {rng}", f"keep it in {rng}")
 
 
+MAX_SPLITS = 10_000  # ways a split form may have (a categorical dimension lists them all)
+
+
+def splits(total: int, step: int, groups: int) -> list[tuple[int, ...]]:
+    """Every way of writing ``total`` as ``groups`` multiples of ``step`` (0 allowed), most in the first
+    group first: (total, 0, 0), (total - step, step, 0), ... (stars and bars over total / step units)."""
+    units = total // step
+    out = []
+    for bars in itertools.combinations(range(units + groups - 1), groups - 1):
+        edges = (-1, *bars, units + groups - 1)
+        out.append(tuple(step * (edges[i + 1] - edges[i] - 1) for i in range(groups)))
+    return sorted(out, reverse=True)
+
+
+def split_text(values) -> str:
+    return "/".join(str(int(v)) for v in values)
+
+
 @dataclass(frozen=True)
 class PerLayer:
-    """Integer counts for every layer: ``uniform`` (value), ``shape`` (shape + per_layer) or ``groups``."""
+    """Integer counts for every layer: ``uniform`` (value), ``shape`` (shape + per_layer), ``groups`` or
+    ``split`` (a fixed total over the groups: ``value`` is the choice of the splits written "a/b/c")."""
 
     what: str  # experts | rank
-    form: str  # uniform | shape | groups
-    value: Any = None  # uniform: the count; shape: per_layer; groups: each
+    form: str  # uniform | shape | groups | split
+    value: Any = None  # uniform: the count; shape: per_layer; groups: each; split: the choice of splits
     shape: Any = None
     groups: int = 0
+    total: int = 0  # split: the total and the step it is split in
+    step: int = 0
 
     @classmethod
     def parse(cls, key: str, node, what: str, allow_shape: bool) -> "PerLayer":
@@ -229,6 +253,8 @@ class PerLayer:
             per_layer = parse_value(f"{key}.per_layer", node.get("per_layer", 5))
             check_number(f"{key}.per_layer", per_layer, 1.0)
             return cls(what, "shape", per_layer, shape)
+        if isinstance(node, dict) and "groups" in node and "total" in node:
+            return cls._parse_split(key, node, what)
         if isinstance(node, dict) and "groups" in node:
             extra = sorted(set(node) - {"groups", "each"})
             if extra or "each" not in node:
@@ -246,7 +272,33 @@ class PerLayer:
         check_count(key, value, what=what)
         return cls(what, "uniform", value)
 
+    @classmethod
+    def _parse_split(cls, key: str, node: dict, what: str) -> "PerLayer":
+        """``{groups: G, total: T, step: S}``: every split of T into G multiples of S (a fixed budget)."""
+        extra = sorted(set(node) - {"groups", "total", "step"})
+        if extra:
+            raise Bad(key, f"unknown key {extra[0]!r} in the split form", "write {groups: 3, total: 24, step: 8}")
+        groups, total, step = node["groups"], node["total"], node.get("step", 1)
+        for name, v in (("groups", groups), ("total", total), ("step", step)):
+            if not is_int(v) or v < 1:
+                raise Bad(f"{key}.{name}", f"{name} is {v!r}", "give a whole number >= 1")
+        if total % step:
+            raise Bad(f"{key}.total", f"total {total} is not a multiple of step {step}",
+                      f"give a total of {total - total % step or step} or {total + step - total % step}")
+        count = math.comb(total // step + groups - 1, groups - 1)
+        if count > MAX_SPLITS:
+            raise Bad(key, f"{count:,} ways to split {total} over {groups} groups (at most {MAX_SPLITS:,})",
+                      "use a larger step or fewer groups")
+        choices = tuple(split_text(v) for v in splits(total, step, groups))
+        return cls(what, "split", Dim("choice", choices), None, groups, total, step)
+
+    def split_of(self, params: dict, prefix: str) -> list[int]:
+        """The split form's per-group counts under ``params``."""
+        return [int(v) for v in str(params[f"{prefix}{self.what}_split"]).split("/")]
+
     def to_node(self):
+        if self.form == "split":
+            return {"groups": self.groups, "total": self.total, "step": self.step}
         if self.form == "shape":
             return {"shape": to_node(self.shape), "per_layer": to_node(self.value)}
         if self.form == "groups":
@@ -262,6 +314,8 @@ class PerLayer:
             return {f"{prefix}shape": self.shape, f"{prefix}per_layer": self.value}
         if self.form == "groups":
             return {f"{prefix}{self.what}_g{g}": self.value for g in range(self.groups)}
+        if self.form == "split":
+            return {f"{prefix}{self.what}_split": self.value}
         return {f"{prefix}{self.what}": self.value}
 
     def layers(self, params: dict, prefix: str, num_layers: int) -> list[int]:
@@ -273,14 +327,17 @@ class PerLayer:
             avg = get(f"{prefix}per_layer", self.value)
             total = max(num_layers, int(math.floor(avg * num_layers + 0.5)))
             return shape_experts(get(f"{prefix}shape", self.shape), num_layers, total)
-        if self.form == "groups":
+        if self.form in ("groups", "split"):
             sizes = group_sizes(num_layers, self.groups)
-            values = [int(get(f"{prefix}{self.what}_g{g}", self.value)) for g in range(self.groups)]
+            values = self.split_of(params, prefix) if self.form == "split" else \
+                [int(get(f"{prefix}{self.what}_g{g}", self.value)) for g in range(self.groups)]
             return [v for v, n in zip(values, sizes) for _ in range(n)]
         return [int(get(f"{prefix}{self.what}", self.value))] * num_layers
 
     def least_max(self) -> float:
         """A lower bound of the largest count any layer gets (what top-k's low must not exceed)."""
+        if self.form == "split":  # the most even split's largest group
+            return self.step * math.ceil(self.total // self.step / self.groups)
         low = min(extremes(self.value))
         if self.form == "groups" and low == 0:  # a trial that trains has a group above 0
             points = self.value.points() if isinstance(self.value, Dim) else None
@@ -289,6 +346,9 @@ class PerLayer:
 
     def max_table(self, prefix: str, num_layers: int) -> list[tuple[int, int]] | None:
         """(number of parameter combinations, largest layer count) pairs; None when continuous."""
+        if self.form == "split":
+            tops = [max(int(v) for v in text.split("/")) for text in self.value.values]
+            return [(tops.count(top), top) for top in sorted(set(tops))]
         if self.form == "groups":
             values = self.value.points() if isinstance(self.value, Dim) else [self.value]
             if isinstance(self.value, Dim):
@@ -314,6 +374,8 @@ class PerLayer:
             return f"{get(prefix + 'shape', self.shape)} {fmt(get(prefix + 'per_layer', self.value))}/layer"
         if self.form == "groups":
             return "/".join(fmt(get(f"{prefix}{self.what}_g{g}", self.value)) for g in range(self.groups))
+        if self.form == "split":
+            return str(params.get(f"{prefix}{self.what}_split", "?"))
         return fmt(get(f"{prefix}{self.what}", self.value))
 
 

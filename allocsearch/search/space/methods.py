@@ -10,8 +10,9 @@ from typing import Any, Callable
 from allocsearch.allocation.config import ROUTER_SCOPES, AllocationConfig, AllocationError
 from allocsearch.allocation.methods import METHOD_NAMES, PRESETS, get_method
 from allocsearch.search.space.dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
-                                          is_int, parse_value, to_node)
+                                          is_int, parse_value, split_text, to_node)
 from allocsearch.allocation.shapes import SHAPES, group_layers, shape_experts
+from allocsearch.errors import AllocsearchError
 
 SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "router_scope", "options",
                 "train")
@@ -318,10 +319,20 @@ class MethodSection:
             elif form == "groups" and self.experts.groups >= len(SHAPES[shape]):
                 counts = shape_experts(shape, self.experts.groups, avg * self.experts.groups)
                 wants.update({f"{p}experts_g{g}": c for g, c in enumerate(counts)})
+            elif form == "split" and self._shaped_split(self.experts, shape) is not None:
+                wants[p + "experts_split"] = self._shaped_split(self.experts, shape)  # the shape at the space's
+                notes.append(f"its {shape} shape at the space's {self.experts.total} experts")  # total
             else:
                 return None, [f"its {shape} shape cannot be written in this space's experts ({form})"]
         for k in ("top_k", "rank"):
-            if k in values and (k != "top_k" or self.top_k is not None):
+            if k == "rank" and k in values and self.rank.form == "split":  # a uniform rank: the even split
+                even = self._shaped_split(self.rank, "rectangle")
+                if even is None:
+                    return None, [f"its uniform rank cannot be written: {self.rank.total} does not split evenly "
+                                  f"over {self.rank.groups} groups in steps of {self.rank.step}"]
+                wants[p + "rank_split"] = even
+                notes.append(f"rank {values[k]} in every layer: the space's {self.rank.total} split evenly")
+            elif k in values and (k != "top_k" or self.top_k is not None):
                 wants.update({n: values[k] for n in (self.rank.spots(p) if k == "rank" else [p + k])})
         for k, v in values.items():
             if k == "placement" and self.placement_groups:
@@ -351,6 +362,24 @@ class MethodSection:
                 notes.append(f"{name} is fixed at {fmt(spot)} in this space (paper {fmt(v)})")
         return params, notes
 
+
+    @staticmethod
+    def _shaped_split(part, shape: str) -> str | None:
+        """The split of ``part``'s total that follows a MoLA shape over its groups, when it is one of the
+        space's splits (its counts multiples of the step); None otherwise."""
+        if shape == "rectangle":  # the same in every group, however many
+            if part.total % part.groups:
+                return None
+            counts = [part.total // part.groups] * part.groups
+        elif part.groups < len(SHAPES[shape]):
+            return None
+        else:
+            try:
+                counts = shape_experts(shape, part.groups, part.total)
+            except AllocsearchError:  # a total too small for the shape (every group needs one)
+                return None
+        text = split_text(counts)
+        return text if part.value.contains(text) else None
 
     def _option_default(self, option: str):
         fields = {f.name: f.default for f in dataclasses.fields(get_method(self.name).options_cls)}

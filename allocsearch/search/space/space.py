@@ -340,6 +340,10 @@ class SearchSpace:
                     for g, name in enumerate(part.spots(s.prefix)):
                         members = group_layers(num_layers, part.groups, g)
                         layers[name] = f" (layers {members[0]}-{members[-1]})"
+                elif part is not None and part.form == "split":
+                    spans = [group_layers(num_layers, part.groups, g) for g in range(part.groups)]
+                    layers.update({name: f": {part.total} split over layers " + " / ".join(
+                        f"{m[0]}-{m[-1]}" for m in spans) for name in part.spots(s.prefix)})
             for name, dim in s.dims().items():
                 domain = str(dim) + layers.get(name, "")
                 if name == f"{m}.top_k":
