@@ -99,3 +99,11 @@ def test_a_strategy_missing_on_a_table_is_ranked_on_the_tables_it_ran_on(tmp_pat
     result = json.loads(out)
     assert {r["strategy"] for r in result["tables"]["ka"]["rows"]} == {"default"}
     assert {r["strategy"] for r in result["tables"]["synthetic"]["rows"]} == {"default", "priors-only"}
+
+
+def test_a_difference_without_spread_is_not_infinitely_many_standard_errors():
+    """Every replay of both strategies exported the same configuration: +0.0, not "+inf SE" (which read as a win)."""
+    from allocsearch.bench.compare import in_se
+
+    assert in_se(0.0, 0.0) == "+0.0 SE (identical exports)"
+    assert in_se(0.01, 0.005) == "+2.0 SE" and in_se(-0.003, 0.0) == "-0.0030 with no spread"

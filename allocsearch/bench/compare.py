@@ -233,12 +233,20 @@ def goals(result: dict) -> list[tuple[str, bool, str]]:
         gap, se = d["quality"][0] - p["quality"][0], math.hypot(d["quality"][1], p["quality"][1])
         out.append((f"default beats priors-only by >= 2 standard errors at {at:.0%} of the grid, and hits >= 90%",
                     gap >= 2 * se > 0 and d["hit"] >= 0.9,
-                    f"{d['quality'][0]:.4f} vs {p['quality'][0]:.4f}: {gap:+.4f} = "
-                    f"{gap / se if se else math.inf:+.1f} SE; hit {d['hit']:.0%}"))
+                    f"{d['quality'][0]:.4f} vs {p['quality'][0]:.4f}: {gap:+.4f} = {in_se(gap, se)}; "
+                    f"hit {d['hit']:.0%}"))
     answer = result.get("known_answer")
     if d and answer:
         out.append(placement_goal(answer, d))
     return out
+
+
+def in_se(gap: float, se: float) -> str:
+    """A difference in standard errors; without spread (every replay exported the same) "no SE": a zero
+    difference is no evidence either way (it printed "+inf SE" before)."""
+    if se:
+        return f"{gap / se:+.1f} SE"
+    return "+0.0 SE (identical exports)" if gap == 0 else f"{gap:+.4f} with no spread"
 
 
 def placement_goal(answer: dict, row: dict, table: str = "") -> tuple[str, bool, str]:
@@ -249,4 +257,4 @@ def placement_goal(answer: dict, row: dict, table: str = "") -> tuple[str, bool,
             f"{row['placed']:.0%} (an adapter there at all: {row['holds']:.0%})")
 
 
-__all__ = ["cheapest_effect", "goals", "parse_budgets", "parse_strategies", "placement_goal", "run"]
+__all__ = ["cheapest_effect", "goals", "in_se", "parse_budgets", "parse_strategies", "placement_goal", "run"]

@@ -78,7 +78,8 @@ def record(space_path: str, name: str, *, seeds: list[int], budget: str, workdir
     layers = model_depth(space.model)
     expected = space.grid_size(layers) * len(seeds)
     runs = len({(r["config"], r["seed"]) for r in rows})
-    card = {"name": name, "task": space.data, "model": space.model, "num_layers": layers, "train": space.train,
+    card = {"name": name, "task": space.data, "data_dir": study.settings.get("data_dir"),  # None: bundled data
+            "model": space.model, "num_layers": layers, "train": space.train,
             "space": str(Path(space_path)), "seeds": sorted(seeds), "configurations": expected // len(seeds),
             "runs": runs, "complete": runs == expected, "objective": "validation macro balanced accuracy",
             "cpus_per_trial": study.settings["cpus_per_trial"], "gpus_per_trial": study.settings["gpus_per_trial"],

@@ -101,7 +101,7 @@ def goals(suite: dict) -> list[tuple[str, bool | None, str]]:
                 judged.append((name, b, p["regret"][0] - d["regret"][0], se))
     out.append(("tables with signal: default's regret below priors-only's by >= 2 standard errors at 25% and 50%",
                 all(gap >= 2 * se > 0 for _, _, gap, se in judged) if judged else None,
-                "; ".join(f"{n} at {b:.0%}: {gap:+.2f} ({gap / se if se else math.inf:+.1f} SE)"
+                "; ".join(f"{n} at {b:.0%}: {gap:+.2f} ({compare.in_se(gap, se)})"
                           for n, b, gap, se in judged) or "no real-task table with signal and priors"))
     for name, result in suite["tables"].items():
         answer = result.get("known_answer")
