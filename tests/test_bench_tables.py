@@ -61,14 +61,16 @@ def test_the_space_is_still_valid_and_its_grid_is_the_tables_configurations(tabl
 
 def test_the_default_replays_on_it_within_its_budget(table):
     _, t = table
-    trace = replay(t, "default", budget_seconds=0.25 * t.grid_seconds(), seed=0, max_concurrent=2)
+    # half the grid: on a 7-placement table a quarter pays for about one whole prior (r8 everywhere, its dearest)
+    trace = replay(t, "default", budget_seconds=0.5 * t.grid_seconds(), seed=0, max_concurrent=2)
     assert trace.final in t.runs and trace.trials >= 2
-    assert trace.spent <= 0.25 * t.grid_seconds() * 1.01
+    assert trace.spent <= 0.5 * t.grid_seconds() * 1.01
 
 
 def test_priors_only_runs_exactly_the_papers_settings(table):
-    """On a recorded table (4-5 paper priors): priors-only runs each prior once, whole, in order, nothing
-    else, and exports the one whose recorded run scored best."""
+    """On a recorded table with priors (4-5 paper settings on the demo tables; on a placement space only LoRA r8,
+    as r8 in every group or the even split): priors-only runs each prior once, whole, in order, nothing else,
+    and exports the one whose recorded run scored best."""
     _, t = table
     space = SearchSpace.from_dict(t.space)
     priors = [config_key(params) for _, params in space.priors(t.num_layers)]
@@ -76,7 +78,7 @@ def test_priors_only_runs_exactly_the_papers_settings(table):
     if not space.use_priors:  # a known-answer placement space (priors: false): nothing to run, nothing exported
         assert priors == [] and trace.trials == 0 and trace.final is None
         return
-    assert trace.end_reason == "every prior has run" and len(priors) >= 4
+    assert trace.end_reason == "every prior has run" and len(priors) >= 1
     assert [key for key, _, _ in trace.runs] == priors and trace.trials == len(priors)
     scores = {key: t.runs[key][seed].final for key, seed, _ in trace.runs}
     assert trace.final == max(priors, key=lambda key: scores[key])
