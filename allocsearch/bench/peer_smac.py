@@ -12,6 +12,7 @@ exports SMAC's incumbent. A draw that trains nothing is told crashed.
 from __future__ import annotations
 
 import tempfile
+import warnings
 
 from allocsearch.study.confidence import config_key
 
@@ -34,7 +35,9 @@ class SmacAgent:
         from smac.main.exceptions import ConfigurationSpaceExhaustedException
 
         try:
-            info = self.smac.ask()
+            with warnings.catch_warnings():  # SMAC's local search logs np.mean of its timings, an empty list when
+                warnings.simplefilter("ignore", RuntimeWarning)  # it searched nothing: numpy's "Mean of empty
+                info = self.smac.ask()  # slice" (local_search.py, SMAC 2.4.1) on the user's terminal otherwise
         except (ConfigurationSpaceExhaustedException, StopIteration):
             return None  # every configuration at every budget it wants has run (or its generator ended)
         return info, self._params(info.config)
