@@ -1,5 +1,5 @@
-"""One method's part of a search space: its dimensions, how a trial samples them, the allocation they
-give, and the papers' settings (priors) written as parameters of the space. Torch-free."""
+"""One method's part of a search space: its dimensions, how a trial samples them and the allocation they
+give (the papers' settings written as its parameters: ``priors``). Torch-free."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,30 +10,12 @@ from typing import Any, Callable
 from allocsearch.allocation.config import ROUTER_SCOPES, AllocationConfig, AllocationError
 from allocsearch.allocation.methods import METHOD_NAMES, PRESETS, get_method
 from allocsearch.search.space.dims import (Bad, Dim, PerLayer, check_count, check_number, extremes, first, fmt,
-                                          is_int, parse_value, split_text, to_node)
-from allocsearch.allocation.shapes import SHAPES, group_layers, shape_experts
-from allocsearch.errors import AllocsearchError
+                                          is_int, parse_value, to_node)
+from allocsearch.allocation.shapes import group_layers
 
 SECTION_KEYS = ("experts", "top_k", "rank", "alpha", "dropout", "targets", "moe_targets", "router_scope", "options",
                 "train")
 DENSE = ("loracoe",)  # every expert is active: top_k == experts by construction
-THIRDS = ("low", "middle", "high")
-
-# The papers' settings: (label, method, values). Experts as a MoLA shape + average, or a count per layer.
-_MOLA = {"per_layer": 5, "top_k": 2, "rank": 8, "router_scope": "linear"}  # MoLA routes per Linear
-PAPER_PRIORS: list[tuple[str, str, dict]] = [
-    ("MoLA 2468", "mola", {"shape": "inverted_triangle", **_MOLA}),
-    ("MoLA 8642", "mola", {"shape": "triangle", **_MOLA}),
-    ("MoLA 5555", "mola", {"shape": "rectangle", **_MOLA}),
-    ("MoLA 8228", "mola", {"shape": "hourglass", **_MOLA}),
-    ("GraphLoRA best", "graphlora", {"experts": 8, "top_k": 2, "rank": 2, "edge_density": 0.1,
-                                     "router_scope": "ffn_block"}),
-    ("OMoE low", "omoe", {"experts": 2, "top_k": 2, "rank": 16, "placement": "low"}),
-    ("OMoE middle", "omoe", {"experts": 2, "top_k": 2, "rank": 16, "placement": "middle"}),
-    ("LoRACoE", "loracoe", {"experts": 2, "rank": 16}),
-    ("LoRA r8", "lora", {"rank": 8}),
-]
-
 
 @dataclass
 class MethodSection:
@@ -301,92 +283,10 @@ class MethodSection:
                 parts.append(f"{name[len(p):]} {fmt(params[name])}")
         return " ".join(parts)
 
-    # ----------------------------------------------------------------------------------- priors
-    def prior(self, values: dict) -> tuple[dict | None, list[str]]:
-        """A paper setting as parameters of this section; values outside the space are left out (noted).
-        None when the setting cannot be expressed at all (e.g. a MoLA shape in a uniform-experts space)."""
-        p, wants, notes = self.prefix, {}, []
-        if self.experts is not None and ("experts" in values or "shape" in values):
-            shape = values.get("shape", "rectangle")
-            avg = values.get("per_layer", values.get("experts"))
-            form = self.experts.form
-            if form == "shape":
-                wants.update({p + "shape": shape, p + "per_layer": avg})
-            elif form == "uniform" and shape == "rectangle":
-                wants[p + "experts"] = avg
-            elif form == "groups" and shape == "rectangle":  # the same count in every group, however many
-                wants.update({f"{p}experts_g{g}": avg for g in range(self.experts.groups)})
-            elif form == "groups" and self.experts.groups >= len(SHAPES[shape]):
-                counts = shape_experts(shape, self.experts.groups, avg * self.experts.groups)
-                wants.update({f"{p}experts_g{g}": c for g, c in enumerate(counts)})
-            elif form == "split" and self._shaped_split(self.experts, shape) is not None:
-                wants[p + "experts_split"] = self._shaped_split(self.experts, shape)  # the shape at the space's
-                notes.append(f"its {shape} shape at the space's {self.experts.total} experts")  # total
-            else:
-                return None, [f"its {shape} shape cannot be written in this space's experts ({form})"]
-        for k in ("top_k", "rank"):
-            if k == "rank" and k in values and self.rank.form == "split":  # a uniform rank: the even split
-                even = self._shaped_split(self.rank, "rectangle")
-                if even is None:
-                    return None, [f"its uniform rank cannot be written: {self.rank.total} does not split evenly "
-                                  f"over {self.rank.groups} groups in steps of {self.rank.step}"]
-                wants[p + "rank_split"] = even
-                notes.append(f"rank {values[k]} in every layer: the space's {self.rank.total} split evenly")
-            elif k in values and (k != "top_k" or self.top_k is not None):
-                wants.update({n: values[k] for n in (self.rank.spots(p) if k == "rank" else [p + k])})
-        for k, v in values.items():
-            if k == "placement" and self.placement_groups:
-                if self.placement_groups == 3:
-                    wants[p + k] = THIRDS.index(v)
-                else:
-                    notes.append(f"{p}placement={v} left out (the space places by {self.placement_groups} groups)")
-            elif k not in ("shape", "per_layer", "experts", "top_k", "rank"):
-                wants[p + k] = v
-        spots, params = self.spots(), {}
-        for name, v in wants.items():
-            spot = spots.get(name, _ABSENT)
-            if isinstance(spot, Dim):
-                if spot.contains(v):
-                    params[name] = _as_domain(spot, v)
-                else:
-                    notes.append(f"{name}={fmt(v)} left out (outside {spot}): Optuna samples it")
-            elif spot is _ABSENT and name == p + "router_scope":
-                if v != "linear":  # linear is what a space without router_scope does
-                    notes.append(f"{name}={v} left out (this space routes per Linear; add router_scope to "
-                                 "search it)")
-            elif spot is _ABSENT:
-                default = self._option_default(name[len(p):])
-                if default != v:
-                    notes.append(f"{name}={fmt(v)} left out (the method's default {fmt(default)} is used)")
-            elif spot != v:
-                notes.append(f"{name} is fixed at {fmt(spot)} in this space (paper {fmt(v)})")
-        return params, notes
-
-
-    @staticmethod
-    def _shaped_split(part, shape: str) -> str | None:
-        """The split of ``part``'s total that follows a MoLA shape over its groups, when it is one of the
-        space's splits (its counts multiples of the step); None otherwise."""
-        if shape == "rectangle":  # the same in every group, however many
-            if part.total % part.groups:
-                return None
-            counts = [part.total // part.groups] * part.groups
-        elif part.groups < len(SHAPES[shape]):
-            return None
-        else:
-            try:
-                counts = shape_experts(shape, part.groups, part.total)
-            except AllocsearchError:  # a total too small for the shape (every group needs one)
-                return None
-        text = split_text(counts)
-        return text if part.value.contains(text) else None
-
-    def _option_default(self, option: str):
+    def option_default(self, option: str):
+        """The method's own default of an option (what a space without it uses)."""
         fields = {f.name: f.default for f in dataclasses.fields(get_method(self.name).options_cls)}
         return fields.get(option)
-
-
-_ABSENT = object()
 
 
 def _parse_scope(key: str, spec, node):
@@ -403,30 +303,3 @@ def _parse_scope(key: str, spec, node):
         raise Bad(key, f"{spec.name} has no FFN-block form (it wraps single Linears)",
                   f"remove router_scope (ffn_block exists for {able})")
     return value
-
-
-def _as_domain(dim: Dim, v):
-    if dim.kind == "choice":
-        return next(c for c in dim.values if c == v)
-    return int(v) if dim.kind == "int" else float(v)
-
-
-def paper_priors(sections: dict[str, MethodSection], multi: bool) -> list[tuple[str, dict, list[str]]]:
-    """(label, params, notes) for every paper setting whose method is in the space, without duplicates."""
-    out, seen = [], set()
-    for label, method, values in PAPER_PRIORS:
-        if method not in sections:
-            continue
-        params, notes = sections[method].prior(values)
-        if not params:  # None (not expressible) or nothing of it is searched here
-            out.append((label, None, notes or ["every value of it is fixed in this space"]))
-            continue
-        if multi:
-            params = {"method": method, **params}
-        key = repr(sorted(params.items()))
-        if key in seen:
-            out.append((label, None, ["same parameters as an earlier prior"]))
-            continue
-        seen.add(key)
-        out.append((label, params, notes))
-    return out

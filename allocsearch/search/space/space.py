@@ -19,7 +19,8 @@ from typing import Callable
 
 from allocsearch.allocation.config import ffn_block_misfit, model_family
 from allocsearch.search.space.dims import Bad, Dim, SpaceError, extremes, first, fmt, middle_rate, parse_value
-from allocsearch.search.space.methods import MethodSection, paper_priors
+from allocsearch.search.space.methods import MethodSection
+from allocsearch.search.space.priors import paper_priors
 from allocsearch.search.space.models import MODEL_DEPTHS, model_depth
 from allocsearch.allocation.shapes import group_layers
 from allocsearch.training.scoring import OBJECTIVE_METRIC
