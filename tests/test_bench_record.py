@@ -31,6 +31,7 @@ def test_a_table_is_recorded_in_parts_and_replays(tmp_path, capsys, monkeypatch)
     card = json.loads((tmp_path / "table" / "card.json").read_text())
     assert card["complete"] and card["seeds"] == [0, 1] and card["configurations"] == 3 and card["model"] == "tiny-llama"
     assert card["commit"] and card["machine"]["cpus"] >= 1
+    assert card["data_dir"] is None  # the study's data folder: none given, the bundled data
     table = Table.load(tmp_path / "table")
     assert sorted(table.runs) == ['{"lora.rank": 1}', '{"lora.rank": 2}', '{"lora.rank": 4}'] and table.seeds == [0, 1]
     for by in table.runs.values():

@@ -162,3 +162,10 @@ def test_a_split_space_places_one_rank_budget_with_the_uniform_prior(built, tmp_
     assert [params for _, params in space.priors(6)] == [{"lora.rank_split": "2/2/2"}]
     spec = space.trial_spec({"lora.rank_split": "4/0/2"}, 6)
     assert spec["allocation"]["rank"] == [4, 4, 0, 0, 2, 2] and spec["allocation"]["alpha"] == 4
+
+
+@pytest.mark.parametrize("split, count", [("", 7), ("6/2", 10), ("12/2", 28), ("4/4", 3)])
+def test_the_next_step_names_the_spaces_own_number_of_placements(split, count):
+    from allocsearch.bench.known_answer import placements
+
+    assert placements(Construction(split=split)) == count

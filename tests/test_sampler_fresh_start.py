@@ -77,3 +77,45 @@ def test_after_the_start_tpe_samples_alone(monkeypatch):
                         lambda study, trial, *a: calls.append(trial.number) or real(study, trial, *a))
     draws(SPACE, sampler, STARTUP_TRIALS + 5)
     assert sorted(set(calls)) == list(range(STARTUP_TRIALS))  # start-up trials only, each of them
+
+
+def first_draws(trace, n: int) -> list[str]:
+    """The configurations of a replay's first ``n`` search runs (confirmation runs left out)."""
+    return [key for key, _, confirm in trace.runs if not confirm][:n]
+
+
+def test_the_replayed_default_walks_a_finite_table_and_the_old_start_does_not(tmp_path):
+    """The replay's default gets the start without replacement (as `allocsearch start` does: the same
+    ``sampler_for``), its `default-optuna-start` strategy the old one, which repeats a placement within 7 runs."""
+    from allocsearch.bench.replay import replay
+    from tests.test_bench_placement import ka_table
+
+    table = ka_table(tmp_path / "t", (0.0, 0.05, 0.0))
+    budget = table.grid_seconds()  # room for every placement once, none cut by early stopping before 7 ran
+    repeats = {}
+    for strategy in ("default", "default-optuna-start"):
+        repeats[strategy] = []
+        for seed in range(4):
+            drawn = first_draws(replay(table, strategy, budget_seconds=budget, seed=seed), 7)
+            repeats[strategy].append(len(drawn) - len(set(drawn)))
+    assert repeats["default"] == [0, 0, 0, 0], repeats
+    assert sum(repeats["default-optuna-start"]) > 0, repeats
+
+
+def test_allocsearch_start_runs_the_fresh_start_on_a_finite_space_only(tmp_path, monkeypatch):
+    """The session hands the controller the sampler ``sampler_for`` picks: FreshStart on a finite space, plain
+    TPE where the learning rate is a float range (Ray is not started: the executor is replaced)."""
+    import yaml
+
+    from allocsearch.search import samplers
+    from allocsearch.search.ray import executor
+    from allocsearch.search.session import StartOptions, run
+
+    seen = []
+    monkeypatch.setattr(executor, "run", lambda controller, **kw: seen.append(controller.sampler))
+    for name, lr in (("finite", 1.0e-3), ("float", {"float": [1.0e-4, 1.0e-3], "log": True})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**SPACE, "train": {"steps": 4, "lr": lr}}))
+        run(StartOptions(budget="1cpu-min", space=str(path), study=name, workdir=str(tmp_path / "runs"),
+                         mlflow=False))
+    assert isinstance(seen[0], samplers.FreshStart) and isinstance(seen[1], optuna.samplers.TPESampler)

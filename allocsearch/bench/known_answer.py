@@ -261,6 +261,17 @@ def split_of(text: str) -> tuple[int, int]:
     return total, step
 
 
+def placements(c: Construction) -> int:
+    """How many placements the written space holds: every split of the total, or 2^groups - 1 (r or nothing
+    per group, all nothing left out)."""
+    if c.split:
+        from allocsearch.search.space.dims import splits
+
+        total, step = split_of(c.split)
+        return len(splits(total, step, c.groups))
+    return 2 ** c.groups - 1
+
+
 def _space(c: Construction, out: Path, n_train: int, n_test: int) -> str:
     validation = n_train // 3
     if c.split:
@@ -294,4 +305,4 @@ methods:
 """
 
 
-__all__ = ["Construction", "ALONG", "GROUPS", "KnownAnswerError", "build", "check", "read_sentences"]
+__all__ = ["Construction", "ALONG", "GROUPS", "KnownAnswerError", "build", "check", "placements", "read_sentences"]

@@ -9,6 +9,8 @@ as ``<method>.experts_g<i>``), or all groups' at once as a split of a fixed tota
 """
 from __future__ import annotations
 
+from allocsearch.search.space.dims import parse_split
+
 
 def group_capacity(params: dict, groups: int) -> list[float]:
     """Rank units (experts x rank) of each of ``groups`` layer groups under ``params``."""
@@ -20,7 +22,7 @@ def group_capacity(params: dict, groups: int) -> list[float]:
     def per_group(what: str, default: float) -> list[float]:
         split = params.get(f"{m}.{what}_split")
         if split is not None:
-            values = [float(v) for v in str(split).split("/")]
+            values = [float(v) for v in parse_split(split)]
             if len(values) != groups:
                 raise ValueError(f"{m}.{what}_split = {split!r} has {len(values)} groups, the answer {groups}")
             return values

@@ -111,7 +111,7 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
     from allocsearch.search.budget import Budget
     from allocsearch.search.controller import Controller
     from allocsearch.search.ray.executor import make_scheduler
-    from allocsearch.search.samplers import make_sampler
+    from allocsearch.search.samplers import sampler_for
     from allocsearch.study.settings import EXECUTION_DEFAULTS
     from allocsearch.search.space.space import SearchSpace
     from allocsearch.study.folder import MEMORY, Study
@@ -144,8 +144,7 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
             if kind == "confirming":
                 trace.confirm_given = data["reserve"]
 
-        finite = plan.get("fresh_start", True) and space.grid_size(layers) is not None
-        sampler = make_sampler(plan["sampler"], seed, finite=finite)
+        sampler = sampler_for(plan["sampler"], seed, space, layers, fresh_start=plan.get("fresh_start", True))
         ctl = Controller(study, space, num_layers=layers, sampler=sampler, clock=clock, on_event=on_event)
         scheduler = make_scheduler(ctl.schedule(plan["scheduler"]))  # the very scheduler Tune runs live
         _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()

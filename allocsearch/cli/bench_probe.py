@@ -235,7 +235,8 @@ def known_answer_cmd(out, group, model, targets, rank, scale, space_rank, split,
                f"labels: {card['labels']['train_positive_share']:.0%} of train are 'b'; a head alone on the damaged "
                f"model fits {card['head_alone_accuracy']:.3f} (on the teacher: {card['head_on_teacher_accuracy']:.3f}); "
                f"the damage moves the pooled output by {card['pooled_change']:.0%}\n"
-               f"next: allocsearch bench signal --space {out}/space.yaml --configs {11 if split else 8} --seeds 3 "
+               f"next: allocsearch bench signal --space {out}/space.yaml --configs {known_answer.placements(construction)} "
+               f"--seeds 3 "
                f"--every-seed --noise-from first")
 
 

@@ -80,6 +80,12 @@ def make_sampler(name: str, seed: int, *, finite: bool = False):
     raise ValueError(f"unknown sampler {name!r}")
 
 
+def sampler_for(name: str, seed: int, space, num_layers: int, *, fresh_start: bool = True):
+    """The sampler a study of ``space`` runs (``allocsearch start`` and the replay alike): TPE's start draws
+    without replacement where the space is finite, unless ``fresh_start`` is off (the replay's old start)."""
+    return make_sampler(name, seed, finite=fresh_start and space.grid_size(num_layers) is not None)
+
+
 @functools.cache
 def _fresh_start_class():
     from optuna.samplers import BaseSampler
@@ -103,10 +109,13 @@ def _fresh_start_class():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.start = BruteForceSampler(seed=seed)
             self._fresh: set[int] = set()  # numbers of the trials drawn without replacement
+            self._over = False  # the start is over for good: completed and pruned trials only ever grow
 
         def starting(self, study) -> bool:
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            return len(done) < STARTUP_TRIALS
+            if not self._over:
+                done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                self._over = len(done) >= STARTUP_TRIALS
+            return not self._over
 
         def before_trial(self, study, trial) -> None:
             if self.starting(study):

@@ -12,7 +12,7 @@ from typing import Callable
 
 from allocsearch.errors import AllocsearchError
 from allocsearch.search.budget import Budget
-from allocsearch.search.samplers import SAMPLERS, make_sampler, session_seed
+from allocsearch.search.samplers import SAMPLERS, sampler_for, session_seed
 from allocsearch.study.folder import DEFAULT_WORKDIR, Files, Study, StudyError, check_name, parse_objectives
 from allocsearch.study.choice import PREFER
 from allocsearch.study.settings import EXECUTION_DEFAULTS
@@ -184,9 +184,9 @@ def run(opts: StartOptions, on_event: Callable[..., None] | None = None, subscri
             listeners = [x for x in (make(study) for make in subscribers) if x is not None]
             on_event = _fan_out(on_event, *(x.event for x in listeners))
             controller = Controller(study, space, num_layers=num_layers, on_event=on_event,
-                                    sampler=make_sampler(s["sampler"],
-                                                         session_seed(int(s["seed"]), study.ledger.next_session()),
-                                                         finite=space.grid_size(num_layers) is not None))
+                                    sampler=sampler_for(s["sampler"],
+                                                        session_seed(int(s["seed"]), study.ledger.next_session()),
+                                                        space, num_layers))
             if on_event:
                 on_event("study", study=study.name, root=str(study.root), budget=s["budget"],
                          spent=controller.spent(), recovered=controller.recovered)

@@ -225,6 +225,11 @@ def split_text(values) -> str:
     return "/".join(str(int(v)) for v in values)
 
 
+def parse_split(text) -> list[int]:
+    """The per-group counts of a split written ``split_text``'s way ("0/2/4")."""
+    return [int(v) for v in str(text).split("/")]
+
+
 @dataclass(frozen=True)
 class PerLayer:
     """Integer counts for every layer: ``uniform`` (value), ``shape`` (shape + per_layer), ``groups`` or
@@ -294,7 +299,7 @@ class PerLayer:
 
     def split_of(self, params: dict, prefix: str) -> list[int]:
         """The split form's per-group counts under ``params``."""
-        return [int(v) for v in str(params[f"{prefix}{self.what}_split"]).split("/")]
+        return parse_split(params[f"{prefix}{self.what}_split"])
 
     def to_node(self):
         if self.form == "split":
