@@ -1,4 +1,4 @@
-"""The field's optimizers (Optuna alone, Ray Tune's ASHA, Tune + OptunaSearch) replayed on a recorded table:
+"""The field's optimizers (Optuna alone, Ray Tune's ASHA, Tune + OptunaSearch, Tune's BOHB, SMAC3) replayed on a recorded table:
 their own objects, fed as their loops feed them, on the simulated clock and budget of the built-in
 strategies (synthetic tables whose truth is known)."""
 from __future__ import annotations
@@ -32,7 +32,8 @@ def test_a_peer_spends_its_budget_exactly_and_exports_a_configuration_it_ran(tab
 
 
 @pytest.mark.parametrize("name, stops", [("optuna:tpe", False), ("optuna:tpe-hb", True), ("optuna:tpe-sh", True),
-                                         ("ray:asha", True), ("ray:tpe-asha", True), ("smac:mf", True)])
+                                         ("ray:asha", True), ("ray:tpe-asha", True), ("ray:bohb", True),
+                                         ("smac:mf", True)])
 def test_pruners_and_schedulers_stop_trials_and_plain_tpe_does_not(table, name, stops, monkeypatch):
     stopped = []
     original = peers._Loop._close
@@ -118,3 +119,93 @@ def test_smac_running_out_of_configurations_ends_its_search_without_an_error(tab
 
     monkeypatch.setattr(agent.smac, "ask", ended)
     assert agent.suggest("0") is None
+
+
+class _PausingAgent:
+    """Pauses its one trial at its first checkpoint, resumes it at the next ask, then lets it finish."""
+
+    def __init__(self, params):
+        self.params, self.handle, self.calls = params, object(), []
+
+    def suggest(self, trial_id):
+        self.calls.append("suggest")
+        if self.calls.count("suggest") == 1:
+            return self.handle, self.params
+        if "pause" in self.calls and "resume" not in self.calls:
+            self.calls.append("resume")
+            return peers.Resume(self.handle)
+        return None
+
+    def report(self, handle, step, value):
+        if step == 2 and "pause" not in self.calls:
+            self.calls.append("pause")
+            return peers.PAUSE
+        if step == 2:
+            raise AssertionError("a resumed trial reported its paused checkpoint again")
+        self.calls.append(("report", step))
+        return True
+
+    def complete(self, handle, step, value):
+        self.calls.append(("complete", step))
+
+    def best(self):
+        return config_key(self.params) if ("complete", 8) in self.calls else None
+
+
+def test_a_paused_trial_spends_nothing_and_resumes_from_its_checkpoint(table, monkeypatch):
+    """Pause and resume (Tune's HyperBandForBOHB): the trial is charged its recorded device-seconds once, its
+    reports go on from the checkpoint after the pause, and it counts as one trial."""
+    params = {"method": "lora", "lora.rank": 4, "lr": 1e-3}
+    agent = _PausingAgent(params)
+    monkeypatch.setattr(peers, "_OptunaAgent", lambda *a, **k: agent)
+    trace = replay_peer(table, "optuna:tpe", budget_seconds=1e6, seed=0)
+    run = table.run(params, trace.runs[0][1])
+    assert agent.calls[:4] == ["suggest", "pause", "suggest", "resume"]
+    assert [c for c in agent.calls if c != "suggest"] == ["pause", "resume", ("report", 4), ("report", 6),
+                                                          ("complete", 8)]
+    assert trace.spent == pytest.approx(run.device_seconds, rel=1e-12)  # paused: no spend; resumed: the rest
+    assert trace.trials == 1 and trace.final == config_key(params)
+
+
+def test_ray_bohb_pauses_and_resumes_trials_and_leaves_numpys_global_generator_alone(table, monkeypatch):
+    """Ray's HyperBandForBOHB over TuneBOHB: a bracket's trials pause at its milestone, the better are resumed
+    where they paused (a trial's reported steps only grow), the rest stopped; hpbandster's draws from
+    numpy's global generator do not move the caller's."""
+    import numpy as np
+
+    from allocsearch.bench import peer_bohb
+
+    seen: dict[str, list[int]] = {}
+    events = []
+    report = peer_bohb.BohbAgent.report
+
+    def spy(self, trial, step, value):
+        seen.setdefault(trial.trial_id, []).append(step)
+        decision = report(self, trial, step, value)
+        events.append(decision)
+        return decision
+
+    monkeypatch.setattr(peer_bohb.BohbAgent, "report", spy)
+    resumed = []
+    original = peers._Loop._resume
+    monkeypatch.setattr(peers._Loop, "_resume", lambda self, h: (resumed.append(h.trial_id), original(self, h)))
+    np.random.seed(123)
+    state = np.random.get_state()[1].copy()
+    ever_resumed = 0
+    for seed in range(4):
+        seen.clear(), resumed.clear()
+        replay_peer(table, "ray:bohb", budget_seconds=1.5 * table.grid_seconds(), seed=seed, max_concurrent=2)
+        for trial_id in resumed:  # on from the checkpoint after its pause, never a step again
+            assert seen[trial_id] == sorted(set(seen[trial_id])) and len(seen[trial_id]) > 1
+        ever_resumed += len(resumed)
+    assert (np.random.get_state()[1] == state).all()
+    assert peers.PAUSE in events and False in events and ever_resumed
+
+
+def test_a_missing_hpbandster_names_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "hpbandster" else real(n, *a))
+    with pytest.raises(peers.PeerError, match=r"ray:bohb: hpbandster is not installed; fix: pip install"):
+        compare.parse_strategies("default,ray:bohb")

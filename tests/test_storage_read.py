@@ -76,3 +76,35 @@ def test_a_reader_of_trials_never_loads_optunas_study_and_a_missing_study_is_non
     other = Study.create(tmp_path / "w2", {"name": "other", "objectives": ["accuracy"]}, "version: 1\n")
     (other.root / "optuna.db").write_bytes((st.root / "optuna.db").read_bytes())  # a database without "other"
     assert other.storage_url.endswith("optuna.db") and TrialStore.read(other) is None
+
+
+def test_the_controllers_records_make_a_finished_trial_once_and_follow_every_running_one(tmp_path):
+    """``TrialStore.records()`` (no spend: the controller's read, several per trial) keeps a finished trial's
+    record, which cannot change (Optuna refuses writes to a finished trial), and makes the others again:
+    equal to a fresh read after every write."""
+    from allocsearch.study.records import records_of
+
+    st = Study.create(tmp_path, {"name": "w", "objectives": ["accuracy"]}, "version: 1\n")
+    store = TrialStore.open(st)
+    for _ in range(3):
+        store.ask().suggest_int("rank", 1, 16)
+
+    def fresh():
+        return [r.to_dict() for r in records_of(store.trials())]
+
+    store.report(0, 10, 0.7)
+    store.set_attrs(0, {"seed": 3})
+    store.tell(0, "completed", [0.8])
+    store.report(1, 10, 0.6)
+    first = store.records()
+    assert [r.to_dict() for r in first] == fresh()
+    store.report(1, 20, 0.65)  # a running trial's new checkpoint shows at the next read
+    store.set_attrs(2, {"seed": 1})
+    second = store.records()
+    assert [r.to_dict() for r in second] == fresh()
+    assert second[0] is first[0] and second[1].intermediate == {10: 0.6, 20: 0.65} and second[2].seed == 1
+    store.tell(1, "pruned")
+    third = store.records()
+    assert [r.to_dict() for r in third] == fresh() and third[1].state != first[1].state
+    with pytest.raises(Exception, match="finished"):  # the premise: a finished trial takes no write
+        store.set_attrs(0, {"seed": 4})

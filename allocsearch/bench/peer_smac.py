@@ -22,7 +22,7 @@ class SmacAgent:
         from smac import MultiFidelityFacade, Scenario
 
         first, steps = table.fidelity()
-        self.cs, self.values = _config_space([next(iter(by.values())).params for by in table.runs.values()], seed)
+        self.cs, self.values = config_space([next(iter(by.values())).params for by in table.runs.values()], seed)
         self.tmp = tempfile.TemporaryDirectory(prefix="as-smac-")
         scenario = Scenario(self.cs, deterministic=True, n_trials=10 ** 9, seed=seed, min_budget=first,
                             max_budget=steps, output_directory=self.tmp.name, name=f"peer-{seed}")
@@ -43,8 +43,7 @@ class SmacAgent:
         return info, self._params(info.config)
 
     def _params(self, config) -> dict:
-        return {k: self.values[k][self.values[k].index(v)] if k in self.values else v
-                for k, v in dict(config).items()}
+        return native_params(self.values, config)
 
     def report(self, info, step: int, value: float) -> bool:
         return step < (info.budget or 0)  # on to the first checkpoint at or past its budget
@@ -75,7 +74,7 @@ class SmacAgent:
         return None
 
 
-def _config_space(configs: list[dict], seed: int):
+def config_space(configs: list[dict], seed: int):
     """A ConfigSpace over the table's configurations: a categorical per parameter over its values; under a
     ``method`` parameter, each ``<method>.x`` active only when ``method`` is that method."""
     from ConfigSpace import Categorical, ConfigurationSpace, EqualsCondition
@@ -94,8 +93,13 @@ def _config_space(configs: list[dict], seed: int):
     return cs, values
 
 
+def native_params(values: dict, config) -> dict:
+    """A configuration read back from ConfigSpace (numpy scalars) as the table's own values."""
+    return {k: values[k][values[k].index(v)] if k in values else v for k, v in dict(config).items()}
+
+
 def _native(v):
     return v if isinstance(v, (int, float, str)) else str(v)
 
 
-__all__ = ["SmacAgent"]
+__all__ = ["SmacAgent", "config_space", "native_params"]

@@ -15,11 +15,15 @@ space's own define-by-run ``sample``, so every peer sees the same dimensions and
   ``OptunaSearch``). It exports what ``ResultGrid.get_best_result(scope="last")`` would: the trial whose
   last result is highest, stopped trials included.
 - ``smac:mf``: SMAC3's multi-fidelity facade (``allocsearch.bench.peer_smac``).
+- ``ray:bohb``: Ray Tune's ``HyperBandForBOHB`` over ``TuneBOHB`` (``allocsearch.bench.peer_bohb``), the one
+  peer that pauses trials and resumes them from their last checkpoint.
 
 The clock: a trial's checkpoints arrive at its start plus their recorded device-seconds (divided by the
 table's CPUs per trial), ``max_concurrent`` trials at once; every running trial spends device-seconds as
 it runs, and when the spend reaches the budget everything stops (no trial starts after, the running ones
-are cut where they are; a cut trial counts for nothing, as a deadline does to it). A configuration drawn
+are cut where they are; a cut trial counts for nothing, as a deadline does to it). A paused trial spends
+nothing until it is resumed; it then runs from its last checkpoint (the recorded device-seconds between
+checkpoints). A configuration drawn
 again runs on another of the table's seeds (a random permutation per configuration and replay seed, as for
 the built-in strategies). A draw that trains nothing is told failed and costs nothing.
 """
@@ -29,6 +33,7 @@ import heapq
 import random
 from dataclasses import dataclass
 
+from allocsearch.bench.peer_agent import PAUSE, Resume
 from allocsearch.bench.replay import SeedDraws, Trace
 from allocsearch.errors import AllocsearchError
 from allocsearch.bench.table import Table
@@ -40,9 +45,11 @@ PEERS = {
     "optuna:tpe-sh": {"family": "optuna", "searcher": "tpe", "pruner": "successive-halving"},
     "ray:asha": {"family": "ray", "searcher": "random", "scheduler": "asha"},
     "ray:tpe-asha": {"family": "ray", "searcher": "tpe", "scheduler": "asha"},
+    "ray:bohb": {"family": "bohb"},  # allocsearch.bench.peer_bohb
     "smac:mf": {"family": "smac"},  # allocsearch.bench.peer_smac
 }
-PACKAGES = {"optuna": "optuna", "ray": "ray.tune", "smac": "smac"}  # family -> the module it needs
+# family -> the modules it needs
+PACKAGES = {"optuna": ("optuna",), "ray": ("ray.tune",), "smac": ("smac",), "bohb": ("ray.tune", "hpbandster")}
 METRIC = "objective"
 
 
@@ -57,13 +64,13 @@ def check_installed(name: str) -> None:
     """One line naming the missing package and the fix, before any replay starts."""
     import importlib.util
 
-    need = PACKAGES[PEERS[name]["family"]]
-    try:
-        found = importlib.util.find_spec(need) is not None
-    except ImportError:  # its parent package is missing
-        found = False
-    if not found:
-        raise PeerError(f"--strategies {name}: {need} is not installed; fix: pip install 'allocsearch[peers]'")
+    for need in PACKAGES[PEERS[name]["family"]]:
+        try:
+            found = importlib.util.find_spec(need) is not None
+        except ImportError:  # its parent package is missing
+            found = False
+        if not found:
+            raise PeerError(f"--strategies {name}: {need} is not installed; fix: pip install 'allocsearch[peers]'")
 
 
 @dataclass
@@ -74,6 +81,8 @@ class _Running:
     start: float
     step: int | None = None  # its last reported checkpoint
     last: float | None = None  # and score
+    k: int = -1  # the index of that checkpoint
+    done: float = 0.0  # device-seconds it had run when it last started (resumed after a pause)
 
 
 def replay_peer(table: Table, name: str, *, budget_seconds: float, seed: int, max_concurrent: int = 1) -> Trace:
@@ -85,9 +94,12 @@ def replay_peer(table: Table, name: str, *, budget_seconds: float, seed: int, ma
     family = PEERS[name]["family"]
     if family == "smac":
         from allocsearch.bench.peer_smac import SmacAgent as agent_class
+    elif family == "bohb":
+        from allocsearch.bench.peer_bohb import BohbAgent as agent_class
     else:
         agent_class = _OptunaAgent if family == "optuna" else _TuneAgent
-    agent = agent_class(PEERS[name], space, layers, table, seed)
+    more = {"slots": max_concurrent} if family == "bohb" else {}  # TuneBOHB's own concurrency cap
+    agent = agent_class(PEERS[name], space, layers, table, seed, **more)
     loop = _Loop(table, agent, Trace(name, seed, budget_seconds), random.Random(seed), max_concurrent,
                  float(table.card.get("cpus_per_trial") or 1.0), lambda params: space.trains_nothing(params, layers))
     return loop.run()
@@ -100,6 +112,7 @@ class _Loop:
         self.seeds = SeedDraws(table, rng)
         self.drawn: dict[str, int] = {}
         self.running: dict[int, _Running] = {}
+        self.paused: dict[int, tuple[int, _Running]] = {}  # id(handle) -> (trial id, its state)
         self.events: list = []  # (wall time, trial id, checkpoint index; len = the end)
         self.now = self.spent_closed = 0.0  # device-seconds of trials that ended
         self.next_id = 0
@@ -123,6 +136,7 @@ class _Loop:
             t, i, k = heapq.heappop(self.events)
             self.now = t
             self._deliver(i, k)
+        self.trace.trials += len(self.paused)  # trials that ended paused (their last results count)
         self.trace.spent = min(self.spend(self.now), budget)
         return self.trace
 
@@ -132,6 +146,9 @@ class _Loop:
             drawn = self.agent.suggest(str(self.next_id))
             if drawn is None:  # the optimizer has nothing left to try (SMAC on a small, exhausted space)
                 return
+            if isinstance(drawn, Resume):
+                self._resume(drawn.handle)
+                continue
             handle, params = drawn
             self.next_id += 1
             key = config_key(params)
@@ -151,7 +168,21 @@ class _Loop:
     def _queue(self, i: int, k: int) -> None:
         r = self.running[i]
         seconds = r.run.checkpoints[k][2] if k < len(r.run.checkpoints) else r.run.device_seconds
-        heapq.heappush(self.events, (r.start + seconds / self.cpus, i, k))
+        heapq.heappush(self.events, (r.start + (seconds - r.done) / self.cpus, i, k))
+
+    def _pause(self, i: int) -> None:
+        """The scheduler paused it: its slot and its spend stop until it is resumed."""
+        r = self.running.pop(i)
+        self.spent_closed += (self.now - r.start) * self.cpus
+        self.paused[id(r.handle)] = (i, r)
+        best = self.agent.best()
+        self.trace.points.append((self.spend(self.now), best, best))
+
+    def _resume(self, handle) -> None:
+        i, r = self.paused.pop(id(handle))
+        r.start, r.done = self.now, r.run.checkpoints[r.k][2]
+        self.running[i] = r
+        self._queue(i, r.k + 1)
 
     def _deliver(self, i: int, k: int) -> None:
         r = self.running[i]
@@ -160,8 +191,11 @@ class _Loop:
             self._close(i, completed=True)
             return
         step, value, _ = r.run.checkpoints[k]
-        r.step, r.last = step, value
-        if self.agent.report(r.handle, step, value):
+        r.step, r.last, r.k = step, value, k
+        decision = self.agent.report(r.handle, step, value)
+        if decision == PAUSE:
+            self._pause(i)
+        elif decision:
             self._queue(i, k + 1)
         else:
             self._close(i, completed=False, stopped=True)
@@ -312,4 +346,4 @@ class _TuneAgent:
         return self.keys[max(self.last, key=lambda i: self.last[i])]
 
 
-__all__ = ["PEERS", "PeerError", "check_installed", "replay_peer"]
+__all__ = ["PAUSE", "PEERS", "PeerError", "Resume", "check_installed", "replay_peer"]

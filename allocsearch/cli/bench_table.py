@@ -146,7 +146,8 @@ def render(result: dict) -> None:
     console.print(f"plot: {result['plot']}")
 
 
-SUITE_STRATEGIES = "default,random,grid,tpe-no-priors,priors-only,optuna:tpe,optuna:tpe-hb,ray:asha,ray:tpe-asha,smac:mf"
+SUITE_STRATEGIES = ("default,random,grid,tpe-no-priors,priors-only,optuna:tpe,optuna:tpe-hb,ray:asha,ray:tpe-asha,ray:bohb,"
+                    "smac:mf")
 
 
 @click.command("suite")

@@ -25,6 +25,7 @@ class TrialStore:
         self._ostudy, self._load = ostudy, load  # a reader of sqlite loads Optuna's study only when it needs it
         self.sqlite_path = sqlite_path  # a reader's sqlite file: trials() reads it with plain SQL (see there)
         self.name = name or ostudy.study_name
+        self._final: dict[int, TrialRecord] = {}  # the records of finished trials, by number (see records)
 
     @property
     def ostudy(self):
@@ -88,8 +89,21 @@ class TrialStore:
             return None
 
     def records(self, spend: dict[int, float] | None = None) -> list[TrialRecord]:
-        """Every trial as a ``TrialRecord``; ``spend``: the ledger's device-seconds per trial number."""
-        return records_of(self.trials(), spend)
+        """Every trial as a ``TrialRecord``; ``spend``: the ledger's device-seconds per trial number. Without
+        ``spend`` (the controller, several times per trial) a finished trial's record is made once: Optuna
+        refuses any write to a finished trial (``UpdateFinishedTrialError``), so it never changes, and making
+        every record again at every trial's end grew with the study (``allocsearch bench scale``)."""
+        if spend is not None:
+            return records_of(self.trials(), spend)
+        out = []
+        for trial in self.trials():
+            record = self._final.get(trial.number)
+            if record is None:
+                record = TrialRecord.of(trial)
+                if trial.state.is_finished():
+                    self._final[trial.number] = record
+            out.append(record)
+        return out
 
     # ----------------------------------------------------------------------------------------- writing
     # Optuna writes a trial through a live ``Trial`` object or ``Study.tell``; the controller writes trials by
