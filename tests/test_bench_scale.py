@@ -18,6 +18,7 @@ def test_a_small_scaled_study_is_measured_and_readable(tmp_path):
     assert row["trials"] >= 30 and row["status_rc"] == 0
     assert 0 < row["propose_per_trial"] + row["complete_per_trial"] <= row["seconds_per_trial"]
     assert row["overhead_share"] == pytest.approx(row["seconds_per_trial"] / scale.TRIAL_SECONDS)
+    assert 0 < row["last_tenth_seconds_per_trial"] < 10 * row["seconds_per_trial"]
     root = tmp_path / "w" / "replay-default-0"
     assert (root / "optuna.db").is_file() and row["folder_mb"] > 0
     from allocsearch.reports import status

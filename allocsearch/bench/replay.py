@@ -23,7 +23,6 @@ from pathlib import Path
 
 from allocsearch.bench.table import Table
 from allocsearch.search.launch import FINISHED, Launch
-from allocsearch.study.choice import best_of
 from allocsearch.study.confidence import config_key
 from allocsearch.study.records import Attr
 
@@ -140,14 +139,19 @@ def replay(table: Table, strategy: str, *, budget_seconds: float, seed: int, max
         clock = _Clock()
         trace = Trace(strategy, seed, budget_seconds)
 
+        latest: dict = {}  # the controller's best after each trial's end (what export --best names then)
+
         def on_event(kind, **data):
             if kind == "confirming":
                 trace.confirm_given = data["reserve"]
+            elif kind == "finished":
+                latest["best"] = data["best"]
 
         sampler = sampler_for(plan["sampler"], seed, space, layers, fresh_start=plan.get("fresh_start", True))
         ctl = Controller(study, space, num_layers=layers, sampler=sampler, clock=clock, on_event=on_event)
         scheduler = make_scheduler(ctl.schedule(plan["scheduler"]))  # the very scheduler Tune runs live
-        _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors")).run()
+        _Loop(table, ctl, clock, scheduler, trace, random.Random(seed), max_concurrent, plan.get("only_priors"),
+              latest).run()
         ctl.close()
         trace.end_reason, trace.spent = ctl.end_reason, ctl.spent()
     return trace
@@ -163,12 +167,12 @@ class _TuneTrial:
 class _Loop:
     """Tune's part on a simulated clock: an event queue of the running trials' next checkpoints."""
 
-    def __init__(self, table, ctl, clock, scheduler, trace, rng, slots, only_priors):
+    def __init__(self, table, ctl, clock, scheduler, trace, rng, slots, only_priors, latest):
         from ray.tune.schedulers import TrialScheduler
 
         self.table, self.ctl, self.clock, self.scheduler, self.trace = table, ctl, clock, scheduler, trace
         self.stop = TrialScheduler.STOP
-        self.slots, self.only_priors = slots, only_priors
+        self.slots, self.only_priors, self.latest = slots, only_priors, latest
         self.seeds = SeedDraws(table, rng)
         self.events: list = []  # (time, number, index into the run's checkpoints; len = the end)
         self.running: dict[int, dict] = {}
@@ -260,12 +264,11 @@ class _Loop:
         if r["confirm"]:
             self.trace.confirm_trials += 1
             self.trace.confirm_seconds += self.ctl.keeper.spent() - spent_before
-        rows = self.ctl.books.records()
-        best = best_of(rows, self.ctl.execution.noise, self.ctl.execution.prefer)  # what export --best names now
+        best = self.latest.get("best")  # what export --best names now: the controller's own, as it emits it
         # Optuna's best trial: the single highest score of the search phase (no confirmation run counted)
-        done = [r for r in rows if r.completed and r.confirm_of is None]
+        done = [r for r in self.ctl.books.records() if r.completed and r.confirm_of is None]
         argmax = max(done, key=lambda r: (r.objective, -r.number), default=None)
-        self.trace.points.append((self.ctl.spent(), config_key(best.params) if best else None,
+        self.trace.points.append((self.ctl.spent(), config_key(best["params"]) if best else None,
                                   config_key(argmax.params) if argmax else None))
 
 

@@ -4,7 +4,8 @@ A replayed study of N trials (the default strategy: TPE with the papers' priors,
 confirmation phase) on a synthetic table large enough that no configuration repeats by exhaustion (MoLA
 experts per layer group x rank x learning rate: 6,144 configurations, every one answered by a formula of
 its parameters plus seeded noise), with the study's real storage (SQLite, the ledger, a result file per
-trial) in a folder that is kept. Measured per N: the controller's seconds per trial, split into ``propose``
+trial) in a folder that is kept. Measured per N: the controller's seconds per trial (over the whole study,
+and between trial ends over its last tenth: what a trial costs once the study is that large), split into ``propose``
 (Optuna's ask, the space's sampling, admission) and ``complete`` (tell, the ledger, records, the best), the
 study folder's size, and how long ``status`` (``reports.status.summarize``, and the ``allocsearch status``
 command as a user runs it) and the dashboard's data (``inspect_study`` + the spend timeline) take to load.
@@ -63,6 +64,7 @@ def measure(trials: int, workdir: str | Path, *, seed: int = 0) -> dict:
     table = SyntheticTable()
     timers = {"propose": 0.0, "complete": 0.0}
     originals = {name: getattr(Controller, name) for name in ("propose", "on_complete")}
+    ends: list[float] = []  # the wall clock at each trial's end
 
     def timed(name, key):
         def wrapper(self, *args, **kwargs):
@@ -71,6 +73,8 @@ def measure(trials: int, workdir: str | Path, *, seed: int = 0) -> dict:
                 return originals[name](self, *args, **kwargs)
             finally:
                 timers[key] += time.perf_counter() - t0
+                if key == "complete":
+                    ends.append(time.perf_counter())
         return wrapper
 
     Controller.propose, Controller.on_complete = timed("propose", "propose"), timed("on_complete", "complete")
@@ -83,7 +87,9 @@ def measure(trials: int, workdir: str | Path, *, seed: int = 0) -> dict:
     finally:
         Controller.propose, Controller.on_complete = originals["propose"], originals["on_complete"]
     root = Path(workdir) / f"replay-default-{seed}"
+    tenth = max(2, len(ends) // 10)  # the cost at the study's size, not its average over the way there
     return {"trials": trace.trials, "seconds_per_trial": wall / trace.trials,
+            "last_tenth_seconds_per_trial": (ends[-1] - ends[-tenth]) / (tenth - 1),
             "propose_per_trial": timers["propose"] / trace.trials, "complete_per_trial": timers["complete"] / trace.trials,
             "overhead_share": wall / trace.trials / TRIAL_SECONDS, "folder_mb": _size(root) / 1e6,
             **_read_times(root)}
