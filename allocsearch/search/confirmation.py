@@ -20,7 +20,7 @@ state is re-derived from the study's trials each time, so a resumed search goes 
 """
 from __future__ import annotations
 
-from allocsearch.study.confidence import Estimate, config_key, estimates, noise_of, separated
+from allocsearch.study.confidence import Estimate, estimates, noise_of, separated
 from allocsearch.study.records import State
 
 WAIT = "wait"
@@ -54,7 +54,7 @@ class Confirmation:
 
     def _finalists(self, rows, ests: list[Estimate]) -> list[Estimate]:
         """The top ``k``, any within ``band x noise`` of the best, and any configuration already re-run."""
-        confirmed = {config_key(r.params) for r in rows if r.confirm_of is not None and r.params}
+        confirmed = {r.key for r in rows if r.confirm_of is not None and r.params}
         best, noise = ests[0], self.noise(ests)
         top = ests[:self.k]
         near = [e for e in ests[self.k:] if noise and best.mean - e.mean <= self.band * noise][:self.k]
@@ -102,7 +102,7 @@ class Confirmation:
         e = max(todo, key=lambda e: e.mean)
         # a seed whose confirmation run failed is not tried again; a configuration whose confirmation runs
         # failed twice leaves the race (a run the budget could not pay for did not fail)
-        tried = {r.seed for r in rows if r.confirm_of is not None and r.params and config_key(r.params) == e.key
+        tried = {r.seed for r in rows if r.confirm_of is not None and r.params and r.key == e.key
                  and r.state not in (State.COMPLETED, State.NOT_RUN, *State.LIVE)}
         if len(tried) >= 2:
             self.alive.remove(e.key)

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from allocsearch.study.confidence import config_key, estimates, evidence, winner_of
+from allocsearch.study.confidence import config_key, estimates, evidence, raced, winner
 from allocsearch.study.records import TrialRecord
 
 PREFER = ("best", "cheapest")
@@ -57,11 +57,12 @@ def best_of(records: Iterable[TrialRecord], noise: float | None = None, prefer: 
     if prefer not in PREFER:
         raise ValueError(f"prefer must be one of {', '.join(PREFER)}, not {prefer!r}")
     records = list(records)
-    win = winner_of(records, noise)
+    ests = estimates(records)  # once: the controller calls this at every trial's end
+    win = winner(ests, raced(records), noise)
     if win is None:
         return None
     key = win.key
-    means = {e.key: e for e in estimates(records)}
+    means = {e.key: e for e in ests}
     runs = _runs_by_key(records)
     if prefer == "cheapest":
         ev = evidence(records, noise)
@@ -87,7 +88,7 @@ def _runs_by_key(records: list[TrialRecord]) -> dict[str, list[TrialRecord]]:
     out: dict[str, list[TrialRecord]] = {}
     for r in records:
         if r.completed and r.params:
-            out.setdefault(config_key(r.params), []).append(r)
+            out.setdefault(r.key, []).append(r)
     return out
 
 

@@ -13,12 +13,11 @@ a race: among all). The noise: ``noise_of``. Ties with the best:
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 
-from allocsearch.study.records import State
+from allocsearch.study.records import State, config_key  # config_key: readers import it from here too
 
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -28,11 +27,6 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def t95(df: int) -> float:
     return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
-
-
-def config_key(params: dict) -> str:
-    """One configuration's identity: its parameters, canonical JSON."""
-    return json.dumps(params, sort_keys=True, default=str)
 
 
 @dataclass
@@ -77,10 +71,10 @@ def estimates(rows) -> list[Estimate]:
     stopped: dict[str, set] = {}
     for r in sorted(rows, key=lambda r: r.number):
         if r.state == State.PRUNED and r.params:
-            stopped.setdefault(config_key(r.params), set()).add(r.seed)
+            stopped.setdefault(r.key, set()).add(r.seed)
         if r.state != State.COMPLETED or r.objective is None or not r.params:
             continue
-        key = config_key(r.params)
+        key = r.key
         est = out.setdefault(key, Estimate(key, dict(r.params)))
         if r.seed not in est.values:
             est.values[r.seed], est.trials[r.seed] = float(r.objective), r.number
@@ -161,7 +155,7 @@ def beyond_noise(best: Estimate, other: Estimate, noise: float | None) -> bool:
 
 def raced(rows) -> set[str]:
     """The configurations a confirmation race re-ran to the end (completed confirmation runs)."""
-    return {config_key(r.params) for r in rows if r.confirm_of is not None and r.params and r.state == State.COMPLETED}
+    return {r.key for r in rows if r.confirm_of is not None and r.params and r.state == State.COMPLETED}
 
 
 def winner(ests: list[Estimate], race: set[str] | None = None, noise: float | None = None) -> Estimate | None:
