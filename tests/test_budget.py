@@ -134,6 +134,35 @@ def test_ledger_sessions_for_wall_budgets(tmp_path):
     assert Ledger(ledger.path).spent("wall") == 90
 
 
+def test_the_ledgers_running_spend_is_the_sum_of_the_maxima_after_every_record(tmp_path):
+    """``timeline`` reads the spend after each record from running sums (not a sum over every trial each
+    time): after every record of a random ledger (heartbeats out of order, reruns in later sessions, wall
+    sessions) they equal the spend rule written out: the sum over (trial, session) of its largest spend."""
+    import random
+
+    rng = random.Random(0)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    expected_trials: dict[tuple[int, int], float] = {}
+    expected_wall: dict[int, float] = {}
+    steps = []
+    for _ in range(400):
+        session, number, seconds = rng.randrange(3), rng.randrange(12), round(rng.uniform(0, 90), 3)
+        if rng.random() < 0.8:
+            devices = rng.choice([0.5, 1, 2])
+            ledger.record_trial(number, seconds, devices, session=session)
+            key = (number, session)
+            expected_trials[key] = max(expected_trials.get(key, 0.0), seconds * devices)
+        else:
+            ledger.record_session(session, seconds)
+            expected_wall[session] = max(expected_wall.get(session, 0.0), seconds)
+        steps.append((sum(expected_trials.values()), sum(expected_wall.values())))
+    device_line, wall_line = ledger.timeline("gpu"), ledger.timeline("wall")
+    assert [s for _, s in device_line] == pytest.approx([d for d, _ in steps], rel=1e-12, abs=1e-9)
+    assert [s for _, s in wall_line] == pytest.approx([w for _, w in steps], rel=1e-12, abs=1e-9)
+    assert ledger.spent("cpu") == pytest.approx(steps[-1][0], rel=1e-12)
+    assert Ledger(ledger.path).spent("wall") == pytest.approx(steps[-1][1], rel=1e-12)
+
+
 def test_ledger_torn_last_line(tmp_path):
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(path)

@@ -154,15 +154,28 @@ class _Tally:
     def __init__(self):
         self.trial_max: dict[tuple[int, int], float] = {}  # (number, session) -> max seconds x devices
         self.session_max: dict[int, float] = {}
+        # the sums of both, kept as records come: ``timeline`` asks for the spend after each of a study's
+        # records (67,000 heartbeats at 7,800 trials: summing every trial each time took 1.6 s)
+        self._trials_total = self._wall_total = 0.0
 
     def add(self, rec: dict) -> int:
         """Count one record (raises on a malformed one); returns its session."""
         kind, session, seconds = rec["kind"], int(rec["session"]), _amount(rec["seconds"], "seconds")
         if kind == "trial":
             key, spend = (int(rec["number"]), session), device_seconds(seconds, _amount(rec["devices"], "devices"))
-            self.trial_max[key] = max(self.trial_max.get(key, 0.0), spend)
+            before = self.trial_max.get(key, 0.0)
+            if spend > before:
+                self.trial_max[key] = spend
+                self._trials_total += spend - before
+            else:
+                self.trial_max.setdefault(key, before)
         elif kind == "session":
-            self.session_max[session] = max(self.session_max.get(session, 0.0), seconds)
+            before = self.session_max.get(session, 0.0)
+            if seconds > before:
+                self.session_max[session] = seconds
+                self._wall_total += seconds - before
+            else:
+                self.session_max.setdefault(session, before)
         else:
             raise ValueError(kind)
         return session
@@ -174,7 +187,7 @@ class _Tally:
         return out
 
     def spent(self, unit: str) -> float:
-        return sum(self.session_max.values()) if unit == "wall" else sum(self.trial_max.values())
+        return self._wall_total if unit == "wall" else self._trials_total
 
 
 def device_seconds(wall_seconds: float, devices: float) -> float:
