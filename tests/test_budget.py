@@ -181,6 +181,24 @@ def test_ledger_torn_last_line(tmp_path):
     assert path.read_text().count("\n") == 3
 
 
+def test_a_bad_line_inside_the_ledger_costs_only_itself(tmp_path):
+    """New lines are parsed in one go; a line that is not a record (not JSON, a list, two values on one line)
+    sends the read back to one line at a time, so only that line is skipped."""
+    path = tmp_path / "ledger.jsonl"
+    good = [json.dumps({"kind": "trial", "number": n, "session": 0, "seconds": 10 + n, "devices": 1, "final": False})
+            for n in range(4)]
+    path.write_text("\n".join([good[0], "not json", good[1], "[1]", good[2], "1, 2", good[3]]) + "\n")
+    ledger = Ledger(path)
+    assert [r["number"] for r in ledger.records()] == [0, 1, 2, 3] and ledger.skipped == 3
+    assert ledger.trial_spend() == {0: 10, 1: 11, 2: 12, 3: 13}
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(good) + "\n")
+    assert Ledger(clean).records() == ledger.records() and Ledger(clean).skipped == 0
+    two = tmp_path / "two.jsonl"  # valid JSON once joined: only the count of values gives it away
+    two.write_text("\n".join([good[0], "1, 2", good[1]]) + "\n")
+    assert [r["number"] for r in Ledger(two).records()] == [0, 1] and Ledger(two).skipped == 1
+
+
 def test_ledger_reads_only_what_was_appended(tmp_path, monkeypatch):
     path = tmp_path / "ledger.jsonl"
     writer, reader = Ledger(path), Ledger(path)
