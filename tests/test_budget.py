@@ -193,10 +193,12 @@ def test_a_bad_line_inside_the_ledger_costs_only_itself(tmp_path):
     assert ledger.trial_spend() == {0: 10, 1: 11, 2: 12, 3: 13}
     clean = tmp_path / "clean.jsonl"
     clean.write_text("\n".join(good) + "\n")
-    assert Ledger(clean).records() == ledger.records() and Ledger(clean).skipped == 0
+    clean_read = Ledger(clean)
+    assert clean_read.records() == ledger.records() and clean_read.skipped == 0
     two = tmp_path / "two.jsonl"  # valid JSON once joined: only the count of values gives it away
     two.write_text("\n".join([good[0], "1, 2", good[1]]) + "\n")
-    assert [r["number"] for r in Ledger(two).records()] == [0, 1] and Ledger(two).skipped == 1
+    read = Ledger(two)
+    assert [r["number"] for r in read.records()] == [0, 1] and read.skipped == 1
 
 
 def test_ledger_reads_only_what_was_appended(tmp_path, monkeypatch):

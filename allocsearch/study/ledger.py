@@ -173,19 +173,9 @@ class _Tally:
         kind, session, seconds = rec["kind"], int(rec["session"]), _amount(rec["seconds"], "seconds")
         if kind == "trial":
             key, spend = (int(rec["number"]), session), device_seconds(seconds, _amount(rec["devices"], "devices"))
-            before = self.trial_max.get(key, 0.0)
-            if spend > before:
-                self.trial_max[key] = spend
-                self._trials_total += spend - before
-            else:
-                self.trial_max.setdefault(key, before)
+            self._trials_total += _raise_max(self.trial_max, key, spend)
         elif kind == "session":
-            before = self.session_max.get(session, 0.0)
-            if seconds > before:
-                self.session_max[session] = seconds
-                self._wall_total += seconds - before
-            else:
-                self.session_max.setdefault(session, before)
+            self._wall_total += _raise_max(self.session_max, session, seconds)
         else:
             raise ValueError(kind)
         return session
@@ -198,6 +188,13 @@ class _Tally:
 
     def spent(self, unit: str) -> float:
         return self._wall_total if unit == "wall" else self._trials_total
+
+
+def _raise_max(table: dict, key, value: float) -> float:
+    """Keep the larger of ``table[key]`` (0 when absent) and ``value``; return how much the kept value rose."""
+    before = table.get(key, 0.0)
+    table[key] = max(before, value)
+    return table[key] - before
 
 
 def device_seconds(wall_seconds: float, devices: float) -> float:
