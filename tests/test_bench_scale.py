@@ -26,6 +26,13 @@ def test_a_small_scaled_study_is_measured_and_readable(tmp_path):
     assert status.summarize(root)["counts"]["completed"] >= 1
 
 
+def test_the_last_tenth_reads_the_cost_at_the_end_not_the_average():
+    # 90 trials 0.1 s apart, then 10 at 1 s apart: the average is 0.19 s, the last tenth's spacing is 1 s
+    ends = [0.1 * i for i in range(90)] + [8.9 + i for i in range(1, 11)]
+    assert scale.last_tenth_per_trial(ends) == pytest.approx(1.0)
+    assert scale.last_tenth_per_trial([3.0, 5.0]) == pytest.approx(2.0)  # two ends: their gap
+
+
 def test_the_synthetic_table_answers_every_configuration_the_same_way_twice():
     table = scale.SyntheticTable()
     params = {"mola.experts_g0": 1, "mola.experts_g1": 4, "mola.experts_g2": 8, "mola.rank": 8, "lr": 1e-3}

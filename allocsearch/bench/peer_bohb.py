@@ -49,10 +49,6 @@ class _Controller:
         self.agent = agent
         self.search_alg = agent  # the scheduler reaches ``tune_controller.search_alg.searcher``
 
-    @property
-    def searcher(self):
-        return self.agent.searcher
-
     def get_trials(self) -> list[_Trial]:
         return self.agent.trials
 

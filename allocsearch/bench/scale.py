@@ -87,12 +87,18 @@ def measure(trials: int, workdir: str | Path, *, seed: int = 0) -> dict:
     finally:
         Controller.propose, Controller.on_complete = originals["propose"], originals["on_complete"]
     root = Path(workdir) / f"replay-default-{seed}"
-    tenth = max(2, len(ends) // 10)  # the cost at the study's size, not its average over the way there
     return {"trials": trace.trials, "seconds_per_trial": wall / trace.trials,
-            "last_tenth_seconds_per_trial": (ends[-1] - ends[-tenth]) / (tenth - 1),
+            "last_tenth_seconds_per_trial": last_tenth_per_trial(ends),
             "propose_per_trial": timers["propose"] / trace.trials, "complete_per_trial": timers["complete"] / trace.trials,
             "overhead_share": wall / trace.trials / TRIAL_SECONDS, "folder_mb": _size(root) / 1e6,
             **_read_times(root)}
+
+
+def last_tenth_per_trial(ends: list[float]) -> float:
+    """Seconds between trial ends over the last tenth of them (at least 2 ends): what a trial costs at the
+    study's size, where the average over the whole study hides the growth."""
+    tenth = max(2, len(ends) // 10)
+    return (ends[-1] - ends[-tenth]) / (tenth - 1)
 
 
 def _read_times(root: Path) -> dict:
@@ -117,4 +123,4 @@ def _size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-__all__ = ["SPACE", "SyntheticTable", "TRIAL_SECONDS", "measure"]
+__all__ = ["SPACE", "SyntheticTable", "TRIAL_SECONDS", "last_tenth_per_trial", "measure"]

@@ -97,15 +97,9 @@ class Ledger:
             except ValueError:
                 recs = None
             if recs is None or len(recs) != len(lines):  # a torn or bad line: one by one, so only it is skipped
-                recs = [self._parse(line) for line in lines]
+                recs = [_parse(line) for line in lines]
             for rec in recs:
                 self._ingest(rec)
-
-    def _parse(self, line: bytes):
-        try:
-            return json.loads(line)
-        except ValueError:  # JSONDecodeError is a ValueError
-            return None
 
     def _ingest(self, rec) -> None:
         try:
@@ -188,6 +182,14 @@ class _Tally:
 
     def spent(self, unit: str) -> float:
         return self._wall_total if unit == "wall" else self._trials_total
+
+
+def _parse(line: bytes):
+    """One ledger line's record, or None when it is not JSON (``_ingest`` skips it)."""
+    try:
+        return json.loads(line)
+    except ValueError:  # JSONDecodeError is a ValueError
+        return None
 
 
 def _raise_max(table: dict, key, value: float) -> float:
