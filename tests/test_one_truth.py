@@ -87,22 +87,33 @@ def test_mlflow_logs_the_same_best_live_and_at_the_end(searched):
     assert checked >= 4
 
 
-def test_the_dashboard_shows_the_same_best_and_each_runs_seed(searched):
-    pytest.importorskip("streamlit")
+def dashboard(root: Path):
+    """The dashboard (under AppTest) opened on the study folder ``root``, its first page run without an error."""
     from streamlit.testing.v1 import AppTest
 
-    root, summary = searched
-    best = summary["best"]
     app = Path(__file__).resolve().parents[1] / "dashboard" / "streamlit_app.py"
     at = AppTest.from_file(str(app), default_timeout=120)
-    at.session_state["workdir"], at.session_state["study"] = str(root.parent), "truth"
+    at.session_state["workdir"], at.session_state["study"] = str(root.parent), root.name
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    shown = {m.label: (m.value, m.proto.delta) for m in at.metric}
-    assert shown["Best objective"] == (f"{best['value']:.4f}", f"trial {best['trial']}, mean of {best['n']} seeds")
+    return at
+
+
+def trials_table(at):
+    """The dashboard's Trials page table (a DataFrame), the page run without an error."""
     at.switch_page("app_pages/trials.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    table = at.dataframe[0].value
+    return at.dataframe[0].value
+
+
+def test_the_dashboard_shows_the_same_best_and_each_runs_seed(searched):
+    pytest.importorskip("streamlit")
+    root, summary = searched
+    best = summary["best"]
+    at = dashboard(root)
+    shown = {m.label: (m.value, m.proto.delta) for m in at.metric}
+    assert shown["Best objective"] == (f"{best['value']:.4f}", f"trial {best['trial']}, mean of {best['n']} seeds")
+    table = trials_table(at)
     rows = {int(n): (seed, confirms) for n, seed, confirms in zip(table["number"], table["seed"], table["confirms"])}
     for t in summary["trials"]:
         seed, confirms = rows[t["number"]]

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from test_one_truth import dashboard, trials_table  # the dashboard under AppTest, its Trials table
 from test_search_e2e import cli  # `python3 -m allocsearch ...` in a subprocess (the e2e tests' helper)
 
 pytestmark = pytest.mark.slow
@@ -91,16 +92,8 @@ def test_every_trial_reads_the_same_in_mlflow(searched):
 
 def test_every_trial_reads_the_same_on_the_dashboard(searched):
     pytest.importorskip("streamlit")
-    from streamlit.testing.v1 import AppTest
-
     root, summary = searched
-    app = Path(__file__).resolve().parents[1] / "dashboard" / "streamlit_app.py"
-    at = AppTest.from_file(str(app), default_timeout=120)
-    at.session_state["workdir"], at.session_state["study"] = str(root.parent), "states"
-    at.run()
-    at.switch_page("app_pages/trials.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    table = at.dataframe[0].value
+    table = trials_table(dashboard(root))
     rows = {int(n): (s, o) for n, s, o in zip(table["number"], table["state"], table["objective"])}
     for t in summary["trials"]:
         s, o = rows[t["number"]]
