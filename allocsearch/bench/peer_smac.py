@@ -79,11 +79,7 @@ def config_space(configs: list[dict], seed: int):
     ``method`` parameter, each ``<method>.x`` active only when ``method`` is that method."""
     from ConfigSpace import Categorical, ConfigurationSpace, EqualsCondition
 
-    values: dict[str, list] = {}
-    for params in configs:
-        for k, v in params.items():
-            if v not in values.setdefault(k, []):
-                values[k].append(v)
+    values = table_values(configs)
     cs = ConfigurationSpace(seed=seed)
     hps = {k: Categorical(k, [_native(v) for v in vs]) for k, vs in values.items()}
     cs.add(list(hps.values()))
@@ -91,6 +87,16 @@ def config_space(configs: list[dict], seed: int):
         cs.add([EqualsCondition(hp, hps["method"], k.split(".", 1)[0]) for k, hp in hps.items()
                 if "." in k and k.split(".", 1)[0] in values["method"]])
     return cs, values
+
+
+def table_values(configs: list[dict]) -> dict[str, list]:
+    """Each parameter the configurations hold, with its values in the order first seen."""
+    values: dict[str, list] = {}
+    for params in configs:
+        for k, v in params.items():
+            if v not in values.setdefault(k, []):
+                values[k].append(v)
+    return values
 
 
 def native_params(values: dict, config) -> dict:
@@ -102,4 +108,4 @@ def _native(v):
     return v if isinstance(v, (int, float, str)) else str(v)
 
 
-__all__ = ["SmacAgent", "config_space", "native_params"]
+__all__ = ["SmacAgent", "config_space", "native_params", "table_values"]

@@ -17,6 +17,8 @@ space's own define-by-run ``sample``, so every peer sees the same dimensions and
 - ``smac:mf``: SMAC3's multi-fidelity facade (``allocsearch.bench.peer_smac``).
 - ``ray:bohb``: Ray Tune's ``HyperBandForBOHB`` over ``TuneBOHB`` (``allocsearch.bench.peer_bohb``), the one
   peer that pauses trials and resumes them from their last checkpoint.
+- ``syne:asha`` / ``syne:bohb`` / ``syne:asha-bore``: Syne Tune's schedulers, driven as its ``Tuner`` drives
+  them (``allocsearch.bench.peer_syne``).
 
 The clock: a trial's checkpoints arrive at its start plus their recorded device-seconds (divided by the
 table's CPUs per trial), ``max_concurrent`` trials at once; every running trial spends device-seconds as
@@ -47,9 +49,13 @@ PEERS = {
     "ray:tpe-asha": {"family": "ray", "searcher": "tpe", "scheduler": "asha"},
     "ray:bohb": {"family": "bohb"},  # allocsearch.bench.peer_bohb
     "smac:mf": {"family": "smac"},  # allocsearch.bench.peer_smac
+    "syne:asha": {"family": "syne", "scheduler": "asha"},  # allocsearch.bench.peer_syne
+    "syne:bohb": {"family": "syne", "scheduler": "bohb"},
+    "syne:asha-bore": {"family": "syne", "scheduler": "asha-bore", "needs": ("syne_tune", "xgboost")},
 }
 # family -> the modules it needs
-PACKAGES = {"optuna": ("optuna",), "ray": ("ray.tune",), "smac": ("smac",), "bohb": ("ray.tune", "hpbandster")}
+PACKAGES = {"optuna": ("optuna",), "ray": ("ray.tune",), "smac": ("smac",), "bohb": ("ray.tune", "hpbandster"),
+            "syne": ("syne_tune",)}
 METRIC = "objective"
 
 
@@ -64,7 +70,8 @@ def check_installed(name: str) -> None:
     """One line naming the missing package and the fix, before any replay starts."""
     import importlib.util
 
-    for need in PACKAGES[PEERS[name]["family"]]:
+    plan = PEERS[name]
+    for need in plan.get("needs", PACKAGES[plan["family"]]):
         try:
             found = importlib.util.find_spec(need) is not None
         except ImportError:  # its parent package is missing
@@ -96,6 +103,8 @@ def replay_peer(table: Table, name: str, *, budget_seconds: float, seed: int, ma
         from allocsearch.bench.peer_smac import SmacAgent as agent_class
     elif family == "bohb":
         from allocsearch.bench.peer_bohb import BohbAgent as agent_class
+    elif family == "syne":
+        from allocsearch.bench.peer_syne import SyneAgent as agent_class
     else:
         agent_class = _OptunaAgent if family == "optuna" else _TuneAgent
     more = {"slots": max_concurrent} if family == "bohb" else {}  # TuneBOHB's own concurrency cap

@@ -147,7 +147,7 @@ def render(result: dict) -> None:
 
 
 SUITE_STRATEGIES = ("default,random,grid,tpe-no-priors,priors-only,optuna:tpe,optuna:tpe-hb,ray:asha,ray:tpe-asha,ray:bohb,"
-                    "smac:mf")
+                    "smac:mf,syne:asha,syne:bohb,syne:asha-bore")
 
 
 @click.command("suite")
