@@ -26,7 +26,7 @@ class Resume:
 
 class NumpyGlobal:
     """numpy's global generator for one replay, for peers that draw from it (hpbandster's BOHB, Syne Tune's
-    bracket choice and searchers): ``with state():`` around every call into the peer puts this replay's
+    bracket choice and searchers): ``with rng():`` (an instance) around every call into the peer puts this replay's
     (seeded) state in and the caller's back after, so a replay is a function of its seed and leaves the
     caller's draws alone. Its numerical warnings (a density or a classifier fitted on a few points) stay off
     the user's terminal."""

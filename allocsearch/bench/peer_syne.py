@@ -2,8 +2,11 @@
 ``syne_tune.optimizer.baselines`` (0.16), driven as its ``Tuner`` drives them.
 
 - ``syne:asha``: ``ASHA`` (asynchronous successive halving, random search; reduction factor 3, its default).
-- ``syne:bohb``: ``BOHB``: the same rungs, each new configuration from a kernel density model of the trials'
-  last results (Syne Tune's asynchronous BOHB, after 5 random draws).
+- ``syne:bohb``: ``BOHB``: the same rungs, new configurations from a kernel density model of the trials' last
+  results (Syne Tune's asynchronous BOHB). The model is fitted once its good part (the top 15%, at least as
+  many points as the space has parameters) and the rest each hold more points than the space has
+  parameters: about 7x that many trials; until then its draws are random (on tables of 7-33
+  configurations, within half the grid, it is ``syne:asha``).
 - ``syne:asha-bore``: ``ASHABORE``: the same rungs, configurations from BORE (a classifier of good against bad,
   xgboost's by default).
 
@@ -109,7 +112,7 @@ class SyneAgent:
         pass  # its scheduler stopped it at a rung: removed in ``report``
 
     def cut(self, trial, step: int | None, value: float | None) -> None:
-        pass  # the tuning time ran out: the Tuner stops every trial and tells the scheduler nothing
+        pass  # the tuning time ran out: the Tuner's ``trial_backend.stop_all()``; the scheduler is not told
 
     def fail(self, trial) -> None:
         with self.rng():
