@@ -281,5 +281,6 @@ def test_a_missing_syne_tune_or_xgboost_names_it(monkeypatch, name, missing):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == missing else real(n, *a))
-    with pytest.raises(peers.PeerError, match=rf"{name}: {missing} is not installed; fix: pip install"):
+    with pytest.raises(peers.PeerError, match=rf"{name}: {missing} is not installed; fix: pip install") as err:
         compare.parse_strategies(f"default,{name}")
+    assert "pip install xgboost-cpu" in str(err.value) and "\n" not in str(err.value)  # the way without CUDA

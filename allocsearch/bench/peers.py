@@ -77,7 +77,9 @@ def check_installed(name: str) -> None:
         except ImportError:  # its parent package is missing
             found = False
         if not found:
-            raise PeerError(f"--strategies {name}: {need} is not installed; fix: pip install 'allocsearch[peers]'")
+            cpu = (" (without CUDA: pip install xgboost-cpu dill sortedcontainers statsmodels scikit-learn pandas tqdm "
+                   "psutil && pip install --no-deps 'syne-tune>=0.16,<0.17')") if plan["family"] == "syne" else ""
+            raise PeerError(f"--strategies {name}: {need} is not installed; fix: pip install 'allocsearch[peers]'{cpu}")
 
 
 @dataclass
