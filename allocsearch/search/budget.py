@@ -9,7 +9,9 @@ Never overspending: :class:`BudgetKeeper` admits a trial only with a cap, reserv
 the trial finishes, and the caps of running trials plus everything spent never exceed the budget. A trial
 worker stops itself when its own device-seconds reach its cap (for a wall budget: when the wall seconds
 left run out), so the total exceeds the budget by at most the granularity of one training step (plus the
-final save) per running trial. :class:`CostModel` predicts a trial's wall seconds from finished trials.
+final save) per running trial -- unless a worker's start (imports, model load: not interruptible) alone
+outlasts its cap: a cut trial admitted on the model's prior overhead on a machine many times slower
+(measured: 0.3 CPU-min, tiny-llama, both cores busy: a 75 s start, 1.27 CPU-min spent). :class:`CostModel` predicts a trial's wall seconds from finished trials.
 """
 from __future__ import annotations
 
