@@ -52,8 +52,15 @@ def draw_suite(suite: dict, path: str | Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14.5, 4.8))
     budgets = suite["budgets"]
+    # one colour per strategy, the same on both sides (tab20: 20 before one repeats); the peers dashed, a
+    # marker per package
+    palette = plt.get_cmap("tab20").colors
+    color = {s: palette[i % len(palette)] for i, s in enumerate(suite["strategies"])}
+    markers = {"optuna": "s", "ray": "^", "smac": "D", "syne": "v"}
     for s in suite["strategies"]:
-        left.plot([b * 100 for b in budgets], [suite["ranks"][b][s] for b in budgets], marker="o", label=s)
+        peer = s.split(":")[0] if ":" in s else None
+        left.plot([b * 100 for b in budgets], [suite["ranks"][b][s] for b in budgets], color=color[s],
+                  marker=markers.get(peer, "o"), linestyle="--" if peer else "-", label=s)
     left.set_xlabel("budget (% of each table's grid)")
     left.set_ylabel("average rank across tables (1 = lowest regret)")
     left.invert_yaxis()
@@ -64,8 +71,9 @@ def draw_suite(suite: dict, path: str | Path) -> Path:
         rows = [next((r for r in suite["tables"][n]["rows"] if r["strategy"] == s and r["budget"] == at), None)
                 for n in names]  # None: not replayed on that table
         right.bar([i + j * width for i in range(len(names))], [r["regret"][0] if r else 0.0 for r in rows], width,
-                  yerr=[r["regret"][1] if r else 0.0 for r in rows], label=s)
-    right.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
+                  yerr=[r["regret"][1] if r else 0.0 for r in rows], label=s, color=color[s],
+                  hatch="//" if ":" in s else None, edgecolor="white", linewidth=0)
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8, rotation=12)
     right.set_ylabel("normalised regret (0 best, 1 median)")
     right.set_title(f"per table at {at:.0%} of the grid")
     right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
