@@ -284,3 +284,20 @@ def test_a_missing_syne_tune_or_xgboost_names_it(monkeypatch, name, missing):
     with pytest.raises(peers.PeerError, match=rf"{name}: {missing} is not installed; fix: pip install") as err:
         compare.parse_strategies(f"default,{name}")
     assert "pip install xgboost-cpu" in str(err.value) and "\n" not in str(err.value)  # the way without CUDA
+
+
+def test_the_cpu_install_of_syne_tune_is_one_list_in_the_error_the_makefile_and_pyproject():
+    """The missing-package line, `make install-syne-cpu` and the peers extra name the same packages and spec."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    make = root.joinpath("Makefile").read_text()
+    target = make[make.index("\ninstall-syne-cpu:"):].split("\n\n")[0]
+    lines = [ln.split("install -q", 1)[1] for ln in target.splitlines() if "install -q" in ln]
+    assert [re.findall(r'"[^"]+"|\S+', ln.replace("--no-deps", "")) for ln in lines] == \
+        [[f'"{d}"' if ">" in d else d for d in peers.SYNE_CPU_DEPS], [f'"{peers.SYNE_SPEC}"']]
+    extra = tomllib.loads(root.joinpath("pyproject.toml").read_text())["project"]["optional-dependencies"]["peers"]
+    assert peers.SYNE_SPEC in extra
+    assert peers.SYNE_SPEC in peers.FIXES["syne"] and all(d in peers.FIXES["syne"] for d in peers.SYNE_CPU_DEPS)

@@ -56,6 +56,13 @@ PEERS = {
 # family -> the modules it needs
 PACKAGES = {"optuna": ("optuna",), "ray": ("ray.tune",), "smac": ("smac",), "bohb": ("ray.tune", "hpbandster"),
             "syne": ("syne_tune",)}
+# Syne Tune without CUDA (its declared xgboost is a CUDA wheel on Linux x86-64): its dependencies with
+# xgboost-cpu, then Syne Tune itself without its own. `make install-syne-cpu` and pyproject's peers extra
+# carry the same (tests/test_bench_peers.py holds them to it).
+SYNE_SPEC = "syne-tune>=0.16,<0.17"
+SYNE_CPU_DEPS = ("xgboost-cpu>=2", "dill", "sortedcontainers", "tqdm", "psutil", "statsmodels", "scikit-learn",
+                 "pandas")
+FIXES = {"syne": f" (without CUDA: pip install {' '.join(SYNE_CPU_DEPS)} && pip install --no-deps '{SYNE_SPEC}')"}
 METRIC = "objective"
 
 
@@ -77,9 +84,8 @@ def check_installed(name: str) -> None:
         except ImportError:  # its parent package is missing
             found = False
         if not found:
-            cpu = (" (without CUDA: pip install xgboost-cpu dill sortedcontainers statsmodels scikit-learn pandas tqdm "
-                   "psutil && pip install --no-deps 'syne-tune>=0.16,<0.17')") if plan["family"] == "syne" else ""
-            raise PeerError(f"--strategies {name}: {need} is not installed; fix: pip install 'allocsearch[peers]'{cpu}")
+            raise PeerError(f"--strategies {name}: {need} is not installed; fix: pip install 'allocsearch[peers]'"
+                            f"{FIXES.get(plan['family'], '')}")
 
 
 @dataclass
