@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import shlex
 from dataclasses import dataclass
 
 from allocsearch.bench.peer_agent import PAUSE, Resume
@@ -62,7 +63,8 @@ PACKAGES = {"optuna": ("optuna",), "ray": ("ray.tune",), "smac": ("smac",), "boh
 SYNE_SPEC = "syne-tune>=0.16,<0.17"
 SYNE_CPU_DEPS = ("xgboost-cpu>=2", "dill", "sortedcontainers", "tqdm", "psutil", "statsmodels", "scikit-learn",
                  "pandas")
-FIXES = {"syne": f" (without CUDA: pip install {' '.join(SYNE_CPU_DEPS)} && pip install --no-deps '{SYNE_SPEC}')"}
+FIXES = {"syne": f" (without CUDA: pip install {' '.join(map(shlex.quote, SYNE_CPU_DEPS))} && pip install --no-deps "
+                 f"{shlex.quote(SYNE_SPEC)})"}  # quoted: a bare >= in a shell redirects
 METRIC = "objective"
 
 
