@@ -80,8 +80,10 @@ def test_every_trial_reads_the_same_in_optuna_results_json_status_and_start(sear
             assert same(measured, t["objective"]), n
         if t["state"] == "failed":
             assert measured is None and results["failure"] and t["reason"] == results["failure"], n
-        if t["state"] == "pruned":  # its score is its last checkpoint, as the worker wrote it
-            assert same(results["checkpoints"][-1]["metrics"]["macro_balanced_accuracy"], t["objective"]), n
+        if t["state"] == "pruned":  # its score is its last checkpoint, as the worker wrote it; none when the
+            # budget stopped it before its first (its worker's start took the cap on a busy machine)
+            last = results["checkpoints"][-1]["metrics"]["macro_balanced_accuracy"] if results["checkpoints"] else None
+            assert same(last, t["objective"]), n
 
 
 def test_every_trial_reads_the_same_in_mlflow(searched):

@@ -11,7 +11,8 @@ worker stops itself when its own device-seconds reach its cap (for a wall budget
 left run out), so the total exceeds the budget by at most the granularity of one training step (plus the
 final save) per running trial -- unless a worker's start (imports, model load: not interruptible) alone
 outlasts its cap: a cut trial admitted on the model's prior overhead on a machine many times slower
-(measured: 0.3 CPU-min, tiny-llama, both cores busy: a 75 s start, 1.27 CPU-min spent). :class:`CostModel` predicts a trial's wall seconds from finished trials.
+(measured: 0.3 CPU-min, tiny-llama, both cores busy: a 75 s start, 1.27 CPU-min spent).
+:class:`CostModel` predicts a trial's wall seconds from finished trials.
 """
 from __future__ import annotations
 
