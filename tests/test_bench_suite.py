@@ -107,3 +107,28 @@ def test_a_difference_without_spread_is_not_infinitely_many_standard_errors():
 
     assert in_se(0.0, 0.0) == "+0.0 SE (identical exports)"
     assert in_se(0.01, 0.005) == "+2.0 SE" and in_se(-0.003, 0.0) == "-0.0030 with no spread"
+
+
+def test_the_suite_plot_gives_each_strategy_one_colour_of_its_own_on_both_sides(tmp_path, monkeypatch):
+    """17 strategies (more than matplotlib's 10 default colours): a strategy's rank line and its bars share a
+    colour no other strategy has; the peers' lines are dashed."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    from allocsearch.bench.plots import draw_suite
+
+    names = ["default", "grid", "random"] + [f"p{i}:x" for i in range(14)]
+    row = lambda s: {"strategy": s, "budget": 0.25, "regret": [1.0, 0.1]}  # noqa: E731
+    suite = {"strategies": names, "budgets": [0.1, 0.25], "seeds": 2,
+             "ranks": {b: {s: float(i) for i, s in enumerate(names)} for b in (0.1, 0.25)},
+             "tables": {"t": {"rows": [row(s) for s in names]}}}
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    draw_suite(suite, tmp_path / "suite.png")
+    left, right = kept[0].axes[:2]
+    lines = {ln.get_label(): ln for ln in left.get_lines()}
+    bars = {c.get_label(): c.patches[0] for c in right.containers if hasattr(c, "patches")}
+    colours = [to_rgb(lines[s].get_color()) for s in names]
+    assert len(set(colours)) == len(names)
+    assert all(to_rgb(bars[s].get_facecolor()) == to_rgb(lines[s].get_color()) for s in names)
+    assert {s for s in names if lines[s].get_linestyle() == "--"} == set(names[3:])
